@@ -1,0 +1,111 @@
+"""Pure-PyTorch row backend: runs on any device and dtype (the CPU path).
+
+Implements the contract in ``dft_kernels.backends`` with whole-row tensor ops::
+
+    z     = softcap * tanh(z0 / softcap)        (or z0)
+    m     = max(z);  r = sum_{j != argmax} exp(z_j - m);  lse = m + log1p(r)
+    logp  = (z_y - m) - log1p(r);  softmax = exp(z - m) / (1 + r)
+    H     = sum_j softmax_j (lse - z_j)         (entropy objectives only)
+    L     = (1 - eps) * L_obj + eps * w * (lse - mean_j z_j) + lam * lse^2,   w = -g
+    dL/dz0 = ((w + 2 lam lse) softmax - w (1 - eps) onehot - w eps / V) * (1 - (z / softcap)^2)
+
+with the target entry written as ``a expm1(logp) + (a - b)`` and the cap factor as
+``1 / cosh(z0 / softcap)^2`` so that neither cancels.
+
+Math is done in float32 (float64 for float64 logits); the gradient is written back
+into ``logits`` in its own dtype.  Temporaries are chunk-sized: the chunk loop in
+``dft_kernels.chunked`` bounds them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..params import LossParams
+from . import RowOutputs, valid_rows
+
+NAME = "torch"
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    return True, ""
+
+
+def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
+                  token_weights: Optional[Tensor] = None,
+                  grad_scale: Optional[Tensor] = None) -> RowOutputs:
+    n, vocab = logits.shape
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = valid_rows(target, params.ignore_index, vocab)
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+
+    # z must not alias logits: logits is overwritten below while z is still needed.
+    z = logits.to(compute_dtype, copy=True)
+    if params.softcap is not None:
+        z.div_(params.softcap).tanh_().mul_(params.softcap)
+
+    # lse = m + log1p(r), r = sum of exp(z_j - m) over all but one maximal entry.  Keeping
+    # r apart from the max's exact 1 keeps logp accurate when p is close to 1.
+    m = z.amax(dim=1, keepdim=True)
+    softmax = torch.exp(z - m)
+    at_max = z == m
+    r = softmax.masked_fill(at_max, 0.0).sum(dim=1) + (at_max.sum(dim=1) - 1).to(compute_dtype)
+    del at_max
+    log1p_r = torch.log1p(r)
+    m = m.squeeze(1)
+    lse = m + log1p_r
+    logp = (z.gather(1, safe_target).squeeze(1) - m) - log1p_r
+    softmax.div_((1.0 + r).unsqueeze(1))
+
+    entropy = None
+    if params.needs_entropy:
+        # H = sum_j softmax_j (lse - z_j): a sum of non-negative terms, no cancellation.
+        # (Not bmm: CPU bmm of a [1, V] x [V, 1] product loses ~1e-5 relative in float32.)
+        entropy = (softmax * (lse.unsqueeze(1) - z)).sum(dim=1)
+    correct = None
+    if params.with_stats:
+        correct = (z.argmax(dim=1) == target).to(torch.float32)
+
+    obj = params.objective
+    eps, lam = params.label_smoothing, params.z_loss
+    w = -obj.coefficient(logp, entropy)  # -g; the stop-gradient weight for weighted-NLL objectives
+    loss = obj.loss(logp, entropy)
+    if eps != 0.0:
+        loss = (1.0 - eps) * loss + eps * w * (lse - z.mean(dim=1))
+    if lam != 0.0:
+        loss = loss + lam * lse * lse
+
+    row_weight = valid.to(compute_dtype)
+    if token_weights is not None:
+        row_weight = row_weight * token_weights.to(compute_dtype)
+    loss = loss * row_weight
+
+    if grad_scale is not None:
+        # softmax becomes the gradient in place: a * softmax - b * onehot - c.  The target
+        # entry a * p - b is written as a * expm1(logp) + (a - b), exact when p ~ 1.
+        a = w + 2.0 * lam * lse if lam != 0.0 else w
+        softmax.mul_(a.unsqueeze(1))
+        target_grad = a * torch.expm1(logp) + (a - w * (1.0 - eps))
+        softmax.scatter_(1, safe_target, target_grad.unsqueeze(1))
+        if eps != 0.0:
+            softmax.sub_((w * (eps / vocab)).unsqueeze(1))
+        if params.softcap is not None:
+            # chain factor of the cap, 1 - (z / c)^2 = 1 / cosh(z0 / c)^2 (no cancellation
+            # near the cap), built in place in z from the still untouched raw logits.
+            softmax.mul_(z.copy_(logits).div_(params.softcap).cosh_().square_().reciprocal_())
+        scale = row_weight * grad_scale.to(compute_dtype)
+        softmax.mul_(scale.unsqueeze(1))
+        logits.copy_(softmax)
+
+    f32 = torch.float32
+    zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
+    return RowOutputs(
+        loss=loss.to(f32),
+        nll=torch.where(valid, -logp, zero).to(f32),
+        prob=torch.where(valid, torch.exp(logp), zero).to(f32),
+        entropy=None if entropy is None else torch.where(valid, entropy, zero).to(f32),
+        correct=None if correct is None else correct * valid,
+    )

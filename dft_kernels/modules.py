@@ -1,0 +1,47 @@
+"""``nn.Module`` wrapper around :func:`dft_kernels.linear_cross_entropy`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .functional import linear_cross_entropy
+from .objectives import ObjectiveLike
+from .params import make_loss_params
+
+__all__ = ["LinearCrossEntropyLoss"]
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Fused LM-head loss module: ``loss_fn(input, weight, target, bias=None)``.
+
+    Holds the options of :func:`dft_kernels.linear_cross_entropy`; per-call
+    ``token_weights`` and ``num_items_in_batch`` go to ``forward``.
+    """
+
+    def __init__(self, objective: ObjectiveLike = "dft", *, ignore_index: int = -100, reduction: str = "mean",
+                 softcap: Optional[float] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 shift: bool = False, return_stats: bool = False, backend: str = "auto",
+                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
+                 validate: bool = True):
+        super().__init__()
+        # Fail at construction, not at the first batch.
+        self.params = make_loss_params(objective, ignore_index=ignore_index, softcap=softcap,
+                                       label_smoothing=label_smoothing, z_loss=z_loss, with_stats=return_stats)
+        self.objective = self.params.objective
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                            label_smoothing=label_smoothing, z_loss=z_loss, shift=shift,
+                            return_stats=return_stats, backend=backend, chunk_size=chunk_size,
+                            accum_dtype=accum_dtype, validate=validate)
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                token_weights: Optional[Tensor] = None, num_items_in_batch=None):
+        return linear_cross_entropy(input, weight, target, bias=bias, objective=self.objective,
+                                    token_weights=token_weights, num_items_in_batch=num_items_in_batch,
+                                    **self.options)
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"objective={self.objective!r}, {opts}"

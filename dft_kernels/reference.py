@@ -1,0 +1,129 @@
+"""The oracle: materialises the full logits and lets autograd take the gradients.
+
+Same signature as :func:`dft_kernels.linear_cross_entropy`; works in any dtype
+(the tests run it in float64).  It shares only the argument checks with the fast
+path: shift, the per-token losses (written here straight from DESIGN §2–§3 with
+``detach`` as the stop-gradient), reductions and stats are computed independently.
+``backend``, ``chunk_size``, ``accum_dtype`` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import NumItems, check_linear_args, check_target_and_options
+from .objectives import ObjectiveLike
+from .stats import LossStats
+
+__all__ = ["linear_cross_entropy", "cross_entropy", "token_loss"]
+
+
+def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: float, z_loss: float):
+    """Per-token loss with autograd-visible stop-gradients.  ``logits``: ``[n, V]`` after softcap."""
+    lse = torch.logsumexp(logits, dim=-1)
+    p = logp.exp()
+    entropy = None
+    if name == "entropy":
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    weight = {
+        "ce": lambda: torch.ones_like(p),
+        "dft": lambda: p.detach().clamp_min(obj.min_weight),
+        "power": lambda: p.detach() ** obj.alpha,
+        "chord": lambda: (p * (1 - p)).detach(),
+        "entropy": lambda: obj.scale * torch.exp(-entropy).detach(),
+    }
+    if name == "focal":
+        loss = -((1 - p) ** obj.gamma) * logp
+    elif name == "prob":
+        loss = -(p ** obj.k)
+    else:
+        w = weight[name]()
+        smooth = -(torch.log_softmax(logits, dim=-1)).mean(-1)
+        loss = w * ((1 - label_smoothing) * (-logp) + label_smoothing * smooth)
+        loss = loss + z_loss * lse ** 2
+    return loss, entropy
+
+
+def _loss_from_logits(logits: Tensor, target: Tensor, *, objective, ignore_index, reduction,
+                      num_items_in_batch, softcap, label_smoothing, z_loss, token_weights, shift,
+                      return_stats, validate):
+    vocab = logits.shape[-1]
+    # Checks only: the shifted/flattened tensors are rebuilt below by plain slicing.
+    prep = check_target_and_options(
+        logits, "logits", target, vocab, objective=objective, ignore_index=ignore_index,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap,
+        label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights, shift=shift,
+        return_stats=return_stats, validate=validate)
+    obj = prep.params.objective
+    if shift:
+        logits = logits[..., :-1, :]
+        target = target[..., 1:]
+        token_weights = None if token_weights is None else token_weights[..., 1:]
+    tshape = target.shape
+    z = logits.reshape(-1, vocab)
+    t = target.reshape(-1)
+    cap = prep.params.softcap
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    valid = (t != ignore_index) & (t >= 0) & (t < vocab)
+    safe_t = torch.where(valid, t, 0)
+    logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None]).squeeze(1)
+    loss, entropy = token_loss(obj.name, obj, logp, z, prep.params.label_smoothing, prep.params.z_loss)
+    if token_weights is not None:
+        loss = loss * token_weights.reshape(-1).to(loss.dtype)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    n_valid = valid.sum()
+    if reduction == "none":
+        out = loss.reshape(tshape)
+    elif num_items_in_batch is not None:
+        out = loss.sum() / torch.as_tensor(num_items_in_batch, dtype=loss.dtype, device=loss.device)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / n_valid.clamp_min(1)
+    if not return_stats:
+        return out
+    with torch.no_grad():
+        denom = n_valid.clamp_min(1).to(torch.float32)
+        vf = valid.to(torch.float64)
+        mean = lambda v: ((v.double() * vf).sum() / denom.double()).to(torch.float32)  # noqa: E731
+        stats = LossStats(
+            num_tokens=n_valid.to(torch.float32),
+            nll=mean(-logp),
+            mean_prob=mean(logp.exp()),
+            accuracy=mean((z.argmax(-1) == t).double()),
+            entropy=None if not obj.needs_entropy else mean(entropy),
+        )
+    return out, stats
+
+
+def cross_entropy(logits: Tensor, target: Tensor, *, objective: ObjectiveLike = "dft", ignore_index: int = -100,
+                  reduction: str = "mean", num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, token_weights: Optional[Tensor] = None,
+                  shift: bool = False, return_stats: bool = False, backend: str = "auto",
+                  chunk_size: Optional[int] = None, validate: bool = True):
+    """Reference for :func:`dft_kernels.cross_entropy` (on given logits)."""
+    return _loss_from_logits(logits, target, objective=objective, ignore_index=ignore_index, reduction=reduction,
+                             num_items_in_batch=num_items_in_batch, softcap=softcap,
+                             label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights,
+                             shift=shift, return_stats=return_stats, validate=validate)
+
+
+def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                         objective: ObjectiveLike = "dft", ignore_index: int = -100, reduction: str = "mean",
+                         num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         token_weights: Optional[Tensor] = None, shift: bool = False,
+                         return_stats: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
+                         accum_dtype: Optional[torch.dtype] = torch.float32, validate: bool = True):
+    """Materialising reference for :func:`dft_kernels.linear_cross_entropy`."""
+    input, weight, bias = check_linear_args(input, weight, bias)
+    logits = F.linear(input, weight, bias)
+    return _loss_from_logits(logits, target, objective=objective, ignore_index=ignore_index, reduction=reduction,
+                             num_items_in_batch=num_items_in_batch, softcap=softcap,
+                             label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights,
+                             shift=shift, return_stats=return_stats, validate=validate)

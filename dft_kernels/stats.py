@@ -1,0 +1,42 @@
+"""Per-batch statistics that come for free from pass 1 of the row kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import Tensor
+
+__all__ = ["LossStats"]
+
+
+@dataclass
+class LossStats:
+    """0-d float32 tensors over the valid (non-ignored) tokens; no host sync.
+
+    ``num_tokens``: number of valid tokens; ``nll``: mean ``-logp``; ``mean_prob``:
+    mean target probability; ``accuracy``: fraction with ``argmax == target``;
+    ``entropy``: mean row entropy, or None when the objective did not compute it.
+    """
+
+    num_tokens: Tensor
+    nll: Tensor
+    mean_prob: Tensor
+    accuracy: Tensor
+    entropy: Optional[Tensor] = None
+
+    @classmethod
+    def from_sums(cls, num_tokens: Tensor, nll_sum: Tensor, prob_sum: Tensor,
+                  correct_sum: Tensor, entropy_sum: Optional[Tensor]) -> "LossStats":
+        denom = num_tokens.clamp_min(1.0)
+        return cls(
+            num_tokens=num_tokens,
+            nll=nll_sum / denom,
+            mean_prob=prob_sum / denom,
+            accuracy=correct_sum / denom,
+            entropy=None if entropy_sum is None else entropy_sum / denom,
+        )
+
+    def as_dict(self) -> dict:
+        """Python floats (one host sync per field), for logging."""
+        return {k: (None if v is None else float(v)) for k, v in vars(self).items()}

@@ -1,0 +1,85 @@
+"""Shared test helpers: fresh random inputs, relative errors, tolerances (DESIGN §6)."""
+
+from __future__ import annotations
+
+import torch
+
+import dft_kernels as dk
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+# Objectives with non-default parameters too, so every parameter path is exercised.
+OBJECTIVES = [
+    "ce", "dft", dk.DFT(min_weight=0.1), dk.Power(alpha=0.5), "focal", dk.Focal(gamma=0.5),
+    "chord", "prob", dk.Prob(k=2.0), "entropy", dk.Entropy(scale=0.5),
+]
+WEIGHTED_NLL = ["ce", "dft", dk.Power(alpha=0.5), "chord", "entropy"]
+
+
+def obj_id(obj) -> str:
+    return obj if isinstance(obj, str) else repr(obj)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = ref.norm()
+    if denom == 0:
+        return float(out.norm())
+    return float((out - ref).norm() / denom)
+
+
+def make_inputs(n, h, v, dtype=torch.float32, *, bias=True, ignore="some", seed=None, lead=None,
+                ignore_index=-100, generator_device="cpu"):
+    """Random hidden states, head weight, bias and targets with logits of std ~2."""
+    g = torch.Generator(device=generator_device)
+    g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
+    shape = lead if lead is not None else (n,)
+    x = torch.randn(*shape, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (2.0 / h ** 0.5)
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    t = torch.randint(0, v, shape, generator=g)
+    if ignore == "some":
+        mask = torch.rand(shape, generator=g) < 0.25
+        t[mask] = ignore_index
+    elif ignore == "all":
+        t.fill_(ignore_index)
+    cast = lambda a: None if a is None else a.to(dtype)  # noqa: E731
+    return cast(x), cast(w), cast(b), t
+
+
+def leaf(a):
+    return None if a is None else a.detach().clone().requires_grad_(True)
+
+
+def check_linear_against_reference(x, w, b, t, dtype, *, backend="torch", chunk_size=16, check_grads=True,
+                                   **kwargs):
+    """Run ours in ``dtype`` and the reference in float64 on the same values; assert DESIGN tolerances."""
+    tol = TOL[dtype]
+    xs, ws, bs = leaf(x.to(dtype)), leaf(w.to(dtype)), leaf(None if b is None else b.to(dtype))
+    xr, wr, br = leaf(xs.double()), leaf(ws.double()), leaf(None if bs is None else bs.double())
+    out = dk.linear_cross_entropy(xs, ws, t, bias=bs, backend=backend, chunk_size=chunk_size, **kwargs)
+    ref = dk.reference.linear_cross_entropy(xr, wr, t, bias=br, **kwargs)
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err <= tol, f"loss rel err {err:.3e} > {tol}"
+    if not check_grads:
+        return
+    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5  # fresh, never all ones
+    if dtype == torch.float16:
+        # fp16 training runs with a loss scale (GradScaler); without one, gradients this small
+        # underflow float16 itself, whatever computes them.  Per-token (sum/none) gradients
+        # are ~N times larger than mean ones, so they get a smaller scale, as a GradScaler would.
+        grad_out = grad_out * (2.0 ** 14 if kwargs.get("reduction", "mean") == "mean" else 2.0 ** 8)
+    ins = [a for a in (xs, ws, bs) if a is not None]
+    refs = [a for a in (xr, wr, br) if a is not None]
+    grads = torch.autograd.grad(out, ins, grad_out.to(out.dtype))
+    rgrads = torch.autograd.grad(ref, refs, grad_out)
+    for name, g, rg, a in zip(("input", "weight", "bias"), grads, rgrads, ins):
+        assert g.dtype == a.dtype and g.shape == a.shape
+        assert torch.isfinite(g).all()
+        if rg.norm() == 0:
+            assert g.abs().max() == 0, f"{name} grad should be exactly zero"
+            continue
+        e = rel_err(g, rg)
+        assert e <= tol, f"{name} grad rel err {e:.3e} > {tol}"
