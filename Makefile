@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d
 $(STAMP):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --no-build-isolation -e ".[dev,hf]"
 	touch $(STAMP)
 
 venv: $(STAMP)
