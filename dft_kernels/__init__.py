@@ -1,7 +1,8 @@
 """dft_kernels: fused, chunked LM-head losses for Dynamic Fine-Tuning and its family."""
 
-from . import reference
+from . import hf, reference
 from .functional import cross_entropy, linear_cross_entropy
+from .hf import patch, unpatch
 from .modules import LinearCrossEntropyLoss
 from .objectives import CE, DFT, Chord, Entropy, Focal, Objective, Power, Prob, get_objective
 from .stats import LossStats
@@ -23,4 +24,7 @@ __all__ = [
     "Entropy",
     "get_objective",
     "reference",
+    "hf",
+    "patch",
+    "unpatch",
 ]
