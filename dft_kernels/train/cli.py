@@ -1,0 +1,39 @@
+"""``dft-train`` / ``python -m dft_kernels.train`` / ``torchrun ... -m dft_kernels.train``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Optional
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[list] = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, parse_args
+    from .data import DataError
+
+    try:
+        cfg, extra = parse_args(argv)
+        if extra["demo"]:
+            from .demo import run_demo
+
+            run_demo()
+            return 0
+        from .loop import train
+
+        summary = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"dft-train: error: {e}", file=sys.stderr)
+        return 2
+    brief = {k: v for k, v in summary.items() if k != "losses"}
+    print("dft-train: " + json.dumps(brief))
+    if summary["interrupted"]:
+        return 128 + int(signal.Signals[summary["interrupted"]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

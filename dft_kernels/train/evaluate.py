@@ -1,0 +1,108 @@
+"""Held-out evaluation: greedy generation, answer extraction, exact match."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+__all__ = ["extract_answer", "normalize_answer", "is_match", "generate_answers", "evaluate"]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces included."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None  # unbalanced: the generation was cut off inside the box
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The answer of a solution: the last ``\\boxed{...}``, else the last number, else None."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    nums = _NUMBER.findall(text)
+    return nums[-1] if nums else None
+
+
+def normalize_answer(ans: Optional[str]) -> Optional[str]:
+    if ans is None:
+        return None
+    s = ans.strip().strip("$").strip()
+    s = re.sub(r"\\(?:text|mathrm|mbox)\{([^}]*)\}", r"\1", s)
+    s = s.replace("\\!", "").replace("\\,", "").replace(" ", "").rstrip(".")
+    if re.fullmatch(r"-?[\d,]*\.?\d+", s):
+        try:
+            v = float(s.replace(",", ""))
+        except ValueError:
+            return s
+        return str(int(v)) if v == int(v) else repr(v)
+    return s
+
+
+def is_match(prediction: Optional[str], reference: str) -> bool:
+    p = normalize_answer(prediction)
+    return p is not None and p == normalize_answer(reference)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int,
+                     device, autocast_ctx) -> list[str]:
+    """Greedy completions of chat ``prompts`` (left-padded batches)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outs = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                     for p in prompts[i:i + batch_size]]
+            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+            with autocast_ctx():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                                     use_cache=True)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+def evaluate(model, tokenizer, examples, *, max_new_tokens: int, batch_size: int, device, autocast_ctx,
+             rank: int = 0, world: int = 1, shard: bool = True):
+    """Exact-match accuracy over ``examples``: returns ``(correct, total, samples)`` for this rank's
+    share (``shard=True``: rank r takes examples r, r+W, ...; FSDP passes ``shard=False`` so every
+    rank runs the same forwards)."""
+    mine = examples[rank::world] if shard else examples
+    was_training = model.training
+    model.eval()
+    try:
+        completions = generate_answers(model, tokenizer, [e.prompt for e in mine], max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, device=device, autocast_ctx=autocast_ctx)
+    finally:
+        model.train(was_training)
+    correct, samples = 0, []
+    for ex, out in zip(mine, completions):
+        pred = extract_answer(out)
+        ok = is_match(pred, ex.answer)
+        correct += int(ok)
+        if len(samples) < 3:
+            samples.append({"where": ex.where, "completion": out, "prediction": pred, "answer": ex.answer,
+                            "correct": ok})
+    return correct, len(mine), samples

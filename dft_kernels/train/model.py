@@ -1,0 +1,175 @@
+"""Model and tokenizer: a local HF directory or a random tiny Qwen2/Llama, attention backend,
+Liger's non-loss kernels, gradient checkpointing, the dk.patch loss, and the per-batch stats probe."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+__all__ = ["TINY_MODELS", "load_tokenizer", "build_model", "choose_attn_implementation", "HeadStatsProbe",
+           "packing_supported"]
+
+TINY_MODELS = ("tiny", "tiny-llama")
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    from .data import resolve_chat_template
+    from .demo_data import build_tokenizer
+
+    path = cfg.tokenizer or (None if cfg.model in TINY_MODELS else cfg.model)
+    if path is None:
+        tok = build_tokenizer()  # the demo's character tokenizer, built locally
+    else:
+        if not os.path.isdir(path):
+            raise ConfigError(f"tokenizer: {path!r} is not a local directory (dft-train never downloads)")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    resolve_chat_template(tok, cfg.chat_template)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError("tokenizer: it has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def choose_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package "
+                              "(pip install flash-attn); use sdpa otherwise")
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def packing_supported(attn_implementation: str) -> Optional[str]:
+    """None when packed rows are attended correctly, else the reason they are not."""
+    if attn_implementation == "flash_attention_2":
+        return None  # transformers runs the varlen kernel on position ids that restart
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return ("this transformers version does not build block-diagonal masks from position ids; "
+                "install flash-attn (attn_implementation=flash_attention_2), upgrade transformers, "
+                "or train without --packing")
+    return None
+
+
+def _tiny_config(cfg: TrainConfig, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = Qwen2Config if cfg.model == "tiny" else LlamaConfig
+    return cls(
+        vocab_size=len(tokenizer), hidden_size=cfg.tiny_hidden_size, intermediate_size=cfg.tiny_intermediate_size,
+        num_hidden_layers=cfg.tiny_num_layers, num_attention_heads=cfg.tiny_num_heads,
+        num_key_value_heads=cfg.tiny_num_kv_heads, max_position_embeddings=max(cfg.max_length, 256),
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, use_cache=False)
+
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device, model_path: Optional[str] = None):
+    """The causal LM in float32 on ``device`` (bf16 comes from autocast), patched with dk.patch.
+
+    ``model_path`` (a checkpoint's model dir) overrides ``cfg.model`` when resuming.
+    """
+    from transformers import AutoModelForCausalLM
+
+    attn = choose_attn_implementation(cfg.attn_implementation, device)
+    path = model_path or (None if cfg.model in TINY_MODELS else cfg.model)
+    if path is None:
+        torch.manual_seed(cfg.seed)  # the random init is part of the run's seed
+        model = AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer), attn_implementation=attn,
+                                                 dtype=torch.float32)
+    else:
+        if not os.path.isdir(path):
+            raise ConfigError(f"model: {path!r} is not a local model directory nor one of {TINY_MODELS} "
+                              "(dft-train never downloads)")
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32,
+                                                     local_files_only=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ConfigError(f"tokenizer: it has {len(tokenizer)} tokens but the model's embedding has "
+                          f"{model.get_input_embeddings().weight.shape[0]} rows")
+    model.config.use_cache = False
+    if device.type == "cuda" and cfg.use_liger and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # Liger's RoPE / RMSNorm / SwiGLU only; the loss stays dk's.
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+                                        layer_norm=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    patch_loss(model, cfg)
+    return model, attn
+
+
+def patch_loss(model, cfg: TrainConfig) -> None:
+    """The one source of truth of the training loss: dk.patch with the configured objective."""
+    from .. import hf
+
+    hf.patch(model, objective=cfg.make_objective(), **cfg.loss_kwargs)
+
+
+class HeadStatsProbe:
+    """Per-batch NLL, mean target probability, accuracy and entropy of the model being trained.
+
+    A forward hook on the decoder captures the final hidden states of the patched model's own
+    forward and runs ``dk.linear_cross_entropy(..., return_stats=True)`` on them under
+    ``no_grad`` (one forward-only pass over the head).  The hook runs inside the model's forward,
+    so under FSDP the head weight is gathered at that moment.  The loss itself is never
+    computed here: it comes from the patched model, so there is one source of truth for it.
+    Sums over this rank's micro-batches accumulate in ``sums`` (no host sync).
+    """
+
+    KEYS = ("num_tokens", "nll", "mean_prob", "accuracy", "entropy")
+
+    def __init__(self, model, softcap: Optional[float] = None):
+        self.model = model
+        self.softcap = softcap
+        self.labels: Optional[torch.Tensor] = None
+        self.sums: Optional[torch.Tensor] = None
+        self._handle = model.get_decoder().register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def reset(self, device) -> None:
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+
+    def _hook(self, module, args, output):
+        if self.labels is None:  # generation, or a forward the trainer did not announce
+            return
+        from ..functional import linear_cross_entropy
+        from ..objectives import Entropy
+
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        head = self.model.get_output_embeddings()
+        with torch.no_grad():
+            h = hidden.detach()
+            w = head.weight.detach()
+            if hasattr(w, "full_tensor"):  # an FSDP2 DTensor outside of its unshard window
+                w = w.full_tensor()
+            b = None if getattr(head, "bias", None) is None else head.bias.detach().to(h.dtype)
+            _, st = linear_cross_entropy(h, w.to(h.dtype), self.labels, bias=b, objective=Entropy(),
+                                         reduction="sum", shift=True, return_stats=True, softcap=self.softcap,
+                                         validate=False)
+            n = st.num_tokens.double()
+            vals = torch.stack([n, st.nll.double() * n, st.mean_prob.double() * n, st.accuracy.double() * n,
+                                st.entropy.double() * n])
+            self.sums += vals
+        self.labels = None
+
+    @staticmethod
+    def finish(sums: torch.Tensor) -> dict:
+        """Token-weighted means from (all-reduced) sums."""
+        vals = sums.tolist()
+        n = max(vals[0], 1.0)
+        return {"target_tokens": int(vals[0]), "nll": vals[1] / n, "mean_prob": vals[2] / n,
+                "accuracy": vals[3] / n, "entropy": vals[4] / n}
