@@ -1,0 +1,86 @@
+"""Command line: ``python -m bench [--cpu | --quick] [--shape N,H,V[,dtype[,softcap]]] ...``.
+
+Runs every provider on every shape (same inputs per shape, one process), writes
+``<out-dir>/<device>.csv`` and ``<device>.png``, and prints the markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from . import env
+from .harness import run_shape
+from .providers import default_providers, select
+from .report import markdown_table, write_csv
+from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, parse_shape
+from .timing import TimingConfig
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench", description="DFT loss microbenchmarks (docs/benchmarks.md)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--cpu", action="store_true", help="run the small CPU shapes on the CPU")
+    mode.add_argument("--quick", action="store_true", help="one GPU shape (Llama-3-8B head, N 4096)")
+    ap.add_argument("--shape", action="append", metavar="N,H,V[,dtype[,softcap]]",
+                    help="custom shape(s) instead of the presets (repeatable)")
+    ap.add_argument("--providers", help="comma-separated provider names (default: all); see --list")
+    ap.add_argument("--list", action="store_true", help="list the providers and exit")
+    ap.add_argument("--out-dir", default=DEFAULT_OUT, help="where the CSV and PNG go (default bench/results)")
+    ap.add_argument("--name", help="file stem for the CSV/PNG (default: the device name, slugged; cpu-... on CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=2, help="CPU: untimed calls before timing")
+    ap.add_argument("--reps", type=int, default=10, help="CPU: timed calls per measurement")
+    ap.add_argument("--max-seconds", type=float, default=20.0, help="CPU: time cap per measurement")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cpu or (args.list and not torch.cuda.is_available()):
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        print("python -m bench: no CUDA device here; use --cpu for the CPU shapes", file=sys.stderr)
+        return 2
+    providers = default_providers(device)
+    if args.list:
+        for p in providers:
+            print(f"{p.name:28s} {p.kind:9s} {p.note}")
+        return 0
+    try:
+        names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+        providers = select(providers, names)
+        if args.shape:
+            shapes = [parse_shape(s) for s in args.shape]
+        else:
+            shapes = CPU_SHAPES if args.cpu else QUICK_SHAPES if args.quick else GPU_SHAPES
+    except ValueError as exc:
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        return 2
+
+    name = env.device_name(device)
+    stem = args.name or env.device_slug(name if device.type == "cuda" else "cpu-" + name.removeprefix("CPU "))
+    context = dict(env.versions(), commit=env.git_commit())
+    cfg = TimingConfig(warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
+    rows: list[dict] = []
+    for shape in shapes:
+        rows += run_shape(shape, providers, device, cfg, device_name=name, seed=args.seed)
+
+    csv_path = os.path.join(args.out_dir, stem + ".csv")
+    write_csv(rows, csv_path, context)
+    print(f"[bench] wrote {csv_path}", file=sys.stderr)
+    if not args.no_plot:
+        from .plot import plot
+
+        png = plot(rows, os.path.join(args.out_dir, stem + ".png"), title=f"{name} - commit {context['commit']}")
+        print(f"[bench] wrote {png}", file=sys.stderr)
+    print(markdown_table([dict(r, **context) for r in rows]))
+    return 0
