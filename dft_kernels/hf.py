@@ -213,8 +213,10 @@ def _check_model(model) -> None:
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False):
         raise PatchError(f"{_describe(model)} is an encoder-decoder; dk.patch supports decoder-only causal LMs")
+    _check_head(model)
     sig = inspect.signature(type(model).forward)
-    if "labels" not in sig.parameters:
+    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    if "labels" not in sig.parameters and not takes_kwargs:
         raise PatchError(f"{_describe(model)}: forward() takes no labels, so it is not a causal LM head model")
     loss_type = getattr(model, "loss_type", None)
     if loss_type not in (None, "ForCausalLM"):
@@ -379,11 +381,14 @@ def _patched_forward(self, *args, **kwargs):
     state: _PatchState = self.__dict__[_STATE_ATTR]
     extra = {k: kwargs.pop(k) for k in _CALL_LOSS_KEYS if k in kwargs}
     flat = _bind(state, args, kwargs)
-    labels = None if flat is None else flat.get("labels")
+    labels = kwargs.get("labels") if flat is None else flat.get("labels")
     shift_labels = extra.get("shift_labels")
+    if flat is None and (labels is not None or shift_labels is not None):
+        raise TypeError(f"{_describe(self)} (patched by dft_kernels): could not map the positional arguments of "
+                        "this call to forward()'s parameters; pass them by keyword (input_ids=..., labels=...)")
     state.depth += 1
     try:
-        if flat is None or (labels is None and shift_labels is None):
+        if labels is None and shift_labels is None:
             # No labels (generate, inference): exactly the unpatched model.
             return state.call_original(self, *args, **kwargs, **extra)
         if not self.training:
