@@ -1,6 +1,6 @@
 """dft_kernels: fused, chunked LM-head losses for Dynamic Fine-Tuning and its family."""
 
-from . import hf, reference
+from . import hf, reference, train  # train: cheap (stdlib only until training starts)
 from .functional import cross_entropy, linear_cross_entropy
 from .hf import patch, unpatch
 from .modules import LinearCrossEntropyLoss
@@ -27,4 +27,5 @@ __all__ = [
     "hf",
     "patch",
     "unpatch",
+    "train",
 ]

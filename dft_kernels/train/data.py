@@ -186,12 +186,11 @@ def render(tokenizer, messages: list, add_generation_prompt: bool = False) -> st
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def tokenize_messages(tokenizer, messages: list, max_length: int, where: str) -> Example:
-    """Token ids and labels: only assistant turns are learned, everything else is -100.
+def render_with_spans(tokenizer, messages: list, where: str) -> tuple[str, list]:
+    """The conversation rendered by the chat template, and the character spans of its assistant turns.
 
-    The learned character spans come from rendering the conversation with the chat template
-    up to each assistant turn; the full text is tokenised once and a token is learned when
-    it starts inside such a span (robust to merges at the boundary).
+    A span runs from the end of the rendering of the turns before it with the generation prompt
+    to the end of the rendering that includes it (so the end-of-turn token is learned too).
     """
     full = render(tokenizer, messages)
     spans = []
@@ -199,20 +198,20 @@ def tokenize_messages(tokenizer, messages: list, max_length: int, where: str) ->
         if m["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[:i + 1])
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[:i + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
             raise DataError(f"{where}: the chat template is not prefix-consistent (rendering the first turns "
                             "is not a prefix of rendering the whole conversation), so the prompt cannot be "
                             "masked; pass a suitable --chat_template")
         spans.append((len(before), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, _end) in enumerate(offsets):
-        if any(a <= start < b for a, b in spans):
-            labels[k] = ids[k]
+    return full, spans
+
+
+def labels_from_offsets(ids: list, offsets: list, spans: list, max_length: int, where: str) -> Example:
+    """Learned tokens are those that start inside an assistant span; then truncate and check."""
+    labels = [t if any(a <= start < b for a, b in spans) else IGNORE_INDEX for t, (start, _) in zip(ids, offsets)]
     n_total = len(ids)
-    ids, labels = ids[:max_length], labels[:max_length]
+    ids, labels = list(ids[:max_length]), labels[:max_length]
     labels[0] = IGNORE_INDEX  # position 0 is never predicted (HF shifts labels by one)
     if all(t == IGNORE_INDEX for t in labels):
         if n_total > max_length:
@@ -220,6 +219,17 @@ def tokenize_messages(tokenizer, messages: list, max_length: int, where: str) ->
                             f"truncation to max_length={max_length}; raise --max_length or drop the example")
         raise DataError(f"{where}: example has no response tokens to learn")
     return Example(ids, labels, where)
+
+
+def tokenize_messages(tokenizer, messages: list, max_length: int, where: str) -> Example:
+    """Token ids and labels of one conversation: only assistant turns are learned, the rest is -100.
+
+    The full text is tokenised once; a token is learned when it starts inside an assistant
+    span (robust to merges at the boundary between prompt and response).
+    """
+    full, spans = render_with_spans(tokenizer, messages, where)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    return labels_from_offsets(enc["input_ids"], enc["offset_mapping"], spans, max_length, where)
 
 
 def resolve_chat_template(tokenizer, chat_template: Optional[str]) -> None:
@@ -237,12 +247,20 @@ def load_train_examples(path: str, tokenizer, *, max_length: int, data_format: s
     ds, locs = load_records(path)
     fmt = detect_format(ds.column_names, path, data_format)
 
-    def tok(rec, idx):
-        ex = tokenize_messages(tokenizer, to_messages(rec, fmt, locs[idx], system_prompt), max_length, locs[idx])
-        return {"input_ids": ex.input_ids, "labels": ex.labels}
+    def tok(batch, indices):
+        texts, spans = [], []
+        for j, idx in enumerate(indices):
+            rec = {k: batch[k][j] for k in batch}
+            text, sp = render_with_spans(tokenizer, to_messages(rec, fmt, locs[idx], system_prompt), locs[idx])
+            texts.append(text)
+            spans.append(sp)
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        exs = [labels_from_offsets(i, o, sp, max_length, locs[idx])
+               for i, o, sp, idx in zip(enc["input_ids"], enc["offset_mapping"], spans, indices)]
+        return {"input_ids": [e.input_ids for e in exs], "labels": [e.labels for e in exs]}
 
-    out = ds.map(tok, with_indices=True, remove_columns=ds.column_names, keep_in_memory=True,
-                 load_from_cache_file=False, num_proc=num_proc if num_proc > 1 else None)
+    out = ds.map(tok, with_indices=True, batched=True, batch_size=256, remove_columns=ds.column_names,
+                 keep_in_memory=True, load_from_cache_file=False, num_proc=num_proc if num_proc > 1 else None)
     return [Example(r["input_ids"], r["labels"], locs[i]) for i, r in enumerate(out)]
 
 

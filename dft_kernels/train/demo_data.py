@@ -9,8 +9,8 @@ The train split has chains of ``train_terms`` terms; the held-out split is harde
 chains (``heldout_terms``) whose problems never occur in the train split.  Generation is
 deterministic in ``seed`` (``random.Random``), so every machine builds the same files.
 
-Tokenizer: character level, built with the ``tokenizers`` library (a WordLevel model over
-printable ASCII, every character its own token), ChatML-style special tokens and a chat
+Tokenizer: character level, built with the ``tokenizers`` library (a BPE model with no merges
+over printable ASCII, so every character is its own token), ChatML-style special tokens and a chat
 template, wrapped as a ``transformers.PreTrainedTokenizerFast``.
 """
 
@@ -97,13 +97,13 @@ def write_demo_data(out_dir: str, *, seed: int = 0, n_train: int = 4000, n_heldo
 
 def build_tokenizer(save_dir: str | None = None):
     """A character-level ``PreTrainedTokenizerFast`` with a chat template, built locally."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # digits, letters, punctuation, space, \n
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, \n included
+    # BPE without merges and without a pre-tokenizer: every character is one token
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(

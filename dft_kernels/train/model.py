@@ -97,24 +97,28 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, model_path: O
         raise ConfigError(f"tokenizer: it has {len(tokenizer)} tokens but the model's embedding has "
                           f"{model.get_input_embeddings().weight.shape[0]} rows")
     model.config.use_cache = False
-    if device.type == "cuda" and cfg.use_liger and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        # Liger's RoPE / RMSNorm / SwiGLU only; the loss stays dk's.
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
-                                        layer_norm=True, cross_entropy=False, fused_linear_cross_entropy=False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
-    patch_loss(model, cfg)
+    patch_loss(model, cfg, liger=use_liger(cfg, model, device))
     return model, attn
 
 
-def patch_loss(model, cfg: TrainConfig) -> None:
-    """The one source of truth of the training loss: dk.patch with the configured objective."""
+def use_liger(cfg: TrainConfig, model, device: torch.device) -> bool:
+    """Liger's RoPE/RMSNorm/SwiGLU kernels: on CUDA, when installed and the model type is supported."""
+    if not (cfg.use_liger and device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None):
+        return False
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def patch_loss(model, cfg: TrainConfig, liger: bool = False) -> None:
+    """The one source of truth of the training loss: dk.patch with the configured objective
+    (which also applies Liger's non-loss kernels when ``liger``)."""
     from .. import hf
 
-    hf.patch(model, objective=cfg.make_objective(), **cfg.loss_kwargs)
+    hf.patch(model, objective=cfg.make_objective(), liger=liger, **cfg.loss_kwargs)
 
 
 class HeadStatsProbe:
