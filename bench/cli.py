@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = env.device_name(device)
     stem = args.name or env.device_slug(name if device.type == "cuda" else "cpu-" + name.removeprefix("CPU "))
-    context = dict(env.versions(), commit=env.git_commit())
+    context = dict(env.versions(), commit=env.git_commit(), load_avg=env.load_average())
     cfg = TimingConfig(warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
     rows: list[dict] = []
     for shape in shapes:

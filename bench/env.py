@@ -49,6 +49,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def load_average() -> str:
+    """1-minute load average when the run started (CPU numbers on a busy host are noisy)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "-"
+
+
 def git_commit(repo: str | None = None) -> str:
     """Short HEAD commit, with ``+dirty`` when tracked files differ from it; ``-`` outside git."""
     repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

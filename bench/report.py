@@ -12,7 +12,7 @@ ROW_FIELDS = [
     "ms_median", "ms_p20", "ms_p80", "fwd_ms_median", "peak_mb", "mem_method", "x_floor", "x_liger",
     "loss", "grad_checksum", "loss_rel_err", "grad_rel_err", "check", "check_against",
 ]
-CONTEXT_FIELDS = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "dft_kernels", "commit"]
+CONTEXT_FIELDS = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "dft_kernels", "commit", "load_avg"]
 FIELDS = ROW_FIELDS + CONTEXT_FIELDS
 
 MEM_METHOD_TEXT = {
@@ -74,7 +74,8 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [
         f"Device: **{first['device']}**; torch {first.get('torch', '-')}, triton {first.get('triton', '-')}, "
         f"liger-kernel {first.get('liger-kernel', '-')}, cut-cross-entropy {first.get('cut-cross-entropy', '-')}; "
-        f"dft_kernels {first.get('dft_kernels', '-')} at commit `{first.get('commit', '-')}`.",
+        f"dft_kernels {first.get('dft_kernels', '-')} at commit `{first.get('commit', '-')}`; "
+        f"1-min load average at start {first.get('load_avg', '-')}.",
         "",
         f"Time: median fwd+bwd ms (20th-80th percentile); fwd = forward only under no_grad. "
         f"Peak extra MB: {MEM_METHOD_TEXT.get(method, method)}, minus the inputs and the dx/dW "
