@@ -28,18 +28,29 @@ Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, zero at invalid rows)
     ``argmax == target``; None unless ``params.with_stats``).
 
 Adding a backend is one file in this package plus one line in ``BACKENDS``.
+
+``backend="auto"`` on a CUDA device returns a :class:`FallbackBackend` over
+``AUTO_ORDER["cuda"]``: it runs the first available backend and, when that one is
+unavailable or raises, logs the reason once (logger ``dft_kernels``) and uses the next
+one for good.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
 from typing import NamedTuple, Optional
 
 from torch import Tensor, device as Device
+from torch.cuda import OutOfMemoryError
 
 # No module-level name 'torch' here: it would shadow the backends.torch submodule.
 
-__all__ = ["RowOutputs", "BACKENDS", "BACKEND_NAMES", "get_backend", "resolve_backend", "valid_rows"]
+__all__ = ["RowOutputs", "BACKENDS", "BACKEND_NAMES", "FallbackBackend", "get_backend", "resolve_backend",
+           "valid_rows"]
+
+logger = logging.getLogger("dft_kernels")
 
 
 class RowOutputs(NamedTuple):
@@ -86,12 +97,92 @@ def _availability(name: str, device: Device) -> tuple[bool, str]:
     return module.is_available(device)
 
 
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+class FallbackBackend:
+    """Row backend for ``"auto"`` on one device: the first of ``names`` that is available
+    and does not raise.
+
+    When the current backend raises (anything but out-of-memory), the reason is logged
+    once and the next available backend serves this call and every later one; the last
+    backend's errors propagate.  The exceptions this catches (a Triton compile or launch
+    failure, a missing toolchain) come before the failing kernel writes anything, so
+    re-running the call on the same ``logits`` is sound.
+    """
+
+    NAME = "auto"
+
+    def __init__(self, names: tuple[str, ...], device: Device):
+        self.device = device
+        self._names = list(names)
+        self._lock = threading.Lock()
+        self._module = None
+        self.name: Optional[str] = None
+        self._next_available(None)  # raises ValueError when nothing is available
+
+    def _next_available(self, failed: Optional[str]) -> None:
+        """Move to the next available backend (logging why others are skipped)."""
+        while self._names:
+            name = self._names.pop(0)
+            ok, reason = _availability(name, self.device)
+            if ok:
+                if failed is not None:
+                    _log_once(f"dft_kernels: backend 'auto' on {self.device}: {failed}; using {name!r} from now on")
+                self._module, self.name = get_backend(name), name
+                return
+            failed = f"{name!r} is not available ({reason})"
+        raise ValueError(f"backend: no backend is available on device {self.device}"
+                         + ("" if failed is None else f"; last: {failed}"))
+
+    def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None):
+        while True:
+            module, name = self._module, self.name
+            if not self._names:  # the last candidate: its errors are the user's
+                return module.row_loss_grad(logits, target, params, token_weights, grad_scale)
+            try:
+                return module.row_loss_grad(logits, target, params, token_weights, grad_scale)
+            except OutOfMemoryError:
+                raise
+            except Exception as exc:
+                with self._lock:
+                    if self.name == name:  # another thread may have moved on already
+                        failed = f"{name!r} failed ({type(exc).__name__}: {exc})"
+                        try:
+                            self._next_available(failed)
+                        except ValueError:
+                            raise exc from None
+
+
+_auto_backends: dict[str, FallbackBackend] = {}
+_auto_lock = threading.Lock()
+
+
 def resolve_backend(name: str, device: Device):
-    """Return the backend module for ``name`` on ``device``; "auto" picks the first available."""
+    """Return the backend for ``name`` on ``device``.
+
+    A named backend is its module (ValueError with the reason when it is unavailable).
+    ``"auto"`` picks from ``AUTO_ORDER`` for the device type: off CUDA the first
+    available module; on CUDA a :class:`FallbackBackend`, one per device, kept for the
+    process so that a fallback is permanent and logged once.
+    """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER):
+        order = AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)
+        if len(order) > 1:
+            key = str(device)
+            with _auto_lock:
+                if key not in _auto_backends:
+                    _auto_backends[key] = FallbackBackend(order, device)
+                return _auto_backends[key]
+        for candidate in order:
             ok, _ = _availability(candidate, device)
             if ok:
                 return get_backend(candidate)

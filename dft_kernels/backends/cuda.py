@@ -1,0 +1,141 @@
+"""CUDA C++ row backend: the kernel in ``csrc/`` as the torch op ``dft_kernels_cuda::row_loss_grad``.
+
+The fallback when Triton is missing or fails on a CUDA device, and a second, independent
+implementation of the row contract in ``dft_kernels.backends`` (formulas on the kernel,
+``csrc/row_kernel.cuh``).  The op comes from the prebuilt extension ``dft_kernels._C``
+when ``setup.py`` built it, else it is compiled on first use with
+``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``), which needs
+nvcc and a CUDA build of torch.  ``DFT_KERNELS_BUILD_CUDA=0`` disables that build.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..params import LossParams
+from . import RowOutputs
+from . import _cuda_build as build
+
+NAME = "cuda"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.Lock()
+_loaded = False
+_load_error: Optional[str] = None
+_prebuilt_error: Optional[str] = None
+_prebuilt_tried = False
+
+
+def _import_prebuilt() -> Optional[str]:
+    """Import ``dft_kernels._C`` (tried once); None on success, else why not."""
+    global _loaded, _prebuilt_error, _prebuilt_tried
+    if not _prebuilt_tried:
+        _prebuilt_tried = True
+        try:
+            importlib.import_module(build.EXTENSION_NAME)
+            _loaded = True  # importing the library registered the op
+        except ImportError as exc:
+            _prebuilt_error = f"{build.EXTENSION_NAME} is not built ({exc})"
+    return _prebuilt_error
+
+
+def _jit_build() -> None:
+    """Compile and load csrc/ with torch.utils.cpp_extension.load; raises RuntimeError with the reason."""
+    if build.build_mode() == "off":
+        raise RuntimeError(f"{build.ENV_BUILD}=0 disables building it")
+    if torch.version.cuda is None:
+        raise RuntimeError("torch is a CPU-only build, which cannot build CUDA extensions")
+    if build.find_nvcc() is None:
+        raise RuntimeError("no CUDA toolchain to build it: nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    srcs = build.sources()
+    if not srcs:
+        raise RuntimeError(f"its sources are not there ({build.CSRC_DIR}); reinstall from a source checkout "
+                           f"with {build.ENV_BUILD}=1 pip install --no-build-isolation .")
+    from torch.utils import cpp_extension
+
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build.arch_list()
+    try:
+        cpp_extension.load(
+            name=build.JIT_NAME, sources=srcs, extra_include_paths=[str(build.CSRC_DIR)],
+            extra_cflags=list(build.CXX_FLAGS), extra_cuda_cflags=list(build.NVCC_FLAGS),
+            is_python_module=False, verbose=os.environ.get("DFT_KERNELS_VERBOSE_BUILD") == "1")
+    except Exception as exc:  # compiler errors, missing headers, linker errors
+        raise RuntimeError(f"building it with nvcc failed: {exc}") from exc
+    finally:
+        if previous is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+
+
+def load_extension() -> None:
+    """Make ``torch.ops.dft_kernels_cuda.row_loss_grad`` available (once per process).
+
+    Raises RuntimeError saying why when neither the prebuilt extension nor a build works.
+    """
+    global _loaded, _load_error
+    with _lock:
+        if _loaded:
+            return
+        if _load_error is not None:
+            raise RuntimeError(_load_error)
+        prebuilt_error = _import_prebuilt()
+        if prebuilt_error is not None:
+            try:
+                _jit_build()
+            except RuntimeError as exc:
+                _load_error = f"the cuda backend's extension is unavailable: {prebuilt_error}, and {exc}"
+                raise RuntimeError(_load_error) from exc
+        _loaded = True
+
+
+def _op():
+    load_extension()
+    return torch.ops.dft_kernels_cuda.row_loss_grad
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    """Needs a CUDA device and the extension, prebuilt or buildable (built on first use)."""
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA tensors only (got device {device})"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    if _loaded:
+        return True, ""
+    if _load_error is not None:
+        return False, _load_error
+    prebuilt_error = _import_prebuilt()
+    if prebuilt_error is None:
+        return True, ""
+    if build.build_mode() == "off":
+        return False, f"{prebuilt_error} and {build.ENV_BUILD}=0 disables building it"
+    if build.find_nvcc() is None:
+        return False, f"{prebuilt_error} and nvcc was not found to build it"
+    if not build.sources():
+        return False, f"{prebuilt_error} and its sources ({build.CSRC_DIR}) are not there to build it"
+    return True, ""
+
+
+def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
+                  token_weights: Optional[Tensor] = None,
+                  grad_scale: Optional[Tensor] = None) -> RowOutputs:
+    if logits.dtype not in DTYPES:
+        raise TypeError(f"logits: the cuda backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    obj = params.objective
+    param0, param1 = obj.kernel_params
+    tw = None if token_weights is None else token_weights.to(torch.float32).contiguous()
+    scale = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
+    loss, nll, prob, entropy, correct = _op()(
+        logits, target.contiguous(), tw, scale, obj.kernel_id, param0, param1, params.ignore_index,
+        0.0 if params.softcap is None else params.softcap, params.label_smoothing, params.z_loss,
+        params.needs_entropy, params.with_stats)
+    return RowOutputs(loss=loss, nll=nll, prob=prob,
+                      entropy=entropy if params.needs_entropy else None,
+                      correct=correct if params.with_stats else None)
