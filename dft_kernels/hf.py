@@ -41,6 +41,7 @@ Never a silent no-op:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import warnings
@@ -249,14 +250,14 @@ class _PatchState:
     objective: Objective
     loss_kwargs: dict
     spec: HeadSpec
-    instance_forward: Any            # model.__dict__["forward"] before patching, or _MISSING
+    instance_forward: Any            # model.__dict__["forward"] before patching, or None
     guard_handle: Any = None
     liger: bool = False
     depth: int = 0                   # > 0 while the patched forward runs
     signature: Any = field(default=None, repr=False)
 
     def call_original(self, model, *args, **kwargs):
-        if self.instance_forward is not _MISSING:
+        if self.instance_forward is not None:
             return self.instance_forward(*args, **kwargs)
         return type(model).forward(model, *args, **kwargs)
 
@@ -398,6 +399,19 @@ def _patched_forward(self, *args, **kwargs):
         state.depth -= 1
 
 
+def _forward_for(model) -> Callable:
+    """The patched forward as a function carrying the class forward's name, docs and signature
+    (``inspect.signature`` follows ``__wrapped__``): Trainer picks dataset columns and loss
+    kwargs from it, and ``generate`` validates its model kwargs against it."""
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return _patched_forward(self, *args, **kwargs)
+
+    forward.__dft_kernels_patched__ = True
+    return forward
+
+
 def _targets(labels, extra, hidden_shape, device):
     """(target, shift) as Hugging Face's ForCausalLMLoss aligns them with the kept positions."""
     shift_labels = extra.get("shift_labels")
@@ -529,7 +543,7 @@ def verify_patch(model, *, amplify: bool = True) -> None:
     model = _unwrap(model)
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
-        state = _PatchState(get_objective("dft"), {}, head_spec(model), model.__dict__.get("forward", _MISSING),
+        state = _PatchState(get_objective("dft"), {}, head_spec(model), model.__dict__.get("forward"),
                             signature=_signature(model))
     head = _check_head(model)
     modes = {m: m.training for m in model.modules()}
@@ -640,7 +654,7 @@ def patch(model, objective: ObjectiveLike = "dft", *, liger: bool = False,
     _check_head(model)
     backbone = _backbone(model)
     spec = head_spec(model)
-    state = _PatchState(obj, loss_kwargs, spec, model.__dict__.get("forward", _MISSING), liger=liger,
+    state = _PatchState(obj, loss_kwargs, spec, model.__dict__.get("forward"), liger=liger,
                         signature=_signature(model))
 
     if verify is not False:
@@ -663,7 +677,7 @@ def patch(model, objective: ObjectiveLike = "dft", *, liger: bool = False,
 
     state.guard_handle = backbone.register_forward_pre_hook(_BackboneGuard(model))
     model.__dict__[_STATE_ATTR] = state
-    model.__dict__["forward"] = types.MethodType(_patched_forward, model)
+    model.__dict__["forward"] = types.MethodType(_forward_for(model), model)
     model.__dict__["dft_kernels_objective"] = obj
     model.__dict__["dft_kernels_loss_kwargs"] = dict(loss_kwargs)
     model.__dict__["dft_kernels_fused_calls"] = 0
@@ -682,7 +696,7 @@ def unpatch(model):
         return model
     if state.guard_handle is not None:
         state.guard_handle.remove()
-    if state.instance_forward is _MISSING:
+    if state.instance_forward is None:
         model.__dict__.pop("forward", None)
     else:
         model.__dict__["forward"] = state.instance_forward
