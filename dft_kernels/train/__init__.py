@@ -8,11 +8,12 @@ from .config import ConfigError, TrainConfig
 __all__ = ["TrainConfig", "ConfigError", "train", "run_demo"]
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train according to ``cfg``; returns a summary dict.  See ``docs/trainer.md``."""
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Train according to ``cfg``; returns a summary dict.  ``on_step(record)`` is called after
+    every optimizer step with its metrics.  See ``docs/trainer.md``."""
     from .loop import train as _train
 
-    return _train(cfg)
+    return _train(cfg, on_step=on_step)
 
 
 def run_demo(**kwargs) -> dict:

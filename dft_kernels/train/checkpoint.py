@@ -64,8 +64,11 @@ def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, optimizer, 
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if fsdp_module is not None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(fsdp_module, options=opts)

@@ -9,12 +9,12 @@ import resource
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointError, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state)
+from .checkpoint import CheckpointError, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 
 __all__ = ["train"]
@@ -125,9 +125,10 @@ def _peak_mem_gb(device: torch.device) -> float:
 
 # ------------------------------------------------------------------------------------------- train
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) -> dict:
     """Train ``cfg.model`` on ``cfg.train_file`` with ``cfg.objective``; returns a summary dict
-    (final loss/NLL, held-out exact match, tokens/s, paths).  See docs/trainer.md."""
+    (final loss/NLL, held-out exact match, tokens/s, paths).  ``on_step(record)`` is called on
+    every rank after each optimizer step with that step's metrics.  See docs/trainer.md."""
     from .data import BatchPlan, collate, load_eval_examples, load_train_examples, pack_examples, single_rows
     from .evaluate import evaluate
     from .metrics import MetricsLogger, plot_metrics
@@ -166,7 +167,8 @@ def train(cfg: TrainConfig) -> dict:
         optimizer = _optimizer(cfg, model)
         from transformers import get_scheduler
 
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                  num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
         autocast, precision = _autocast_factory(cfg, d.device)
 
@@ -287,6 +289,8 @@ def train(cfg: TrainConfig) -> dict:
             if (step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps:
                 logger.log(rec)
             bar.update(1)
+            if on_step is not None:
+                on_step(dict(rec))
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             signalled = int(red[-1].item()) != 0
             if signalled:
