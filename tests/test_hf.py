@@ -160,6 +160,23 @@ def test_shift_labels_and_logits_to_keep():
         model(input_ids=ids, labels=labels, logits_to_keep=k)
 
 
+def test_reduction_none_gives_per_token_losses():
+    """verl-style: per-token losses (B, T-1), zero at ignored positions, gradients through a weighted sum."""
+    model = make_model("phi")
+    ids, mask, labels = make_batch()
+    ref_tok, ref = reference_loss(model, ids, mask, labels, "dft", reduction="none")
+    dk.patch(model, "dft", reduction="none", chunk_size=4)
+    model.train()
+    tok = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert tok.shape == (ids.shape[0], ids.shape[1] - 1) == ref_tok.shape
+    assert rel_err(tok, ref_tok) <= 1e-5
+    assert (tok[labels[:, 1:] == -100] == 0).all()
+    w = torch.rand(tok.shape, dtype=torch.float64) + 0.5  # e.g. advantages / a loss mask
+    (tok * w.float()).sum().backward()
+    (ref_tok * w).sum().backward()
+    assert_grads_match(model, ref)
+
+
 class ShapeRecorder(TorchDispatchMode):
     """Records the shape of every tensor an op produces."""
 

@@ -117,7 +117,8 @@ def check_logged(trainer, model, recorder, objective, tol=1e-5):
 def trainer_args(cls, tmp_path, **extra):
     return cls(output_dir=str(tmp_path), per_device_train_batch_size=BS, gradient_accumulation_steps=GA,
                max_steps=STEPS, learning_rate=LR, logging_steps=1, save_strategy="no", report_to=[],
-               use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=int(torch.randint(0, 10**6, ())),
+               per_device_eval_batch_size=BS, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+               seed=int(torch.randint(0, 10**6, ())),
                **extra)
 
 
@@ -133,6 +134,17 @@ def test_hf_trainer_with_patched_model(tmp_path, objective):
     assert model.dft_kernels_fused_calls == STEPS * GA
     assert all("num_items_in_batch" in b for b in recorder.batches)
     check_logged(trainer, model, recorder, objective)
+    # evaluate(): eval mode keeps the logits; eval_loss is the objective's mean on the eval batch
+    rows = token_rows(BS)
+    metrics = trainer.evaluate(eval_dataset=rows)
+    batch = pad_collate(rows)
+    ref = type(model)(copy.deepcopy(model.config)).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = dk.reference.cross_entropy(logits, batch["labels"], objective=objective, shift=True)
+    assert rel_err(torch.tensor(metrics["eval_loss"], dtype=torch.float64), want) <= 1e-5
+    assert model.dft_kernels_fused_calls == STEPS * GA
 
 
 def recording_loss_func(recorder, objective="dft"):
