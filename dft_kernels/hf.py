@@ -254,6 +254,7 @@ class _PatchState:
     guard_handle: Any = None
     liger: bool = False
     depth: int = 0                   # > 0 while the patched forward runs
+    warned_no_labels: bool = False
     signature: Any = field(default=None, repr=False)
 
     def call_original(self, model, *args, **kwargs):
@@ -391,6 +392,14 @@ def _patched_forward(self, *args, **kwargs):
     try:
         if labels is None and shift_labels is None:
             # No labels (generate, inference): exactly the unpatched model.
+            if self.training and torch.is_grad_enabled() and not state.warned_no_labels:
+                state.warned_no_labels = True
+                warnings.warn(
+                    f"{_describe(self)} is patched by dft_kernels (objective={state.objective!r}) but ran in training "
+                    "mode with gradients and without labels, so the original forward ran and whatever the caller "
+                    "computes from the logits is the loss (Trainer's label_smoothing_factor or compute_loss_func, "
+                    "LLaMA-Factory's use_dft_loss, ... pop the labels). Pass labels to the model to use the patched "
+                    "loss. (Warned once per model.)", stacklevel=2)
             return state.call_original(self, *args, **kwargs, **extra)
         if not self.training:
             return _eval_forward(self, state, flat, labels, extra)

@@ -265,6 +265,14 @@ def test_without_labels_and_generate_behave_like_unpatched():
     model.train()
     with torch.no_grad():  # training mode, no labels: still the original forward
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, plain_logits)
+    # ... and with gradients the caller computes the loss: that is worth one warning
+    with pytest.warns(UserWarning, match="model type 'gemma2'.*without labels"):
+        model(input_ids=ids, attention_mask=mask)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, attention_mask=mask)  # warned once per model
 
 
 def test_eval_with_labels_keeps_logits_and_uses_the_objective():
