@@ -177,6 +177,35 @@ def test_reduction_none_gives_per_token_losses():
     assert_grads_match(model, ref)
 
 
+def test_head_hooks_run_around_the_fused_loss():
+    """FSDP/DeepSpeed gather the head's parameters in module hooks, accelerate in a forward wrapper:
+    the fused loss runs inside the head's call, so both see it (and the loss is still right)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = make_model("llama")
+    ids, mask, labels = make_batch()
+    ref_loss, ref = reference_loss(model, ids, mask, labels, "dft")
+    seen = {"torch_hook": 0, "accelerate_hook": 0}
+
+    class Count(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen["accelerate_hook"] += 1
+            return args, kwargs
+
+    hooks.add_hook_to_module(model.lm_head, Count())
+    model.lm_head.register_forward_pre_hook(lambda m, a: seen.__setitem__("torch_hook", seen["torch_hook"] + 1))
+    dk.patch(model, "dft", chunk_size=4, verify=False)
+    head_fwd = dict(model.lm_head.__dict__)
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert seen == {"torch_hook": 1, "accelerate_hook": 1}
+    for attr in ("forward", "_old_forward"):  # the head's own forward is restored after the call
+        assert model.lm_head.__dict__[attr] is head_fwd[attr]
+    assert rel_err(out.loss, ref_loss) <= 1e-5
+    out.loss.backward()
+    ref_loss.backward()
+    assert_grads_match(model, ref)
+
+
 class ShapeRecorder(TorchDispatchMode):
     """Records the shape of every tensor an op produces."""
 
