@@ -408,13 +408,20 @@ def _patched_forward(self, *args, **kwargs):
         state.depth -= 1
 
 
-def _forward_for(model) -> Callable:
+def _forward_for(model, instance_forward) -> Callable:
     """The patched forward as a function carrying the class forward's name, docs and signature
     (``inspect.signature`` follows ``__wrapped__``): Trainer picks dataset columns and loss
-    kwargs from it, and ``generate`` validates its model kwargs against it."""
+    kwargs from it, and ``generate`` validates its model kwargs against it.
+
+    After ``unpatch``, a wrapper installed on top of it (TRL's fused head) may still call it:
+    it then forwards to what the model had before the patch."""
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
+        if _STATE_ATTR not in self.__dict__:
+            if instance_forward is not None:
+                return instance_forward(*args, **kwargs)
+            return type(self).forward(self, *args, **kwargs)
         return _patched_forward(self, *args, **kwargs)
 
     forward.__dft_kernels_patched__ = True
@@ -686,7 +693,7 @@ def patch(model, objective: ObjectiveLike = "dft", *, liger: bool = False,
 
     state.guard_handle = backbone.register_forward_pre_hook(_BackboneGuard(model))
     model.__dict__[_STATE_ATTR] = state
-    model.__dict__["forward"] = types.MethodType(_forward_for(model), model)
+    model.__dict__["forward"] = types.MethodType(_forward_for(model, state.instance_forward), model)
     model.__dict__["dft_kernels_objective"] = obj
     model.__dict__["dft_kernels_loss_kwargs"] = dict(loss_kwargs)
     model.__dict__["dft_kernels_fused_calls"] = 0
@@ -705,10 +712,14 @@ def unpatch(model):
         return model
     if state.guard_handle is not None:
         state.guard_handle.remove()
-    if state.instance_forward is None:
-        model.__dict__.pop("forward", None)
-    else:
-        model.__dict__["forward"] = state.instance_forward
+    current = model.__dict__.get("forward")
+    if getattr(getattr(current, "__func__", None), "__dft_kernels_patched__", False):
+        if state.instance_forward is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.__dict__["forward"] = state.instance_forward
+    # else: something wrapped the patched forward after dk.patch (e.g. TRL's fused LM head); that
+    # wrapper stays, and the patched function it calls now forwards to the pre-patch forward.
     for attr in ("dft_kernels_objective", "dft_kernels_loss_kwargs", "dft_kernels_fused_calls"):
         model.__dict__.pop(attr, None)
     return model

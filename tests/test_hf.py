@@ -270,6 +270,15 @@ def test_patch_twice_is_noop_and_unpatch_restores():
     assert after.logits is not None
     torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
     dk.unpatch(model)  # unpatching an unpatched model is a no-op
+    # a wrapper installed on top of the patch (as TRL does) survives unpatch and reaches the original
+    dk.patch(model, "dft")
+    inner = model.forward
+    model.forward = lambda *a, **k: inner(*a, **k)
+    dk.unpatch(model)
+    wrapped = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert wrapped.logits is not None
+    torch.testing.assert_close(wrapped.loss, before.loss, rtol=0, atol=0)
+    del model.forward
     # patch again after unpatch works, and a hook added to the backbone after that still runs
     dk.patch(model, "ce")
     assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is None
