@@ -1,0 +1,378 @@
+"""Triton row backend: one fused kernel per chunk, one program per logits row.
+
+Implements the contract in ``dft_kernels.backends`` (read it first).  For a row ``z0``
+of raw logits, target ``y`` and ``z = softcap * tanh(z0 / softcap)`` (or ``z0``):
+
+pass 1, over the row in blocks (online, all in float32)::
+
+    m = max_j z_j;  r = sum_{j != one argmax} e^{z_j - m};  t = sum_j e^{z_j - m} (m - z_j)
+    lse = m + log1p(r);  logp = (z_y - m) - log1p(r);  H = log1p(r) + t / (1 + r)
+
+epilogue (objective selected by a constexpr id, see ``objectives.py``)::
+
+    L = (1 - eps) L_obj(logp, H) + eps * w * (lse - mean_j z_j) + lam * lse^2,  w = -g
+
+pass 2, over the row again, overwriting it in place in its own dtype::
+
+    dz0_j = scale * ((a softmax_j - b [j == y] - c) * sech(z0_j / softcap)^2)
+    a = w + 2 lam lse,  b = w (1 - eps),  c = w eps / V,  scale = token_weight * grad_scale
+
+with the target entry as ``a expm1(logp) + (a - b) - c`` so that it does not cancel
+when ``p ~ 1``.  Rows whose target is ``ignore_index`` or outside ``[0, V)`` are
+written as zeros and their target is never used as an address.
+
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported) - which is how CI tests it.
+``DFT_KERNELS_AUTOTUNE=1`` autotunes block size and warps per vocabulary size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..params import LossParams
+from . import RowOutputs
+
+NAME = "triton"
+AUTOTUNE_ENV = "DFT_KERNELS_AUTOTUNE"
+MAX_BLOCK = 8192
+# The interpreter runs each tl op as a numpy call per program: fewer, wider blocks are faster.
+MAX_BLOCK_INTERPRETER = 1 << 16
+INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+# objectives.py kernel ids
+OBJ_CE: tl.constexpr = 0
+OBJ_DFT: tl.constexpr = 1
+OBJ_POWER: tl.constexpr = 2
+OBJ_FOCAL: tl.constexpr = 3
+OBJ_CHORD: tl.constexpr = 4
+OBJ_PROB: tl.constexpr = 5
+OBJ_ENTROPY: tl.constexpr = 6
+
+
+@triton.jit
+def _expm1(x):
+    """``e^x - 1`` accurate near 0 (Kahan: ``(u - 1) x / log u`` with ``u = fl(e^x)``)."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    log_u = tl.where(um1 == 0.0, 1.0, tl.log(u))
+    out = tl.where(um1 == 0.0, x, um1 * x / log_u)
+    return tl.where(um1 == -1.0, -1.0, out)
+
+
+@triton.jit
+def _log1p(x):
+    """``log(1 + x)`` accurate near 0 (Kahan: ``log(u) x / (u - 1)`` with ``u = fl(1 + x)``)."""
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _tanh(x):
+    """``tanh x = -expm1(-2|x|) / (2 + expm1(-2|x|))`` with the sign of ``x``: no overflow, no cancellation."""
+    e = _expm1(-2.0 * tl.abs(x))
+    t = -e / (2.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _sech2(x):
+    """Softcap chain factor ``1 - tanh(x)^2 = sech(x)^2 = 4 e / (1 + e)^2`` with ``e = exp(-2|x|)``."""
+    e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _pow(x, y):
+    """``x^y`` for ``x >= 0`` with ``0^0 = 1`` (as ``torch.pow``)."""
+    return tl.where(y == 0.0, 1.0, tl.exp2(y * tl.log2(x)))
+
+
+@triton.jit
+def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``[ROWS, BLOCK]`` block of ``z = softcap * tanh(z0 / softcap)`` (or ``z0``) in float32:
+    ``-inf`` past ``V``, 0 in rows past the last one (finite, never stored)."""
+    col_ok = cols < V
+    z = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    z = z.to(tl.float32)
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return tl.where(col_ok[None, :], z, float("-inf")), col_ok
+
+
+@triton.jit
+def _block_stats(z, col_ok, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
+    """Per-row statistics of one block relative to its own max ``bm``:
+    ``r_b = sum_{j != one argmax} e^{z_j - bm}``, ``t_b = sum_j e^{z_j - bm} (bm - z_j)``
+    and the first argmax index."""
+    bm = tl.max(z, axis=1)
+    at_max = z == bm[:, None]
+    e = tl.exp2((z - bm[:, None]) * LOG2E)
+    # r excludes exactly one of the maximal entries (their own exact 1)
+    r_b = tl.sum(tl.where(at_max, 0.0, e), axis=1) + (tl.sum(at_max.to(tl.float32), axis=1) - 1.0)
+    t_b = 0.0
+    if NEEDS_ENTROPY:
+        t_b = tl.sum(tl.where(col_ok[None, :], e * (bm[:, None] - z), 0.0), axis=1)
+    idx = 0
+    if WITH_STATS:
+        idx = tl.min(tl.where(at_max, cols[None, :], 2147483647), axis=1)
+    return bm, r_b, t_b, idx
+
+
+@triton.jit
+def _row_loss_grad_kernel(
+    logits_ptr, stride_row, n_rows, target_ptr, weights_ptr, scale_ptr,
+    loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
+    V, ignore_index, softcap, eps, lam, param0, param1,
+    OBJECTIVE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_GRAD: tl.constexpr,
+    SCALE_PER_ROW: tl.constexpr, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Loss, stats and (``HAS_GRAD``) the in-place scaled gradient of ``ROWS`` logits rows.
+
+    ``L = (1 - eps) L_obj(logp, H) + eps w (lse - mean z) + lam lse^2`` and
+    ``dL/dz0 = ((w + 2 lam lse) softmax - w (1 - eps) onehot - w eps / V) sech^2(z0 / softcap)``
+    times ``token_weight * grad_scale`` (module docstring for pass 1 and the objectives).
+    ``ROWS`` is 1 on GPUs (one program per row); the interpreter takes several rows per
+    program, since its cost is per op, not per element.
+    """
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    row_ptrs = logits_ptr + rows * stride_row
+    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
+    y = tl.where(valid, y, 0)
+
+    # ---- pass 1: online max / r / t / sum z / argmax (first block peeled so m is finite) ----
+    cols = tl.arange(0, BLOCK)
+    z, col_ok = _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP)
+    m, r, t, arg = _block_stats(z, col_ok, cols, NEEDS_ENTROPY, WITH_STATS)
+    zsum = 0.0
+    if HAS_SMOOTHING:
+        zsum = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    for start in range(BLOCK, V, BLOCK):
+        bcols = start + cols
+        z, col_ok = _load_block(row_ptrs, row_ok, bcols, V, softcap, HAS_SOFTCAP)
+        bm, r_b, t_b, b_arg = _block_stats(z, col_ok, bcols, NEEDS_ENTROPY, WITH_STATS)
+        new_max = bm > m
+        # a = e^{-|m - bm|}: the factor rescaling the smaller-max side onto the larger max
+        a = tl.exp2(-tl.abs(m - bm) * LOG2E)
+        if NEEDS_ENTROPY:
+            # t is relative to the max: moving from max m to m' > m adds (m' - m) per unit of mass
+            t = tl.where(new_max, t_b + a * (t + (bm - m) * (1.0 + r)),
+                         t + a * (t_b + (m - bm) * (1.0 + r_b)))
+        r = tl.where(new_max, r_b + a * (1.0 + r), r + a * (1.0 + r_b))
+        if WITH_STATS:
+            arg = tl.where(new_max, b_arg, arg)
+        m = tl.maximum(m, bm)
+        if HAS_SMOOTHING:
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+
+    z_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z_y / softcap)
+    log1p_r = _log1p(r)
+    lse = m + log1p_r
+    logp = (z_y - m) - log1p_r
+    p = tl.exp2(logp * LOG2E)
+    entropy = 0.0
+    if NEEDS_ENTROPY:
+        entropy = log1p_r + t / (1.0 + r)
+
+    # ---- epilogue: objective loss and w = -g = -dL/dlogp ----
+    if OBJECTIVE == OBJ_CE:
+        w = 1.0 + 0.0 * logp
+        loss = -logp
+    elif OBJECTIVE == OBJ_DFT:
+        w = tl.maximum(p, param0)
+        loss = -w * logp
+    elif OBJECTIVE == OBJ_POWER:
+        w = tl.exp2(param0 * logp * LOG2E)
+        loss = -w * logp
+    elif OBJECTIVE == OBJ_FOCAL:
+        q = -_expm1(logp)  # 1 - p without cancellation
+        qg = _pow(q, param0)
+        loss = -qg * logp
+        second = param0 * _pow(q, param0 - 1.0) * p * logp
+        # at q == 0 the second term is inf * 0; its limit is 0 (logp ~ -q)
+        w = qg - tl.where((q > 0.0) & (param0 != 0.0), second, 0.0)
+    elif OBJECTIVE == OBJ_CHORD:
+        w = p * (-_expm1(logp))
+        loss = -w * logp
+    elif OBJECTIVE == OBJ_PROB:
+        pk = tl.exp2(param0 * logp * LOG2E)
+        loss = -pk
+        w = param0 * pk
+    else:  # OBJ_ENTROPY
+        w = param0 * tl.exp2(-entropy * LOG2E)
+        loss = -w * logp
+    if HAS_SMOOTHING:
+        loss = (1.0 - eps) * loss + eps * w * (lse - zsum / V)
+    if HAS_ZLOSS:
+        loss += lam * lse * lse
+
+    row_weight = valid.to(tl.float32)
+    if HAS_WEIGHTS:
+        row_weight = row_weight * tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + rows, tl.where(valid, loss * row_weight, 0.0), mask=row_ok)
+    tl.store(nll_ptr + rows, tl.where(valid, -logp, 0.0), mask=row_ok)
+    tl.store(prob_ptr + rows, tl.where(valid, p, 0.0), mask=row_ok)
+    if NEEDS_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
+    if WITH_STATS:
+        tl.store(correct_ptr + rows, tl.where(valid & (arg == y), 1.0, 0.0), mask=row_ok)
+
+    # ---- pass 2: the scaled gradient, in place ----
+    if HAS_GRAD:
+        if SCALE_PER_ROW:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
+        scale = scale * row_weight
+        coef_a = w
+        if HAS_ZLOSS:
+            coef_a = w + 2.0 * lam * lse
+        coef_b = w
+        coef_c = 0.0 * w
+        if HAS_SMOOTHING:
+            coef_b = w * (1.0 - eps)
+            coef_c = w * (eps / V)
+        target_grad = coef_a * _expm1(logp) + (coef_a - coef_b)
+        inv_s = 1.0 / (1.0 + r)
+        for start in range(0, V, BLOCK):
+            bcols = start + cols
+            ptrs = row_ptrs[:, None] + bcols[None, :]
+            io_mask = row_ok[:, None] & (bcols < V)[None, :]
+            z0 = tl.load(ptrs, mask=io_mask, other=0.0).to(tl.float32)
+            z = z0
+            if HAS_SOFTCAP:
+                z = softcap * _tanh(z0 / softcap)
+            softmax = tl.exp2((z - m[:, None]) * LOG2E) * inv_s[:, None]
+            grad = tl.where(bcols[None, :] == y[:, None], target_grad[:, None], coef_a[:, None] * softmax)
+            grad = grad - coef_c[:, None]
+            if HAS_SOFTCAP:
+                grad = grad * _sech2(z0 / softcap)
+            grad = tl.where(valid[:, None], grad * scale[:, None], 0.0)
+            tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _autotune_configs():
+    return [triton.Config({"BLOCK": block}, num_warps=warps)
+            for block in (1024, 2048, 4096, 8192, 16384) for warps in (4, 8, 16, 32)
+            if warps * 32 * 4 <= block * 2]
+
+
+# Autotuning runs the kernel several times on the same row: restore the in-place logits.
+_row_loss_grad_kernel_autotuned = triton.autotune(
+    configs=_autotune_configs(),
+    key=["V", "OBJECTIVE", "HAS_SOFTCAP", "HAS_GRAD", "NEEDS_ENTROPY", "WITH_STATS"],
+    restore_value=["logits_ptr"],
+)(_row_loss_grad_kernel)
+
+
+def _interpreting() -> bool:
+    # triton.jit returns an interpreter-backed function when TRITON_INTERPRET=1 was set at
+    # decoration time, i.e. before this module was imported.
+    return type(_row_loss_grad_kernel).__name__ == "InterpretedFunction"
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "") not in ("", "0") and not _interpreting()
+
+
+def block_config(vocab_size: int) -> tuple[int, int, int]:
+    """``(ROWS, BLOCK, num_warps)``.  On GPUs: one row per program, BLOCK the next power of
+    two of V capped at ``MAX_BLOCK``, warps growing with the block.  Under the interpreter:
+    wide blocks and several rows per program (its cost is per op, not per element)."""
+    if _interpreting():
+        block = min(triton.next_power_of_2(max(vocab_size, 16)), MAX_BLOCK_INTERPRETER)
+        return max(1, min(64, INTERPRETER_ELEMENTS // block)), block, 1
+    block = min(triton.next_power_of_2(max(vocab_size, 16)), MAX_BLOCK)
+    if block >= 8192:
+        warps = 16
+    elif block >= 2048:
+        warps = 8
+    else:
+        warps = 4
+    return 1, block, warps
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        return True, ""
+    if device.type == "cpu":
+        if _interpreting():
+            return True, ""
+        return False, ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                       "in the environment before importing dft_kernels (slow; meant for tests)")
+    return False, f"Triton kernels run on CUDA tensors, not on {device.type}"
+
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
+                  token_weights: Optional[Tensor] = None,
+                  grad_scale: Optional[Tensor] = None) -> RowOutputs:
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be a [n, V] tensor with unit stride along V, got shape "
+                         f"{tuple(logits.shape)} and strides {logits.stride()}")
+    n, vocab = logits.shape
+    dev = logits.device
+    f32 = torch.float32
+    loss = torch.empty(n, dtype=f32, device=dev)
+    nll = torch.empty(n, dtype=f32, device=dev)
+    prob = torch.empty(n, dtype=f32, device=dev)
+    entropy = torch.empty(n, dtype=f32, device=dev) if params.needs_entropy else None
+    correct = torch.empty(n, dtype=f32, device=dev) if params.with_stats else None
+    if n == 0:
+        return RowOutputs(loss, nll, prob, entropy, correct)
+
+    target = target.contiguous()
+    if token_weights is not None:
+        token_weights = token_weights.to(f32).contiguous()
+    per_row = False
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(f32).contiguous()
+        per_row = grad_scale.dim() == 1
+    obj = params.objective
+    p0, p1 = obj.kernel_params
+    cap = params.softcap
+    # a placeholder pointer for absent optional tensors (never read: its flag is off)
+    dummy = loss
+    args = (
+        logits, logits.stride(0), n, target,
+        dummy if token_weights is None else token_weights,
+        dummy if grad_scale is None else grad_scale,
+        loss, nll, prob,
+        dummy if entropy is None else entropy,
+        dummy if correct is None else correct,
+        vocab, params.ignore_index, 1.0 if cap is None else float(cap),
+        float(params.label_smoothing), float(params.z_loss), float(p0), float(p1),
+    )
+    flags = dict(
+        OBJECTIVE=obj.kernel_id, HAS_SOFTCAP=cap is not None, HAS_SMOOTHING=params.label_smoothing != 0.0,
+        HAS_ZLOSS=params.z_loss != 0.0, HAS_WEIGHTS=token_weights is not None, HAS_GRAD=grad_scale is not None,
+        SCALE_PER_ROW=per_row, NEEDS_ENTROPY=params.needs_entropy, WITH_STATS=params.with_stats,
+    )
+    if _autotune_enabled():
+        _row_loss_grad_kernel_autotuned[(n,)](*args, **flags, ROWS=1)
+    else:
+        rows, block, warps = block_config(vocab)
+        _row_loss_grad_kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps)
+    return RowOutputs(loss, nll, prob, entropy, correct)
