@@ -283,9 +283,13 @@ DFTK_HD RowEpilogue finish_row(const RowStats& s, float z_target, int y, const R
   RowEpilogue e;
   e.m = s.m;
   e.inv_sum = inv_sum;
-  e.a = lam != 0.f ? w + 2.f * lam * lse : w;
-  e.c = w * (eps / static_cast<float>(p.vocab));
-  e.target_grad = e.a * expm1f(logp) + (e.a - w * (1.f - eps)) - e.c;
+  const float vocab = static_cast<float>(p.vocab);
+  const float zl = 2.f * lam * lse;
+  e.a = w + zl;
+  e.c = w * (eps / vocab);
+  // a p - b - c = a expm1(logp) + (a - b - c) with a - b - c = w eps (V - 1) / V + zl, summed
+  // without cancelling the two eps terms (they would, at small V).
+  e.target_grad = e.a * expm1f(logp) + fmaf(w * eps, (vocab - 1.f) / vocab, zl);
   e.scale = p.grad_scale ? weight * p.grad_scale[row * p.grad_scale_stride] : 0.f;
   e.target = y;
   return e;
