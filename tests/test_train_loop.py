@@ -118,11 +118,25 @@ def test_resume_after_sigterm_is_bit_identical(data, tmp_path, one_thread):
     assert len(resumed["losses"]) == steps - first["steps"]
 
 
-def test_two_process_gloo_ddp_matches_one_process(data, tmp_path, one_thread):
-    common = dict(max_steps=3, grad_accum_steps=2, objective="dft", eval_file=data["heldout"], eval_limit=4,
-                  eval_max_new_tokens=12, eval_batch_size=2)
-    single = train(cfg(data, tmp_path / "one", per_device_batch_size=4, **common))
-    two_cfg = cfg(data, tmp_path / "two", per_device_batch_size=2, **common)
+DIST_COMMON = dict(max_steps=3, grad_accum_steps=2, objective="dft", eval_limit=4, eval_max_new_tokens=12,
+                   eval_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(data, tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(cfg(data, tmp_path_factory.mktemp("one"), per_device_batch_size=4, eval_file=data["heldout"],
+                         **DIST_COMMON))
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_process_gloo_matches_one_process(data, tmp_path, single_process_run, fsdp):
+    two_cfg = cfg(data, tmp_path / "two", per_device_batch_size=2, eval_file=data["heldout"], fsdp=fsdp,
+                  save_final=fsdp, **DIST_COMMON)
     path = tmp_path / "two.json"
     path.write_text(json.dumps(two_cfg.to_dict()))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
@@ -132,7 +146,12 @@ def test_two_process_gloo_ddp_matches_one_process(data, tmp_path, one_thread):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     losses = [r["loss"] for r in recs if "loss" in r]
+    single = single_process_run
     assert len(losses) == 3
     assert rel(losses, single["losses"]) <= 1e-5, (losses, single["losses"])
     ev = [r for r in recs if "eval/n" in r]
     assert ev and ev[-1]["eval/n"] == 4 and ev[-1]["eval/exact_match"] == single["eval_exact_match"]
+    if fsdp:  # the gathered full checkpoint loads as a plain HF model
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "checkpoint-3" / "model"))
+        assert m.get_output_embeddings().weight.shape[1] == 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Optional
@@ -28,8 +29,9 @@ def main(argv: Optional[list] = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dft-train: error: {e}", file=sys.stderr)
         return 2
-    brief = {k: v for k, v in summary.items() if k != "losses"}
-    print("dft-train: " + json.dumps(brief))
+    if int(os.environ.get("RANK", "0")) == 0:
+        brief = {k: v for k, v in summary.items() if k != "losses"}
+        print("dft-train: " + json.dumps(brief))
     if summary["interrupted"]:
         return 128 + int(signal.Signals[summary["interrupted"]])
     return 0
