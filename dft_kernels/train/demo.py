@@ -116,7 +116,7 @@ def run_demo(out_dir: str = "runs/demo", max_steps: int = 300, n_train: int = 60
     paths = write_demo_data(os.path.join(out_dir, "data"), n_train=n_train, n_heldout=n_heldout)
     chance, top = chance_accuracy(paths["train"], paths["heldout"])
     print(f"demo: data in {os.path.dirname(paths['train'])}: {n_train} train problems (2-4 terms), "
-          f"{n_heldout} harder held-out problems (5 terms, none in the train split)")
+          f"{n_heldout} harder held-out problems (4 terms only, none in the train split)")
     runs = (("SFT", "ce"), ("DFT", "dft"))
     cfgs = {label: demo_config(objective, out_dir, paths, max_steps, **overrides) for label, objective in runs}
     ncpu = os.cpu_count() or 1
@@ -144,7 +144,7 @@ def run_demo(out_dir: str = "runs/demo", max_steps: int = 300, n_train: int = 60
                      f"{r['eval_exact_match']:>11.1%} {r['tokens_per_s']:>9.0f}")
     print()
     print("\n".join(lines))
-    print(f"\nheld-out EM: exact match of the \\boxed answer on {n_heldout} unseen 5-term problems; chance "
+    print(f"\nheld-out EM: exact match of the \\boxed answer on {n_heldout} unseen 4-term problems; chance "
           f"(always answering the most frequent training answer, {top!r}) is {chance:.1%}.\n"
           "final NLL / loss: mean over the last 10 training steps (DFT's loss is p-weighted, so it is below its NLL).")
     print(f"plot: {png}\nwall time: {wall:.0f} s")

@@ -5,8 +5,9 @@ NuminaMath-CoT ``problem``/``solution`` format, the answer in ``\\boxed{}``::
 
     {"problem": "Compute 47+25-18.", "solution": "47+25=72\\n72-18=54\\nThe answer is \\\\boxed{54}."}
 
-The train split has chains of ``train_terms`` terms; the held-out split is harder: longer
-chains (``heldout_terms``) whose problems never occur in the train split.  Generation is
+The train split mixes chains of ``train_terms`` terms (2-4); the held-out split is harder than
+the average training problem: only the longest chains (``heldout_terms``, 4 terms), none of which
+occur in the train split.  Generation is
 deterministic in ``seed`` (``random.Random``), so every machine builds the same files.
 
 Tokenizer: character level, built with the ``tokenizers`` library (a BPE model with no merges
@@ -83,7 +84,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def write_demo_data(out_dir: str, *, seed: int = 0, n_train: int = 4000, n_heldout: int = 200,
-                    train_terms=(2, 3, 4), heldout_terms=(5,), max_operand: int = 9) -> dict:
+                    train_terms=(2, 3, 4), heldout_terms=(4,), max_operand: int = 9) -> dict:
     """Write ``train.jsonl`` and ``heldout.jsonl`` under ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     train = make_split(seed, n_train, train_terms, max_operand=max_operand)

@@ -29,13 +29,30 @@ def load_tokenizer(cfg: TrainConfig):
     else:
         if not os.path.isdir(path):
             raise ConfigError(f"tokenizer: {path!r} is not a local directory (dft-train never downloads)")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = _load_saved_tokenizer(path)
     resolve_chat_template(tok, cfg.chat_template)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError("tokenizer: it has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _load_saved_tokenizer(path: str):
+    """AutoTokenizer, except for a tokenizer saved as a plain tokenizers backend (the demo's): transformers
+    5 would rebuild that as the model type's tokenizer class (e.g. Qwen2's byte-level pre-tokenizer
+    when a qwen2 config.json sits next to it), changing the ids; load its tokenizer.json as is."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        with open(cfg_file, encoding="utf-8") as f:
+            cls = json.load(f).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def choose_attn_implementation(requested: str, device: torch.device) -> str:
