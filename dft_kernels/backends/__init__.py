@@ -42,7 +42,8 @@ import logging
 import threading
 from typing import NamedTuple, Optional
 
-from torch import Tensor, device as Device
+from torch import Tensor
+from torch import device as Device
 from torch.cuda import OutOfMemoryError
 
 # No module-level name 'torch' here: it would shadow the backends.torch submodule.
