@@ -60,7 +60,12 @@ def _jit_build() -> None:
     from torch.utils import cpp_extension
 
     previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = build.arch_list()
+    archs = build.arch_list()
+    if previous is None and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:  # older than the default targets (whose PTX only serves newer GPUs)
+            archs = f"{major}.{minor};{archs}"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     try:
         cpp_extension.load(
             name=build.JIT_NAME, sources=srcs, extra_include_paths=[str(build.CSRC_DIR)],
