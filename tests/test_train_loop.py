@@ -83,6 +83,9 @@ def test_grad_accumulation_is_normalised_by_window_tokens(data, tmp_path, one_th
     b = train(cfg(data, tmp_path / "b", per_device_batch_size=2, grad_accum_steps=2, max_steps=4, objective="dft"))
     assert rel(b["losses"], a["losses"]) <= 1e-5, (a["losses"], b["losses"])
     recs = read_metrics(a["metrics"])
+    # Adam is nearly blind to a constant gradient scale; the gradient norm is not
+    gn = lambda run: [r["grad_norm"] for r in read_metrics(run["metrics"])]  # noqa: E731
+    assert rel(gn(b), gn(a)) <= 1e-5, (gn(a), gn(b))
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for key in ("loss", "nll", "mean_prob", "accuracy", "entropy", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb"):
         assert all(isinstance(r[key], float) for r in recs), key
@@ -109,6 +112,11 @@ def test_resume_after_sigterm_is_bit_identical(data, tmp_path, one_thread):
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # written atomically
     ck = os.path.join(first["checkpoint"], "model")
     assert os.path.isfile(os.path.join(ck, "model.safetensors")) and os.path.isfile(os.path.join(ck, "tokenizer.json"))
+    from dft_kernels.train.demo_data import build_tokenizer
+    from dft_kernels.train.model import load_tokenizer
+    text = "<|im_start|>user\nCompute 7-1+9.<|im_end|>\n"
+    saved = load_tokenizer(TrainConfig(tokenizer=ck))  # the checkpoint's tokenizer gives the same ids
+    assert saved(text)["input_ids"] == build_tokenizer()(text)["input_ids"]
 
     resumed = train(cfg(data, out, per_device_batch_size=4, grad_accum_steps=2, max_steps=steps, objective="dft",
                         resume="latest"))
@@ -149,6 +157,9 @@ def test_two_process_gloo_matches_one_process(data, tmp_path, single_process_run
     single = single_process_run
     assert len(losses) == 3
     assert rel(losses, single["losses"]) <= 1e-5, (losses, single["losses"])
+    norms = [r["grad_norm"] for r in recs if "grad_norm" in r]
+    ref_norms = [r["grad_norm"] for r in read_metrics(single["metrics"]) if "grad_norm" in r]
+    assert rel(norms, ref_norms) <= 1e-5, (norms, ref_norms)  # catches a missing world-size factor
     ev = [r for r in recs if "eval/n" in r]
     assert ev and ev[-1]["eval/n"] == 4 and ev[-1]["eval/exact_match"] == single["eval_exact_match"]
     if fsdp:  # the gathered full checkpoint loads as a plain HF model
