@@ -233,11 +233,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
         model.train()
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
-            batches = [collate([rows[i] for i in mb], pad_id) for mb in plan.micro_batches(step, d.rank)]
-            local = torch.tensor([sum(rows[i].num_targets for i in mb) for mb in plan.micro_batches(step, d.rank)],
-                                 dtype=torch.float64).sum()
-            in_tokens = float(sum(len(rows[i].input_ids) for mb in plan.micro_batches(step, d.rank) for i in mb))
-            counts = d.all_reduce(torch.tensor([local, in_tokens], dtype=torch.float64, device=d.device))
+            micro = plan.micro_batches(step, d.rank)
+            batches = [collate([rows[i] for i in mb], pad_id) for mb in micro]
+            targets = float(sum(rows[i].num_targets for mb in micro for i in mb))
+            in_tokens = float(sum(len(rows[i].input_ids) for mb in micro for i in mb))
+            counts = d.all_reduce(torch.tensor([targets, in_tokens], dtype=torch.float64, device=d.device))
             num_items = counts[0].to(torch.float32).clamp_min(1.0)  # targets in the whole window, all ranks
             if probe is not None:
                 probe.reset(d.device)

@@ -18,7 +18,6 @@ TINY_MODELS = ("tiny", "tiny-llama")
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
 
     from .data import resolve_chat_template
     from .demo_data import build_tokenizer
