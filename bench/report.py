@@ -25,7 +25,7 @@ def _fmt_cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return repr(round(value, 6)) if abs(value) < 1e6 else repr(value)
+        return f"{value:.7g}"
     return str(value)
 
 

@@ -222,3 +222,11 @@ def test_cli_cpu_writes_csv_png_and_table(tmp_path, capsys):
 def test_cli_rejects_unknown_provider(tmp_path):
     assert cli.main(["--cpu", "--providers", "nope", "--out-dir", str(tmp_path)]) == 2
     assert not os.listdir(tmp_path)
+
+
+def test_csv_keeps_small_values(tmp_path):
+    row = dict(ROWS[0], loss=2.1612345e-4, grad_checksum=4.5123456e-05, ms_median=24611.123)
+    write_csv([row], str(tmp_path / "r.csv"), CONTEXT)
+    back = read_csv(str(tmp_path / "r.csv"))[0]
+    for key in ("loss", "grad_checksum", "ms_median"):
+        assert float(back[key]) == pytest.approx(row[key], rel=1e-6)
