@@ -19,7 +19,9 @@ class LargestOutput(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+            # uint8 tensors are raw storage bytes (Triton's interpreter copies kernel arguments'
+            # storages this way), not N x V elements; no logits tensor is uint8
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and t.numel() > self.largest:
                 self.largest, self.largest_op = t.numel(), func
         return out
 

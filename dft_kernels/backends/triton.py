@@ -48,6 +48,16 @@ INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
 
 LOG2E: tl.constexpr = 1.4426950408889634
 
+
+
+def _device_fn(fn):
+    """``triton.jit`` for the kernel's device functions.  Under the interpreter they stay
+    plain Python: it re-patches ``triton.language`` on every call of a jitted device
+    function (milliseconds each), and plain functions run the very same tl ops."""
+    jitted = triton.jit(fn)
+    return fn if type(jitted).__name__ == "InterpretedFunction" else jitted
+
+
 # objectives.py kernel ids
 OBJ_CE: tl.constexpr = 0
 OBJ_DFT: tl.constexpr = 1
@@ -58,7 +68,7 @@ OBJ_PROB: tl.constexpr = 5
 OBJ_ENTROPY: tl.constexpr = 6
 
 
-@triton.jit
+@_device_fn
 def _expm1(x):
     """``e^x - 1`` accurate near 0 (Kahan: ``(u - 1) x / log u`` with ``u = fl(e^x)``)."""
     u = tl.exp(x)
@@ -68,7 +78,7 @@ def _expm1(x):
     return tl.where(um1 == -1.0, -1.0, out)
 
 
-@triton.jit
+@_device_fn
 def _log1p(x):
     """``log(1 + x)`` accurate near 0 (Kahan: ``log(u) x / (u - 1)`` with ``u = fl(1 + x)``)."""
     u = 1.0 + x
@@ -76,7 +86,7 @@ def _log1p(x):
     return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
 
 
-@triton.jit
+@_device_fn
 def _tanh(x):
     """``tanh x = -expm1(-2|x|) / (2 + expm1(-2|x|))`` with the sign of ``x``: no overflow, no cancellation."""
     e = _expm1(-2.0 * tl.abs(x))
@@ -84,20 +94,20 @@ def _tanh(x):
     return tl.where(x < 0.0, -t, t)
 
 
-@triton.jit
+@_device_fn
 def _sech2(x):
     """Softcap chain factor ``1 - tanh(x)^2 = sech(x)^2 = 4 e / (1 + e)^2`` with ``e = exp(-2|x|)``."""
     e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
     return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
-@triton.jit
+@_device_fn
 def _pow(x, y):
     """``x^y`` for ``x >= 0`` with ``0^0 = 1`` (as ``torch.pow``)."""
     return tl.where(y == 0.0, 1.0, tl.exp2(y * tl.log2(x)))
 
 
-@triton.jit
+@_device_fn
 def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
     """``[ROWS, BLOCK]`` block of ``z = softcap * tanh(z0 / softcap)`` (or ``z0``) in float32:
     ``-inf`` past ``V``, 0 in rows past the last one (finite, never stored)."""
@@ -109,7 +119,7 @@ def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
     return tl.where(col_ok[None, :], z, float("-inf")), col_ok
 
 
-@triton.jit
+@_device_fn
 def _block_stats(z, col_ok, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
     """Per-row statistics of one block relative to its own max ``bm``:
     ``r_b = sum_{j != one argmax} e^{z_j - bm}``, ``t_b = sum_j e^{z_j - bm} (bm - z_j)``
@@ -121,7 +131,8 @@ def _block_stats(z, col_ok, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.co
     r_b = tl.sum(tl.where(at_max, 0.0, e), axis=1) + (tl.sum(at_max.to(tl.float32), axis=1) - 1.0)
     t_b = 0.0
     if NEEDS_ENTROPY:
-        t_b = tl.sum(tl.where(col_ok[None, :], e * (bm[:, None] - z), 0.0), axis=1)
+        # masked columns have e = 0; give them z = bm so that e * (bm - z) is 0, not 0 * inf
+        t_b = tl.sum(e * (bm[:, None] - tl.where(col_ok[None, :], z, bm[:, None])), axis=1)
     idx = 0
     if WITH_STATS:
         idx = tl.min(tl.where(at_max, cols[None, :], 2147483647), axis=1)
