@@ -65,8 +65,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """One markdown table for rows of one device (dict values may be numbers or CSV strings)."""
+def markdown_table(rows: list[dict], skips_as_list: bool = False) -> str:
+    """One markdown table for rows of one device (dict values may be numbers or CSV strings).
+
+    ``skips_as_list``: skipped providers go to a list under the table, one line per
+    (provider, reason), instead of a table row per shape (the README's compact form)."""
     if not rows:
         return "_no results_\n"
     first = rows[0]
@@ -85,8 +88,12 @@ def markdown_table(rows: list[dict]) -> str:
         "| shape | provider | fwd+bwd ms (p20-p80) | fwd ms | peak extra MB | x floor | x Liger | check |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    not_run: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         status = r.get("status", "")
+        if skips_as_list and status == "skipped":
+            not_run.setdefault((r["provider"], r.get("reason", "")), []).append(r["shape"])
+            continue
         if status == "ok":
             med, p20, p80 = _num(r.get("ms_median")), _num(r.get("ms_p20")), _num(r.get("ms_p80"))
             time_cell = f"{_ms(med)} ({_ms(p20)}-{_ms(p80)})"
@@ -102,4 +109,10 @@ def markdown_table(rows: list[dict]) -> str:
         else:
             cells = ["-", "-", "-", "-", "-", f"{status}: {r.get('reason', '')}"]
         lines.append("| " + " | ".join(_cell(str(c)) for c in [r["shape"], r["provider"], *cells]) + " |")
+    if not_run:
+        n_shapes = len({r["shape"] for r in rows})
+        lines += ["", "Not run here:"]
+        for (prov, reason), shapes in not_run.items():
+            where = "all shapes" if len(shapes) == n_shapes else ", ".join(shapes)
+            lines.append(f"- `{prov}` ({where}): {reason}")
     return "\n".join(lines) + "\n"
