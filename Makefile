@@ -20,7 +20,7 @@ $(STAMP):
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dft_kernels.demo
+	$(PY) -m dft_kernels.train.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
