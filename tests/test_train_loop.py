@@ -181,3 +181,12 @@ def test_demo_pipeline_small(tmp_path, capsys, one_thread):
     assert set(out["results"]) == {"SFT", "DFT"} and out["results"]["DFT"]["objective"] == "dft"
     assert os.path.getsize(out["plot"]) > 10_000
     assert out["results"]["SFT"]["steps"] == 2 and out["warm_start"]["steps"] == 2
+
+
+def test_packed_training_counts_the_same_targets(data, tmp_path, one_thread):
+    packed = train(cfg(data, tmp_path / "p", packing=True, max_length=192, per_device_batch_size=2, max_steps=2))
+    recs = read_metrics(packed["metrics"])
+    assert len(recs) == 2 and all(0 < r["loss"] < 10 and r["num_target_tokens"] > 0 for r in recs)
+    # a packed row holds several examples: more targets per row than unpacked rows
+    plain = read_metrics(train(cfg(data, tmp_path / "u", per_device_batch_size=2, max_steps=2))["metrics"])
+    assert recs[0]["num_target_tokens"] > plain[0]["num_target_tokens"]
