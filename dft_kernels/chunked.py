@@ -11,6 +11,10 @@ so at most one chunk of logits (which becomes its own gradient, in place) exists
 a time.  For ``mean``/``sum`` the gradients are computed in forward and scaled by
 ``grad_output`` in backward; for ``none`` forward only computes per-token losses
 and backward recomputes the chunks with the per-token ``grad_output`` folded in.
+
+These are plain functions of tensors and :class:`LossParams`; ``dft_kernels.ops``
+registers them as torch custom ops with autograd (so ``torch.compile`` sees one opaque
+op per call, with no graph break and no host sync inside).
 """
 
 from __future__ import annotations
@@ -198,72 +202,62 @@ def stash_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Inputs are already flattened and checked by :mod:`dft_kernels.functional`.
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                   token_weights: Optional[Tensor], divisor: Optional[Tensor], params: LossParams, backend,
+                   chunk_size: int, accum_dtype: torch.dtype, reduction: str, need_dx: bool, need_dw: bool,
+                   need_db: bool):
+    """Forward of the chunked loss.  Inputs are already flattened and checked by
+    :mod:`dft_kernels.functional`: ``x`` ``[N, H]`` contiguous, ``target`` ``[N]`` int64,
+    ``token_weights`` ``[N]`` float32 or None, ``divisor`` a float32 0-d tensor (``mean``:
+    the valid count, or ``num_items_in_batch``) or None (``sum``/``none``).
 
-    ``x``: ``[N, H]`` contiguous; ``target``: ``[N]`` int64; ``token_weights``: ``[N]``
-    float32 or None; ``divisor``: float32 0-d tensor (``mean``: valid count,
-    ``num_items_in_batch``) or None (``sum``/``none``).  Returns the loss (0-d, or ``[N]``
-    for ``none``) and the stats sums (nll, prob, correct, entropy, each 0-d or empty).
+    Returns ``(loss, dx, dw, db, stats)``: the loss (0-d, or ``[N]`` for ``none``); for
+    ``mean``/``sum`` the gradients for ``grad_output = 1`` in :func:`stash_dtype` (None
+    where not needed, and always None for ``none``, whose backward recomputes); the
+    stats sums (nll, prob, correct, entropy: 0-d, or empty when not computed).
     """
+    need_db = need_db and bias is not None
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    acc = _Accumulators(x.device, params.with_stats, params.needs_entropy)
+    dx = dw = db = None
+    if reduction == "none":
+        per_token = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
+                   None, False, False, False, accum_dtype, per_token=per_token, acc=acc)
+        loss = per_token.to(out_dtype)
+    else:
+        grad_scale = torch.ones((), dtype=torch.float32, device=x.device)
+        if divisor is not None:
+            grad_scale = grad_scale / divisor
+        dx, dw, db = run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
+                                grad_scale, need_dx, need_dw, need_db, accum_dtype, acc=acc)
+        # one cast of the accumulators to the parameter dtype, at the end
+        dw = None if dw is None else dw.to(stash_dtype(weight.dtype))
+        db = None if db is None else db.to(stash_dtype(bias.dtype))
+        loss = (acc.loss * grad_scale).to(out_dtype)
+    return loss, dx, dw, db, _stats_outputs(acc, x.device)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, token_weights, divisor, params: LossParams, backend,
-                chunk_size: int, accum_dtype: torch.dtype, reduction: str):
-        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_db = need_db and bias is not None
-        out_dtype = torch.promote_types(x.dtype, torch.float32)
-        acc = _Accumulators(x.device, params.with_stats, params.needs_entropy)
-        ctx.reduction = reduction
-        ctx.params, ctx.backend, ctx.chunk_size, ctx.accum_dtype = params, backend, chunk_size, accum_dtype
-        ctx.has_bias = bias is not None
 
-        if reduction == "none":
-            per_token = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-            run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
-                       None, False, False, False, accum_dtype, per_token=per_token, acc=acc)
-            ctx.save_for_backward(x, weight, bias, target, token_weights)
-            loss = per_token.to(out_dtype)
-        else:
-            grad_scale = torch.ones((), dtype=torch.float32, device=x.device)
-            if divisor is not None:
-                grad_scale = grad_scale / divisor
-            dx, dw, db = run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
-                                    grad_scale, need_dx, need_dw, need_db, accum_dtype, acc=acc)
-            # one cast of the accumulators to the parameter dtype, at the end
-            dw = None if dw is None else dw.to(stash_dtype(weight.dtype))
-            db = None if db is None else db.to(stash_dtype(bias.dtype))
-            ctx.save_for_backward(dx, dw, db)
-            ctx.out_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-            loss = (acc.loss * grad_scale).to(out_dtype)
-
-        stats = _stats_outputs(acc, x.device)
-        ctx.mark_non_differentiable(*stats)
-        return (loss, *stats)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_grad_stats):
-        if ctx.reduction == "none":
-            x, weight, bias, target, token_weights = ctx.saved_tensors
-            need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-            need_db = need_db and bias is not None
-            dx, dw, db = run_chunks(x, weight, bias, target, token_weights, ctx.params, ctx.backend,
-                                    ctx.chunk_size, grad_loss.to(torch.float32).contiguous(),
-                                    need_dx, need_dw, need_db, ctx.accum_dtype)
-            dx = None if dx is None else dx.to(x.dtype)
-            dw = None if dw is None else dw.to(weight.dtype)
-            db = None if db is None else db.to(bias.dtype)
-        else:
-            g = grad_loss.to(torch.float32)
-            dx, dw, db = ((None if t is None else (t * g).to(dt))
-                          for t, dt in zip(ctx.saved_tensors, ctx.out_dtypes))
-        return dx, dw, db, None, None, None, None, None, None, None, None
+def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         token_weights: Optional[Tensor], grad_loss: Tensor, params: LossParams, backend,
+                         chunk_size: int, accum_dtype: torch.dtype, need_dx: bool, need_dw: bool,
+                         need_db: bool):
+    """Backward of ``reduction="none"``: recompute each chunk with the per-token
+    ``grad_loss`` folded into the row kernel's scale.  Returns ``(dx, dw, db)`` in the
+    dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
+    need_db = need_db and bias is not None
+    dx, dw, db = run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
+                            grad_loss.to(torch.float32).contiguous(), need_dx, need_dw, need_db, accum_dtype)
+    dx = None if dx is None else dx.to(x.dtype)
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dx, dw, db
 
 
 def _stats_outputs(acc: _Accumulators, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # distinct empty tensors: custom op outputs must not alias one another
     if not acc.with_stats:
-        empty = torch.empty(0, device=device)
-        return empty, empty, empty, empty
+        return tuple(torch.empty(0, device=device) for _ in range(4))
     ent = acc.entropy if acc.entropy is not None else torch.empty(0, device=device)
     return acc.nll, acc.prob, acc.correct, ent
 
@@ -301,42 +295,32 @@ def run_logit_chunks(logits: Tensor, target: Tensor, token_weights: Optional[Ten
     return grad
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """The same row kernel on given ``[N, V]`` logits; the gradient goes to the logits."""
+def logits_forward(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
+                   params: LossParams, backend, chunk_size: int, reduction: str, need_grad: bool):
+    """The same row kernel on given ``[N, V]`` logits.  Returns ``(loss, grad, stats)`` with
+    ``grad`` the logits gradient for ``grad_output = 1`` (``mean``/``sum`` with
+    ``need_grad``; else None) in :func:`stash_dtype`."""
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    acc = _Accumulators(logits.device, params.with_stats, params.needs_entropy)
+    grad = None
+    if reduction == "none":
+        per_token = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        run_logit_chunks(logits, target, token_weights, params, backend, chunk_size, None,
+                         per_token=per_token, acc=acc)
+        loss = per_token.to(out_dtype)
+    else:
+        grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+        if divisor is not None:
+            grad_scale = grad_scale / divisor
+        grad = run_logit_chunks(logits, target, token_weights, params, backend, chunk_size,
+                                grad_scale if need_grad else None, acc=acc)
+        loss = (acc.loss * grad_scale).to(out_dtype)
+    return loss, grad, _stats_outputs(acc, logits.device)
 
-    @staticmethod
-    def forward(ctx, logits, target, token_weights, divisor, params: LossParams, backend,
-                chunk_size: int, reduction: str):
-        out_dtype = torch.promote_types(logits.dtype, torch.float32)
-        acc = _Accumulators(logits.device, params.with_stats, params.needs_entropy)
-        ctx.reduction, ctx.params, ctx.backend, ctx.chunk_size = reduction, params, backend, chunk_size
-        ctx.logits_dtype = logits.dtype
-        if reduction == "none":
-            per_token = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-            run_logit_chunks(logits, target, token_weights, params, backend, chunk_size, None,
-                             per_token=per_token, acc=acc)
-            ctx.save_for_backward(logits, target, token_weights)
-            loss = per_token.to(out_dtype)
-        else:
-            grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-            if divisor is not None:
-                grad_scale = grad_scale / divisor
-            grad = run_logit_chunks(logits, target, token_weights, params, backend, chunk_size,
-                                    grad_scale if ctx.needs_input_grad[0] else None, acc=acc)
-            ctx.save_for_backward(grad)
-            loss = (acc.loss * grad_scale).to(out_dtype)
-        stats = _stats_outputs(acc, logits.device)
-        ctx.mark_non_differentiable(*stats)
-        return (loss, *stats)
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_grad_stats):
-        if ctx.reduction == "none":
-            logits, target, token_weights = ctx.saved_tensors
-            grad = run_logit_chunks(logits, target, token_weights, ctx.params, ctx.backend, ctx.chunk_size,
-                                    grad_loss.to(torch.float32).contiguous())
-        else:
-            (grad,) = ctx.saved_tensors
-            grad = grad * grad_loss.to(torch.float32)
-        grad = grad.to(ctx.logits_dtype)
-        return grad, None, None, None, None, None, None, None
+def logits_backward_none(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
+                         params: LossParams, backend, chunk_size: int) -> Tensor:
+    """Backward of ``reduction="none"`` on given logits; the gradient in the logits dtype."""
+    grad = run_logit_chunks(logits, target, token_weights, params, backend, chunk_size,
+                            grad_loss.to(torch.float32).contiguous())
+    return grad.to(logits.dtype)

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
 from .backends import resolve_backend
-from .chunked import CrossEntropyFunction, LinearCrossEntropyFunction, count_valid, default_chunk_size
+from .chunked import count_valid, default_chunk_size
 from .objectives import ObjectiveLike
 from .params import LossParams, make_loss_params
 from .stats import LossStats
@@ -138,6 +139,11 @@ def _validate_values(target: Tensor, ignore_index: int, vocab_size: int, num_ite
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items.tolist()}")
 
 
+def check_backend(backend, device) -> None:
+    """Unknown or unavailable backends raise here, before any work (the ops resolve the name again)."""
+    resolve_backend(backend, device)
+
+
 def _check_chunk_size(chunk_size, num_tokens: int, vocab_size: int, element_size: int) -> int:
     if chunk_size is None:
         return default_chunk_size(num_tokens, vocab_size, element_size)
@@ -233,13 +239,15 @@ def linear_cross_entropy(
     if not x.is_contiguous():
         x = x.contiguous()
     weight_c = weight if weight.is_contiguous() else weight.contiguous()
-    be = resolve_backend(backend, input.device)
+    check_backend(backend, input.device)
     # chunk logits are float32 (float64 for float64 input), see chunked.HeadGemms
     chunk = _check_chunk_size(chunk_size, x.shape[0], vocab_size, max(4, input.element_size()))
     acc_dtype = _check_accum_dtype(accum_dtype, weight)
-    loss, *stats_sums = LinearCrossEntropyFunction.apply(
-        x, weight_c, bias, prep.target, prep.token_weights, prep.divisor, prep.params, be, chunk,
-        acc_dtype, prep.reduction)
+    grad_on = torch.is_grad_enabled()
+    loss, _dx, _dw, _db, *stats_sums = ops.lce_forward(
+        x, weight_c, bias, prep.target, prep.token_weights, prep.divisor, *ops.loss_options(prep.params),
+        backend, chunk, acc_dtype, prep.reduction, grad_on and x.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad)
     return finish(loss, stats_sums, prep, return_stats, vocab_size)
 
 
@@ -278,8 +286,9 @@ def cross_entropy(
     flat = logits.reshape(-1, vocab_size)
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    be = resolve_backend(backend, logits.device)
+    check_backend(backend, logits.device)
     chunk = _check_chunk_size(chunk_size, flat.shape[0], vocab_size, logits.element_size())
-    loss, *stats_sums = CrossEntropyFunction.apply(
-        flat, prep.target, prep.token_weights, prep.divisor, prep.params, be, chunk, prep.reduction)
+    loss, _grad, *stats_sums = ops.ce_forward(
+        flat, prep.target, prep.token_weights, prep.divisor, *ops.loss_options(prep.params), backend, chunk,
+        prep.reduction, torch.is_grad_enabled() and flat.requires_grad)
     return finish(loss, stats_sums, prep, return_stats, vocab_size)
