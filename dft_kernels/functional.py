@@ -139,9 +139,16 @@ def _validate_values(target: Tensor, ignore_index: int, vocab_size: int, num_ite
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items.tolist()}")
 
 
-def check_backend(backend, device) -> None:
-    """Unknown or unavailable backends raise here, before any work (the ops resolve the name again)."""
+@torch.compiler.assume_constant_result
+def _backend_ok(backend, device) -> bool:
     resolve_backend(backend, device)
+    return True
+
+
+def check_backend(backend, device) -> None:
+    """Unknown or unavailable backends raise here, before any work (the ops resolve the name
+    again).  Under ``torch.compile`` the check runs once, eagerly, while tracing."""
+    _backend_ok(backend, device)
 
 
 def _check_chunk_size(chunk_size, num_tokens: int, vocab_size: int, element_size: int) -> int:
