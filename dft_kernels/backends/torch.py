@@ -9,7 +9,7 @@ Implements the contract in ``dft_kernels.backends`` with whole-row tensor ops::
     L     = (1 - eps) * L_obj + eps * w * (lse - mean_j z_j) + lam * lse^2,   w = -g
     dL/dz0 = ((w + 2 lam lse) softmax - w (1 - eps) onehot - w eps / V) * (1 - (z / softcap)^2)
 
-with the target entry written as ``a expm1(logp) + (a - b)`` and the cap factor as
+with the target entry written as ``a expm1(logp) + 2 lam lse + w eps (1 - 1/V)`` and the cap factor as
 ``1 / cosh(z0 / softcap)^2`` so that neither cancels.
 
 Math is done in float32 (float64 for float64 logits); the gradient is written back
@@ -85,13 +85,18 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
 
     if grad_scale is not None:
         # softmax becomes the gradient in place: a * softmax - b * onehot - c.  The target
-        # entry a * p - b is written as a * expm1(logp) + (a - b), exact when p ~ 1.
+        # entry a * p - b - c is written as a * expm1(logp) + 2 lam lse + w eps (1 - 1/V),
+        # which does not cancel when p ~ 1 (nor when V = 1 with smoothing).
         a = w + 2.0 * lam * lse if lam != 0.0 else w
         softmax.mul_(a.unsqueeze(1))
-        target_grad = a * torch.expm1(logp) + (a - w * (1.0 - eps))
-        softmax.scatter_(1, safe_target, target_grad.unsqueeze(1))
         if eps != 0.0:
             softmax.sub_((w * (eps / vocab)).unsqueeze(1))
+        target_grad = a * torch.expm1(logp)
+        if lam != 0.0:
+            target_grad = target_grad + 2.0 * lam * lse
+        if eps != 0.0:
+            target_grad = target_grad + w * (eps * (1.0 - 1.0 / vocab))
+        softmax.scatter_(1, safe_target, target_grad.unsqueeze(1))
         if params.softcap is not None:
             # chain factor of the cap, 1 - (z / c)^2 = 1 / cosh(z0 / c)^2 (no cancellation
             # near the cap), built in place in z from the still untouched raw logits.
