@@ -46,7 +46,7 @@ MAX_BLOCK = 8192
 MAX_BLOCK_INTERPRETER = 1 << 16
 INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 
@@ -59,13 +59,13 @@ def _device_fn(fn):
 
 
 # objectives.py kernel ids
-OBJ_CE: tl.constexpr = 0
-OBJ_DFT: tl.constexpr = 1
-OBJ_POWER: tl.constexpr = 2
-OBJ_FOCAL: tl.constexpr = 3
-OBJ_CHORD: tl.constexpr = 4
-OBJ_PROB: tl.constexpr = 5
-OBJ_ENTROPY: tl.constexpr = 6
+OBJ_CE = tl.constexpr(0)
+OBJ_DFT = tl.constexpr(1)
+OBJ_POWER = tl.constexpr(2)
+OBJ_FOCAL = tl.constexpr(3)
+OBJ_CHORD = tl.constexpr(4)
+OBJ_PROB = tl.constexpr(5)
+OBJ_ENTROPY = tl.constexpr(6)
 
 
 @_device_fn
@@ -129,11 +129,11 @@ def _block_stats(z, col_ok, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.co
     e = tl.exp2((z - bm[:, None]) * LOG2E)
     # r excludes exactly one of the maximal entries (their own exact 1)
     r_b = tl.sum(tl.where(at_max, 0.0, e), axis=1) + (tl.sum(at_max.to(tl.float32), axis=1) - 1.0)
-    t_b = 0.0
+    t_b = tl.zeros_like(r_b)
     if NEEDS_ENTROPY:
         # masked columns have e = 0; give them z = bm so that e * (bm - z) is 0, not 0 * inf
         t_b = tl.sum(e * (bm[:, None] - tl.where(col_ok[None, :], z, bm[:, None])), axis=1)
-    idx = 0
+    idx = tl.zeros_like(r_b).to(tl.int32)
     if WITH_STATS:
         idx = tl.min(tl.where(at_max, cols[None, :], 2147483647), axis=1)
     return bm, r_b, t_b, idx
@@ -196,7 +196,7 @@ def _row_loss_grad_kernel(
     lse = m + log1p_r
     logp = (z_y - m) - log1p_r
     p = tl.exp2(logp * LOG2E)
-    entropy = 0.0
+    entropy = tl.zeros_like(logp)
     if NEEDS_ENTROPY:
         entropy = log1p_r + t / (1.0 + r)
 
