@@ -97,7 +97,7 @@ def _tanh(x):
 @_device_fn
 def _sech2(x):
     """Softcap chain factor ``1 - tanh(x)^2 = sech(x)^2 = 4 e / (1 + e)^2`` with ``e = exp(-2|x|)``."""
-    e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
     return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
