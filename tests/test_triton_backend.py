@@ -61,8 +61,10 @@ def test_multi_block_rows_against_reference(small_blocks, objective):
             assert rel_err(stats.entropy, rstats.entropy) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_multi_block_linear_low_precision(small_blocks, dtype):
+@pytest.mark.parametrize("dtype,config", [(torch.bfloat16, "rows1-block64"), (torch.float16, "rows4-block128")],
+                         ids=["bf16-rows1", "fp16-rows4"])
+def test_multi_block_linear_low_precision(monkeypatch, dtype, config):
+    monkeypatch.setattr(tb, "block_config", lambda vocab_size: SMALL_BLOCKS[config])
     x, w, b, t = make_inputs(19, 16, 300)
     check_linear_against_reference(x, w, b, t, dtype, backend="triton", objective="entropy", reduction="none",
                                    chunk_size=16, softcap=6.0, label_smoothing=0.05)
