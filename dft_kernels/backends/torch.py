@@ -5,7 +5,7 @@ Implements the contract in ``dft_kernels.backends`` with whole-row tensor ops::
     z     = softcap * tanh(z0 / softcap)        (or z0)
     m     = max(z);  r = sum_{j != argmax} exp(z_j - m);  lse = m + log1p(r)
     logp  = (z_y - m) - log1p(r);  softmax = exp(z - m) / (1 + r)
-    H     = sum_j softmax_j (lse - z_j)         (entropy objectives only)
+    H     = -sum_j softmax_j log softmax_j      (entropy objectives only)
     L     = (1 - eps) * L_obj + eps * w * (lse - mean_j z_j) + lam * lse^2,   w = -g
     dL/dz0 = ((w + 2 lam lse) softmax - w (1 - eps) onehot - w eps / V) * (1 - (z / softcap)^2)
 
@@ -13,8 +13,9 @@ with the target entry written as ``a expm1(logp) + 2 lam lse + w eps (1 - 1/V)``
 ``1 / cosh(z0 / softcap)^2`` so that neither cancels.
 
 Math is done in float32 (float64 for float64 logits); the gradient is written back
-into ``logits`` in its own dtype.  Temporaries are chunk-sized: the chunk loop in
-``dft_kernels.chunked`` bounds them.
+into ``logits`` in its own dtype.  One chunk-sized working buffer (none for float32
+logits without softcap, which are turned into their gradient in place) plus a boolean
+mask; the chunk loop in ``dft_kernels.chunked`` bounds them.
 """
 
 from __future__ import annotations
@@ -41,40 +42,45 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     valid = valid_rows(target, params.ignore_index, vocab)
     safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    cap = params.softcap
 
-    # z must not alias logits: logits is overwritten below while z is still needed.
-    z = logits.to(compute_dtype, copy=True)
-    if params.softcap is not None:
-        z.div_(params.softcap).tanh_().mul_(params.softcap)
+    # One working buffer that becomes z, then exp(z - m), then softmax, then the gradient.
+    # It is the logits themselves when they are to be overwritten anyway and nothing
+    # later needs the raw values; otherwise a copy.
+    in_place = grad_scale is not None and logits.dtype == compute_dtype and cap is None
+    work = logits if in_place else logits.to(compute_dtype, copy=True)
+    if cap is not None:
+        work.div_(cap).tanh_().mul_(cap)
+
+    m = work.amax(dim=1, keepdim=True)
+    z_target = work.gather(1, safe_target).squeeze(1)
+    correct = (work.argmax(dim=1) == target).to(torch.float32) if params.with_stats else None
+    z_mean = work.mean(dim=1) if params.label_smoothing != 0.0 else None
 
     # lse = m + log1p(r), r = sum of exp(z_j - m) over all but one maximal entry.  Keeping
     # r apart from the max's exact 1 keeps logp accurate when p is close to 1.
-    m = z.amax(dim=1, keepdim=True)
-    softmax = torch.exp(z - m)
-    at_max = z == m
-    r = softmax.masked_fill(at_max, 0.0).sum(dim=1) + (at_max.sum(dim=1) - 1).to(compute_dtype)
+    work.sub_(m).exp_()
+    at_max = work == 1.0
+    r = work.masked_fill_(at_max, 0.0).sum(dim=1) + (at_max.sum(dim=1) - 1).to(compute_dtype)
+    work.masked_fill_(at_max, 1.0)
     del at_max
     log1p_r = torch.log1p(r)
     m = m.squeeze(1)
     lse = m + log1p_r
-    logp = (z.gather(1, safe_target).squeeze(1) - m) - log1p_r
-    softmax.div_((1.0 + r).unsqueeze(1))
+    logp = (z_target - m) - log1p_r
+    softmax = work.div_((1.0 + r).unsqueeze(1))
 
     entropy = None
     if params.needs_entropy:
-        # H = sum_j softmax_j (lse - z_j): a sum of non-negative terms, no cancellation.
-        # (Not bmm: CPU bmm of a [1, V] x [V, 1] product loses ~1e-5 relative in float32.)
-        entropy = (softmax * (lse.unsqueeze(1) - z)).sum(dim=1)
-    correct = None
-    if params.with_stats:
-        correct = (z.argmax(dim=1) == target).to(torch.float32)
+        # H = -sum_j softmax_j log softmax_j: non-negative terms, no cancellation.
+        entropy = -torch.special.xlogy(softmax, softmax).sum(dim=1)
 
     obj = params.objective
     eps, lam = params.label_smoothing, params.z_loss
     w = -obj.coefficient(logp, entropy)  # -g; the stop-gradient weight for weighted-NLL objectives
     loss = obj.loss(logp, entropy)
     if eps != 0.0:
-        loss = (1.0 - eps) * loss + eps * w * (lse - z.mean(dim=1))
+        loss = (1.0 - eps) * loss + eps * w * (lse - z_mean)
     if lam != 0.0:
         loss = loss + lam * lse * lse
 
@@ -88,22 +94,22 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         # entry a * p - b - c is written as a * expm1(logp) + 2 lam lse + w eps (1 - 1/V),
         # which does not cancel when p ~ 1 (nor when V = 1 with smoothing).
         a = w + 2.0 * lam * lse if lam != 0.0 else w
-        softmax.mul_(a.unsqueeze(1))
+        grad = softmax.mul_(a.unsqueeze(1))
         if eps != 0.0:
-            softmax.sub_((w * (eps / vocab)).unsqueeze(1))
+            grad.sub_((w * (eps / vocab)).unsqueeze(1))
         target_grad = a * torch.expm1(logp)
         if lam != 0.0:
             target_grad = target_grad + 2.0 * lam * lse
         if eps != 0.0:
             target_grad = target_grad + w * (eps * (1.0 - 1.0 / vocab))
-        softmax.scatter_(1, safe_target, target_grad.unsqueeze(1))
-        if params.softcap is not None:
+        grad.scatter_(1, safe_target, target_grad.unsqueeze(1))
+        if cap is not None:
             # chain factor of the cap, 1 - (z / c)^2 = 1 / cosh(z0 / c)^2 (no cancellation
-            # near the cap), built in place in z from the still untouched raw logits.
-            softmax.mul_(z.copy_(logits).div_(params.softcap).cosh_().square_().reciprocal_())
-        scale = row_weight * grad_scale.to(compute_dtype)
-        softmax.mul_(scale.unsqueeze(1))
-        logits.copy_(softmax)
+            # near the cap), from the raw logits, which are still untouched here.
+            grad.mul_(logits.to(compute_dtype).div_(cap).cosh_().square_().reciprocal_())
+        grad.mul_((row_weight * grad_scale.to(compute_dtype)).unsqueeze(1))
+        if grad is not logits:
+            logits.copy_(grad)
 
     f32 = torch.float32
     zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
