@@ -28,6 +28,7 @@ Runs on CUDA tensors, and on CPU tensors under Triton's interpreter
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -381,9 +382,12 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         HAS_ZLOSS=params.z_loss != 0.0, HAS_WEIGHTS=token_weights is not None, HAS_GRAD=grad_scale is not None,
         SCALE_PER_ROW=per_row, NEEDS_ENTROPY=params.needs_entropy, WITH_STATS=params.with_stats,
     )
-    if _autotune_enabled():
-        _row_loss_grad_kernel_autotuned[(n,)](*args, **flags, ROWS=1)
-    else:
-        rows, block, warps = block_config(vocab)
-        _row_loss_grad_kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps)
+    # Triton launches on the current CUDA device: make it the logits' one
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if _autotune_enabled():
+            _row_loss_grad_kernel_autotuned[(n,)](*args, **flags, ROWS=1)
+        else:
+            rows, block, warps = block_config(vocab)
+            _row_loss_grad_kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block,
+                                                           num_warps=warps)
     return RowOutputs(loss, nll, prob, entropy, correct)
