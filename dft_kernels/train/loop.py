@@ -48,6 +48,7 @@ class Dist:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -129,209 +130,215 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
     """Train ``cfg.model`` on ``cfg.train_file`` with ``cfg.objective``; returns a summary dict
     (final loss/NLL, held-out exact match, tokens/s, paths).  ``on_step(record)`` is called on
     every rank after each optimizer step with that step's metrics.  See docs/trainer.md."""
+    cfg.validate()
+    if not cfg.train_file:
+        raise ConfigError("train_file: required (a .jsonl/.json/.parquet file); or run dft-train --demo")
+    d = Dist()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        # every object that holds the process group (DDP's reducer, FSDP state) dies with the
+        # frame of _run, before the group is destroyed
+        return _run(cfg, d, on_step)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        d.close()
+
+
+def _run(cfg: TrainConfig, d: Dist, on_step) -> dict:
     from .data import BatchPlan, collate, load_eval_examples, load_train_examples, pack_examples, single_rows
     from .evaluate import evaluate
     from .metrics import MetricsLogger, plot_metrics
     from .model import HeadStatsProbe, build_model, load_tokenizer, packing_supported
 
-    cfg.validate()
-    if not cfg.train_file:
-        raise ConfigError("train_file: required (a .jsonl/.json/.parquet file); or run dft-train --demo")
-    d = Dist()
     t_start = time.time()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.manual_seed(cfg.seed)
-        if d.device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
-        resume_path = resolve_resume(cfg.resume, cfg.output_dir)
-        tokenizer = load_tokenizer(cfg)
-        examples = load_train_examples(cfg.train_file, tokenizer, max_length=cfg.max_length,
-                                       data_format=cfg.data_format, system_prompt=cfg.system_prompt,
-                                       num_proc=cfg.num_proc)
-        rows = pack_examples(examples, cfg.max_length, cfg.seed) if cfg.packing else single_rows(examples)
-        plan = BatchPlan(len(rows), cfg.per_device_batch_size, cfg.grad_accum_steps, d.world, cfg.seed)
-        total_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_per_epoch * cfg.num_epochs
-        eval_examples = (load_eval_examples(cfg.eval_file, data_format=cfg.data_format,
-                                            system_prompt=cfg.system_prompt, limit=cfg.eval_limit)
-                         if cfg.eval_file else [])
+    torch.manual_seed(cfg.seed)
+    if d.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    resume_path = resolve_resume(cfg.resume, cfg.output_dir)
+    tokenizer = load_tokenizer(cfg)
+    examples = load_train_examples(cfg.train_file, tokenizer, max_length=cfg.max_length,
+                                   data_format=cfg.data_format, system_prompt=cfg.system_prompt,
+                                   num_proc=cfg.num_proc)
+    rows = pack_examples(examples, cfg.max_length, cfg.seed) if cfg.packing else single_rows(examples)
+    plan = BatchPlan(len(rows), cfg.per_device_batch_size, cfg.grad_accum_steps, d.world, cfg.seed)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else plan.steps_per_epoch * cfg.num_epochs
+    eval_examples = (load_eval_examples(cfg.eval_file, data_format=cfg.data_format,
+                                        system_prompt=cfg.system_prompt, limit=cfg.eval_limit)
+                     if cfg.eval_file else [])
 
-        model, attn = build_model(cfg, tokenizer, d.device,
-                                  model_path=os.path.join(resume_path, "model") if resume_path else None)
-        if cfg.packing:
-            reason = packing_supported(attn)
-            if reason:
-                raise ConfigError(f"packing: {reason}")
-        probe = HeadStatsProbe(model, getattr(model.config, "final_logit_softcapping", None)) if cfg.log_stats else None
-        train_module, fsdp_module = _wrap(cfg, model, d)
-        optimizer = _optimizer(cfg, model)
-        from transformers import get_scheduler
+    model, attn = build_model(cfg, tokenizer, d.device,
+                              model_path=os.path.join(resume_path, "model") if resume_path else None)
+    if cfg.packing:
+        reason = packing_supported(attn)
+        if reason:
+            raise ConfigError(f"packing: {reason}")
+    probe = HeadStatsProbe(model, getattr(model.config, "final_logit_softcapping", None)) if cfg.log_stats else None
+    train_module, fsdp_module = _wrap(cfg, model, d)
+    optimizer = _optimizer(cfg, model)
+    from transformers import get_scheduler
 
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
-                                  num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                                  num_training_steps=total_steps)
-        autocast, precision = _autocast_factory(cfg, d.device)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    autocast, precision = _autocast_factory(cfg, d.device)
 
-        start_step, tokens_seen = 0, 0
-        if resume_path:
-            state = load_trainer_state(resume_path)
-            saved = state["data"]
-            if (saved["global_batch"], saved["num_rows"], saved["seed"]) != (plan.global_batch, len(rows), cfg.seed):
-                raise CheckpointError(
-                    f"resume: {resume_path} was written with global batch {saved['global_batch']}, "
-                    f"{saved['num_rows']} sequences and seed {saved['seed']}; this run has {plan.global_batch}, "
-                    f"{len(rows)} and {cfg.seed}, so the data position would not line up")
-            if fsdp_module is not None:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    start_step, tokens_seen = 0, 0
+    if resume_path:
+        state = load_trainer_state(resume_path)
+        saved = state["data"]
+        if (saved["global_batch"], saved["num_rows"], saved["seed"]) != (plan.global_batch, len(rows), cfg.seed):
+            raise CheckpointError(
+                f"resume: {resume_path} was written with global batch {saved['global_batch']}, "
+                f"{saved['num_rows']} sequences and seed {saved['seed']}; this run has {plan.global_batch}, "
+                f"{len(rows)} and {cfg.seed}, so the data position would not line up")
+        if fsdp_module is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-                set_optimizer_state_dict(fsdp_module, optimizer, optim_state_dict=state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            start_step, tokens_seen = state["step"], state["tokens_seen"]
-            if d.main:
-                print(f"dft-train: resumed from {resume_path} at step {start_step}")
+            set_optimizer_state_dict(fsdp_module, optimizer, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        if d.main:
+            print(f"dft-train: resumed from {resume_path} at step {start_step}")
 
-        logger = MetricsLogger(cfg.output_dir, enabled=d.main, resume_step=start_step if resume_path else None,
-                               tensorboard=cfg.tensorboard)
-        stop = StopSignal()
-        from tqdm.auto import tqdm
+    logger = MetricsLogger(cfg.output_dir, enabled=d.main, resume_step=start_step if resume_path else None,
+                           tensorboard=cfg.tensorboard)
+    stop = StopSignal()
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, disable=not (d.main and cfg.progress_bar),
-                   desc=f"{cfg.objective}", dynamic_ncols=True)
-        pad_id = tokenizer.pad_token_id
-        params = [p for p in model.parameters() if p.requires_grad]
-        last_ckpt, interrupted, history = None, None, []
-        eval_result = None
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (d.main and cfg.progress_bar),
+               desc=f"{cfg.objective}", dynamic_ncols=True)
+    pad_id = tokenizer.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_ckpt, interrupted, history = None, None, []
+    eval_result = None
 
-        def checkpoint(step: int) -> str:
-            state = {"step": step, "tokens_seen": tokens_seen, "world_size": d.world,
-                     "data": {"global_batch": plan.global_batch, "num_rows": len(rows), "seed": cfg.seed,
-                              "steps_per_epoch": plan.steps_per_epoch},
-                     "config": cfg.to_dict()}
-            return save_checkpoint(cfg.output_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                   scheduler=scheduler, state=state, fsdp_module=fsdp_module,
-                                   save_total_limit=cfg.save_total_limit)
+    def checkpoint(step: int) -> str:
+        state = {"step": step, "tokens_seen": tokens_seen, "world_size": d.world,
+                 "data": {"global_batch": plan.global_batch, "num_rows": len(rows), "seed": cfg.seed,
+                          "steps_per_epoch": plan.steps_per_epoch},
+                 "config": cfg.to_dict()}
+        return save_checkpoint(cfg.output_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                               scheduler=scheduler, state=state, fsdp_module=fsdp_module,
+                               save_total_limit=cfg.save_total_limit)
 
-        def run_eval(step: int) -> dict:
-            correct, n, samples = evaluate(model, tokenizer, eval_examples, max_new_tokens=cfg.eval_max_new_tokens,
-                                           batch_size=cfg.eval_batch_size, device=d.device, autocast_ctx=autocast,
-                                           rank=d.rank, world=d.world, shard=fsdp_module is None)
-            if fsdp_module is None:
-                t = d.all_reduce(torch.tensor([correct, n], dtype=torch.float64, device=d.device))
-                correct, n = int(t[0]), int(t[1])
-            rec = {"step": step, "eval/exact_match": correct / max(n, 1), "eval/correct": correct, "eval/n": n}
-            logger.log(rec)
-            if d.main:
-                for s in samples[:1]:
-                    print(f"dft-train: eval sample {s['where']}: prediction {s['prediction']!r}, "
-                          f"answer {s['answer']!r}")
-            return rec
+    def run_eval(step: int) -> dict:
+        correct, n, samples = evaluate(model, tokenizer, eval_examples, max_new_tokens=cfg.eval_max_new_tokens,
+                                       batch_size=cfg.eval_batch_size, device=d.device, autocast_ctx=autocast,
+                                       rank=d.rank, world=d.world, shard=fsdp_module is None)
+        if fsdp_module is None:
+            t = d.all_reduce(torch.tensor([correct, n], dtype=torch.float64, device=d.device))
+            correct, n = int(t[0]), int(t[1])
+        rec = {"step": step, "eval/exact_match": correct / max(n, 1), "eval/correct": correct, "eval/n": n}
+        logger.log(rec)
+        if d.main:
+            for s in samples[:1]:
+                print(f"dft-train: eval sample {s['where']}: prediction {s['prediction']!r}, "
+                      f"answer {s['answer']!r}")
+        return rec
 
-        model.train()
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            micro = plan.micro_batches(step, d.rank)
-            batches = [collate([rows[i] for i in mb], pad_id) for mb in micro]
-            targets = float(sum(rows[i].num_targets for mb in micro for i in mb))
-            in_tokens = float(sum(len(rows[i].input_ids) for mb in micro for i in mb))
-            counts = d.all_reduce(torch.tensor([targets, in_tokens], dtype=torch.float64, device=d.device))
-            num_items = counts[0].to(torch.float32).clamp_min(1.0)  # targets in the whole window, all ranks
-            if probe is not None:
-                probe.reset(d.device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-            for m, batch in enumerate(batches):
-                last = m == len(batches) - 1
-                batch = {k: v.to(d.device) for k, v in batch.items()}
-                if fsdp_module is not None:
-                    fsdp_module.set_requires_gradient_sync(last)
-                    sync_ctx = contextlib.nullcontext()
-                elif d.world > 1 and not last:
-                    sync_ctx = train_module.no_sync()
-                else:
-                    sync_ctx = contextlib.nullcontext()
-                with sync_ctx:
-                    with autocast():
-                        if probe is not None:
-                            probe.labels = batch["labels"]
-                        out = train_module(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                           labels=batch["labels"], num_items_in_batch=num_items, use_cache=False)
-                    loss = out.loss
-                    # DDP / FSDP average gradients over ranks; the loss is already a share of the global
-                    # sum / global target count, so scale by the world size to get the plain sum back.
-                    (loss * d.world if d.world > 1 else loss).backward()
-                loss_sum += loss.detach().double()
-            lr = scheduler.get_last_lr()[0]
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            parts = [loss_sum.reshape(1)]
-            if probe is not None:
-                parts.append(probe.sums)
-            parts.append(torch.tensor([float(stop.signum)], dtype=torch.float64, device=d.device))
-            red = d.all_reduce(torch.cat(parts))
-            dt = time.perf_counter() - t0
-            tokens_seen += int(counts[1])
-            rec = {"step": step + 1, "loss": float(red[0]), "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": float(counts[1]) / dt, "num_target_tokens": int(counts[0]),
-                   "tokens_seen": tokens_seen, "peak_mem_gb": _peak_mem_gb(d.device)}
-            if probe is not None:
-                rec.update(HeadStatsProbe.finish(red[1:-1]))
-                rec.pop("target_tokens")
-            history.append(rec)
-            if (step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps:
-                logger.log(rec)
-            bar.update(1)
-            if on_step is not None:
-                on_step(dict(rec))
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            signalled = int(red[-1].item()) != 0
-            if signalled:
-                interrupted = signal.Signals(stop.signum or signal.SIGTERM).name
-                last_ckpt = checkpoint(step + 1)
-                if d.main:
-                    bar.write(f"dft-train: {interrupted} received; checkpoint written to {last_ckpt}")
-                break
-            if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
-                last_ckpt = checkpoint(step + 1)
-            if eval_examples and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < total_steps:
-                run_eval(step + 1)
-        bar.close()
-        stop.restore()
-
-        final_step = history[-1]["step"] if history else start_step
-        if interrupted is None:
-            if eval_examples:
-                eval_result = run_eval(final_step)
-            if cfg.save_final and not (last_ckpt and last_ckpt.endswith(f"checkpoint-{final_step}")):
-                last_ckpt = checkpoint(final_step)
-        logger.close()
+    model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        micro = plan.micro_batches(step, d.rank)
+        batches = [collate([rows[i] for i in mb], pad_id) for mb in micro]
+        targets = float(sum(rows[i].num_targets for mb in micro for i in mb))
+        in_tokens = float(sum(len(rows[i].input_ids) for mb in micro for i in mb))
+        counts = d.all_reduce(torch.tensor([targets, in_tokens], dtype=torch.float64, device=d.device))
+        num_items = counts[0].to(torch.float32).clamp_min(1.0)  # targets in the whole window, all ranks
         if probe is not None:
-            probe.remove()
-        plot = None
-        if d.main and cfg.plot and history and logger.enabled:
-            plot = plot_metrics(logger.path, os.path.join(cfg.output_dir, "curves.png"), label=cfg.objective)
-        tail = history[-max(1, min(10, len(history))):]
-        timed = history[1:] or history
-        summary = {
-            "objective": cfg.objective, "steps": final_step, "interrupted": interrupted,
-            "final_loss": sum(r["loss"] for r in tail) / len(tail) if history else None,
-            "final_nll": (sum(r["nll"] for r in tail) / len(tail)) if history and "nll" in tail[0] else None,
-            "eval_exact_match": eval_result["eval/exact_match"] if eval_result else None,
-            "eval_n": eval_result["eval/n"] if eval_result else 0,
-            "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if timed else None,
-            "losses": [r["loss"] for r in history], "precision": precision, "attn_implementation": attn,
-            "output_dir": cfg.output_dir, "metrics": logger.path, "plot": plot, "checkpoint": last_ckpt,
-            "wall_s": time.time() - t_start, "world_size": d.world,
-        }
-        return summary
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        d.close()
+            probe.reset(d.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        for m, batch in enumerate(batches):
+            last = m == len(batches) - 1
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            if fsdp_module is not None:
+                fsdp_module.set_requires_gradient_sync(last)
+                sync_ctx = contextlib.nullcontext()
+            elif d.world > 1 and not last:
+                sync_ctx = train_module.no_sync()
+            else:
+                sync_ctx = contextlib.nullcontext()
+            with sync_ctx:
+                with autocast():
+                    if probe is not None:
+                        probe.labels = batch["labels"]
+                    out = train_module(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                       labels=batch["labels"], num_items_in_batch=num_items, use_cache=False)
+                loss = out.loss
+                # DDP / FSDP average gradients over ranks; the loss is already a share of the global
+                # sum / global target count, so scale by the world size to get the plain sum back.
+                (loss * d.world if d.world > 1 else loss).backward()
+            loss_sum += loss.detach().double()
+        lr = scheduler.get_last_lr()[0]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        parts = [loss_sum.reshape(1)]
+        if probe is not None:
+            parts.append(probe.sums)
+        parts.append(torch.tensor([float(stop.signum)], dtype=torch.float64, device=d.device))
+        red = d.all_reduce(torch.cat(parts))
+        dt = time.perf_counter() - t0
+        tokens_seen += int(counts[1])
+        rec = {"step": step + 1, "loss": float(red[0]), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_s": float(counts[1]) / dt, "num_target_tokens": int(counts[0]),
+               "tokens_seen": tokens_seen, "peak_mem_gb": _peak_mem_gb(d.device)}
+        if probe is not None:
+            rec.update(HeadStatsProbe.finish(red[1:-1]))
+            rec.pop("target_tokens")
+        history.append(rec)
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps:
+            logger.log(rec)
+        bar.update(1)
+        if on_step is not None:
+            on_step(dict(rec))
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        signalled = int(red[-1].item()) != 0
+        if signalled:
+            interrupted = signal.Signals(stop.signum or signal.SIGTERM).name
+            last_ckpt = checkpoint(step + 1)
+            if d.main:
+                bar.write(f"dft-train: {interrupted} received; checkpoint written to {last_ckpt}")
+            break
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            last_ckpt = checkpoint(step + 1)
+        if eval_examples and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < total_steps:
+            run_eval(step + 1)
+    bar.close()
+    stop.restore()
+
+    final_step = history[-1]["step"] if history else start_step
+    if interrupted is None:
+        if eval_examples:
+            eval_result = run_eval(final_step)
+        if cfg.save_final and not (last_ckpt and last_ckpt.endswith(f"checkpoint-{final_step}")):
+            last_ckpt = checkpoint(final_step)
+    logger.close()
+    if probe is not None:
+        probe.remove()
+    plot = None
+    if d.main and cfg.plot and history and logger.enabled:
+        plot = plot_metrics(logger.path, os.path.join(cfg.output_dir, "curves.png"), label=cfg.objective)
+    tail = history[-max(1, min(10, len(history))):]
+    timed = history[1:] or history
+    summary = {
+        "objective": cfg.objective, "steps": final_step, "interrupted": interrupted,
+        "final_loss": sum(r["loss"] for r in tail) / len(tail) if history else None,
+        "final_nll": (sum(r["nll"] for r in tail) / len(tail)) if history and "nll" in tail[0] else None,
+        "eval_exact_match": eval_result["eval/exact_match"] if eval_result else None,
+        "eval_n": eval_result["eval/n"] if eval_result else 0,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed) if timed else None,
+        "losses": [r["loss"] for r in history], "precision": precision, "attn_implementation": attn,
+        "output_dir": cfg.output_dir, "metrics": logger.path, "plot": plot, "checkpoint": last_ckpt,
+        "wall_s": time.time() - t_start, "world_size": d.world,
+    }
+    return summary
