@@ -17,8 +17,8 @@ pass 2, over the row again, overwriting it in place in its own dtype::
     dz0_j = scale * ((a softmax_j - b [j == y] - c) * sech(z0_j / softcap)^2)
     a = w + 2 lam lse,  b = w (1 - eps),  c = w eps / V,  scale = token_weight * grad_scale
 
-with the target entry as ``a expm1(logp) + (a - b) - c`` so that it does not cancel
-when ``p ~ 1``.  Rows whose target is ``ignore_index`` or outside ``[0, V)`` are
+with the target entry as ``a expm1(logp) + 2 lam lse + w eps (1 - 1/V)`` so that it
+does not cancel when ``p ~ 1``.  Rows whose target is ``ignore_index`` or outside ``[0, V)`` are
 written as zeros and their target is never used as an address.
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter
@@ -251,15 +251,18 @@ def _row_loss_grad_kernel(
         else:
             scale = tl.load(scale_ptr).to(tl.float32)
         scale = scale * row_weight
+        # grad = a softmax - b onehot - c with a = w + 2 lam lse, b = w (1 - eps), c = w eps / V;
+        # the target entry a p - b - c is summed as a expm1(logp) + 2 lam lse + w eps (1 - 1/V):
+        # no cancellation when p ~ 1, nor between a, b and c
         coef_a = w
+        target_grad = w * _expm1(logp)
         if HAS_ZLOSS:
             coef_a = w + 2.0 * lam * lse
-        coef_b = w
+            target_grad = coef_a * _expm1(logp) + 2.0 * lam * lse
         coef_c = 0.0 * w
         if HAS_SMOOTHING:
-            coef_b = w * (1.0 - eps)
             coef_c = w * (eps / V)
-        target_grad = coef_a * _expm1(logp) + (coef_a - coef_b)
+            target_grad += w * (eps * (1.0 - 1.0 / V))
         inv_s = 1.0 / (1.0 + r)
         for start in range(0, V, BLOCK):
             bcols = start + cols
@@ -270,8 +273,8 @@ def _row_loss_grad_kernel(
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z0 / softcap)
             softmax = tl.exp2((z - m[:, None]) * LOG2E) * inv_s[:, None]
-            grad = tl.where(bcols[None, :] == y[:, None], target_grad[:, None], coef_a[:, None] * softmax)
-            grad = grad - coef_c[:, None]
+            grad = tl.where(bcols[None, :] == y[:, None], target_grad[:, None],
+                            coef_a[:, None] * softmax - coef_c[:, None])
             if HAS_SOFTCAP:
                 grad = grad * _sech2(z0 / softcap)
             grad = tl.where(valid[:, None], grad * scale[:, None], 0.0)
