@@ -147,6 +147,10 @@ def _lce_setup_context(ctx, inputs, output):
     backend, chunk_size, accum_dtype, reduction, need_dx, need_dw, need_db = inputs[6 + _N_LOSS_OPTIONS:]
     ctx.reduction = reduction
     ctx.need = (need_dx, need_dw, need_db and bias is not None)
+    # Only the loss is differentiable.  Without this, backward would materialise zero
+    # gradients for the dx/dw/db outputs: one more [V, H] (and [N, H]) buffer at the peak.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(x, weight, bias, target, token_weights)
         ctx.rest = (*options, backend, chunk_size, accum_dtype)
@@ -224,6 +228,9 @@ def _ce_setup_context(ctx, inputs, output):
     options = inputs[4:4 + _N_LOSS_OPTIONS]
     backend, chunk_size, reduction, need_grad = inputs[4 + _N_LOSS_OPTIONS:]
     ctx.reduction, ctx.need_grad, ctx.logits_dtype = reduction, need_grad, logits.dtype
+    # Only the loss is differentiable (else backward would allocate zeros for the [N, V] grad output).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(logits, target, token_weights)
         ctx.rest = (*options, backend, chunk_size)

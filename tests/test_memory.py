@@ -15,6 +15,7 @@ class LargestOutput(TorchDispatchMode):
         super().__init__()
         self.largest = 0
         self.largest_op = None
+        self.sizes = []  # (numel, storage address) of every output, views included
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         impl = dk.ops.IMPLEMENTATIONS.get(func.name())
@@ -25,8 +26,10 @@ class LargestOutput(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             # uint8 tensors are raw storage bytes (Triton's interpreter copies kernel arguments'
             # storages this way), not N x V elements; no logits tensor is uint8
-            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and t.numel() > self.largest:
-                self.largest, self.largest_op = t.numel(), func
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:
+                self.sizes.append((t.numel(), t.untyped_storage().data_ptr()))
+                if t.numel() > self.largest:
+                    self.largest, self.largest_op = t.numel(), func
         return out
 
 
@@ -57,3 +60,24 @@ def test_recorder_catches_the_materialising_reference():
     x, w, b, t = make_inputs(N, H, V)
     rec = _record(dk.reference.linear_cross_entropy, x, w, b, t)
     assert rec.largest >= N * V
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_allocates_one_weight_sized_gradient(reduction):
+    """Backward of mean/sum only scales the gradients computed in forward: one [V, H] tensor
+    (no zero-filled gradients for the op's non-differentiable outputs)."""
+    x, w, b, t = make_inputs(64, H, V)
+    x, w, b = (a.requires_grad_() for a in (x, w, b))
+    loss = dk.linear_cross_entropy(x, w, t, bias=b, chunk_size=16, reduction=reduction)
+    with LargestOutput() as rec:
+        loss.backward()
+    assert len({ptr for size, ptr in rec.sizes if size == V * H}) == 1, rec.sizes
+
+
+def test_cross_entropy_backward_allocates_one_logits_sized_gradient():
+    logits = torch.randn(64, V, requires_grad=True)
+    t = torch.randint(0, V, (64,))
+    loss = dk.cross_entropy(logits, t, chunk_size=16)
+    with LargestOutput() as rec:
+        loss.backward()
+    assert len({ptr for size, ptr in rec.sizes if size == 64 * V}) == 1, rec.sizes
