@@ -52,9 +52,16 @@ def leaf(a):
 
 
 def check_linear_against_reference(x, w, b, t, dtype, *, backend="torch", chunk_size=16, check_grads=True,
-                                   **kwargs):
-    """Run ours in ``dtype`` and the reference in float64 on the same values; assert DESIGN tolerances."""
+                                   device=None, **kwargs):
+    """Run ours in ``dtype`` and the reference in float64 on the same values; assert DESIGN tolerances.
+
+    ``device`` (default: where the inputs are) moves the inputs, targets and token weights there
+    first; the reference runs on that device too."""
     tol = TOL[dtype]
+    if device is not None:
+        x, w, b, t = (None if a is None else a.to(device) for a in (x, w, b, t))
+        if isinstance(kwargs.get("token_weights"), torch.Tensor):
+            kwargs["token_weights"] = kwargs["token_weights"].to(device)
     xs, ws, bs = leaf(x.to(dtype)), leaf(w.to(dtype)), leaf(None if b is None else b.to(dtype))
     xr, wr, br = leaf(xs.double()), leaf(ws.double()), leaf(None if bs is None else bs.double())
     out = dk.linear_cross_entropy(xs, ws, t, bias=bs, backend=backend, chunk_size=chunk_size, **kwargs)
@@ -65,7 +72,7 @@ def check_linear_against_reference(x, w, b, t, dtype, *, backend="torch", chunk_
     assert err <= tol, f"loss rel err {err:.3e} > {tol}"
     if not check_grads:
         return
-    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5  # fresh, never all ones
+    grad_out = torch.rand(ref.shape, dtype=torch.float64, device=ref.device) + 0.5  # fresh, never all ones
     if dtype == torch.float16:
         # fp16 training runs with a loss scale (GradScaler); without one, gradients this small
         # underflow float16 itself, whatever computes them.  Per-token (sum/none) gradients

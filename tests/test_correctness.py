@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from helpers import OBJECTIVES, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id
+from helpers import OBJECTIVES, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -198,3 +198,19 @@ def test_module_matches_functional(backend):
     c = dk.linear_cross_entropy(x, w, t, bias=b, objective="dft", backend=backend)
     d = dk.linear_cross_entropy(x, w, t, bias=b, objective=dk.DFT(min_weight=0.1), backend=backend)
     assert torch.allclose(a, d) and not torch.allclose(a, c)
+
+
+def test_tied_maxima(backend):
+    """Rows whose maximum is repeated (exactly tied logits), target at and away from the max."""
+    logits = torch.randn(6, 300, dtype=torch.float64) * 2
+    logits[:, :4] = logits.max() + 1.0  # four tied maxima per row
+    target = torch.tensor([0, 3, 10, 299, 2, 150])
+    for objective in ("ce", "dft", "entropy"):
+        ours_in = logits.float().requires_grad_()
+        out = dk.cross_entropy(ours_in, target, objective=objective, reduction="none", backend=backend)
+        ref_in = logits.float().double().requires_grad_()
+        ref = dk.reference.cross_entropy(ref_in, target, objective=objective, reduction="none")
+        assert rel_err(out, ref) <= 1e-5
+        out.sum().backward()
+        ref.sum().backward()
+        assert rel_err(ours_in.grad, ref_in.grad) <= 1e-5

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, make_inputs, obj_id, rel_err
+from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
 
 import dft_kernels as dk
 from dft_kernels import backends
@@ -31,40 +31,10 @@ def _cuda_backend_available():
         pytest.skip(f"cuda backend unavailable on this GPU machine: {reason}")
 
 
-def _leaf(a):
-    return None if a is None else a.detach().clone().requires_grad_(True)
-
-
 def check(x, w, b, t, dtype, *, chunk_size=16, check_grads=True, **kwargs):
     """Ours (backend="cuda", dtype) vs the float64 reference, all on the GPU."""
-    tol = TOL[dtype]
-    t = t.to(DEV)
-    if isinstance(kwargs.get("token_weights"), torch.Tensor):
-        kwargs["token_weights"] = kwargs["token_weights"].to(DEV)
-    xs, ws = _leaf(x.to(DEV, dtype)), _leaf(w.to(DEV, dtype))
-    bs = _leaf(None if b is None else b.to(DEV, dtype))
-    xr, wr, br = _leaf(xs.double()), _leaf(ws.double()), _leaf(None if bs is None else bs.double())
-    out = dk.linear_cross_entropy(xs, ws, t, bias=bs, backend="cuda", chunk_size=chunk_size, **kwargs)
-    ref = dk.reference.linear_cross_entropy(xr, wr, t, bias=br, **kwargs)
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    err = rel_err(out, ref)
-    assert err <= tol, f"loss rel err {err:.3e} > {tol}"
-    if not check_grads:
-        return
-    grad_out = torch.rand(ref.shape, dtype=torch.float64, device=DEV) + 0.5
-    if dtype == torch.float16:  # a loss scale, as in test helpers: tiny gradients underflow float16
-        grad_out = grad_out * (2.0 ** 14 if kwargs.get("reduction", "mean") == "mean" else 2.0 ** 8)
-    ins = [a for a in (xs, ws, bs) if a is not None]
-    refs = [a for a in (xr, wr, br) if a is not None]
-    grads = torch.autograd.grad(out, ins, grad_out.to(out.dtype))
-    rgrads = torch.autograd.grad(ref, refs, grad_out)
-    for name, g, rg, a in zip(("input", "weight", "bias"), grads, rgrads, ins):
-        assert g.dtype == a.dtype and g.shape == a.shape and torch.isfinite(g).all()
-        if rg.norm() == 0:
-            assert g.abs().max() == 0, f"{name} grad should be exactly zero"
-            continue
-        e = rel_err(g, rg)
-        assert e <= tol, f"{name} grad rel err {e:.3e} > {tol}"
+    check_linear_against_reference(x, w, b, t, dtype, backend="cuda", chunk_size=chunk_size,
+                                   check_grads=check_grads, device=DEV, **kwargs)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=obj_id)

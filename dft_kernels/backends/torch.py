@@ -61,9 +61,13 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     # r apart from the max's exact 1 keeps logp accurate when p is close to 1.
     work.sub_(m).exp_()
     at_max = work == 1.0
-    r = work.masked_fill_(at_max, 0.0).sum(dim=1) + (at_max.sum(dim=1) - 1).to(compute_dtype)
+    r_others = work.masked_fill_(at_max, 0.0).sum(dim=1)
     work.masked_fill_(at_max, 1.0)
     del at_max
+    # Ties at the max each add an exact 1.  They are counted from a second sum rather than
+    # with at_max.sum(), which would materialise the mask as int64 (2 chunks of memory).
+    ties = (work.sum(dim=1) - r_others).round_()
+    r = r_others + (ties - 1.0)
     log1p_r = torch.log1p(r)
     m = m.squeeze(1)
     lse = m + log1p_r
