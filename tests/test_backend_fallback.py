@@ -9,10 +9,10 @@ import types
 
 import pytest
 import torch
-from helpers import check_linear_against_reference, make_inputs
 
 import dft_kernels as dk
 from dft_kernels import backends
+from helpers import check_linear_against_reference, make_inputs
 
 GPU = torch.device("cuda", 0)
 

@@ -11,13 +11,13 @@ import types
 
 import pytest
 import torch
-from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
 
 import dft_kernels as dk
 from dft_kernels import backends
 from dft_kernels.backends import cuda as cuda_backend
 from dft_kernels.backends import torch as torch_backend
 from dft_kernels.params import make_loss_params
+from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda", 0) if torch.cuda.is_available() else None

@@ -12,10 +12,10 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err
 
 import dft_kernels as dk
 from dft_kernels import hf as dkhf
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
