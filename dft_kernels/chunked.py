@@ -159,6 +159,22 @@ class _Accumulators:
                 self.entropy += out.entropy.sum()
 
 
+def _row_chunk(rows: Tensor, start: int, end: int, target: Tensor, token_weights: Optional[Tensor],
+               params: LossParams, backend, grad_scale: Optional[Tensor], per_token: Optional[Tensor],
+               acc: Optional[_Accumulators]) -> None:
+    """The row kernel on rows ``[start, end)`` (``rows`` is that chunk): slices the per-token
+    inputs, and collects the per-token loss and the stats sums."""
+    scale = grad_scale
+    if grad_scale is not None and grad_scale.dim() == 1:
+        scale = grad_scale[start:end]
+    tw = None if token_weights is None else token_weights[start:end]
+    out = backend.row_loss_grad(rows, target[start:end], params, tw, scale)
+    if acc is not None:
+        acc.add(out)
+    if per_token is not None:
+        per_token[start:end] = out.loss
+
+
 def run_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                token_weights: Optional[Tensor], params: LossParams, backend, chunk_size: int,
                grad_scale: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool,
@@ -174,21 +190,13 @@ def run_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     dx = torch.empty(x.shape, dtype=stash_dtype(x.dtype), device=x.device) if with_grad and need_dx else None
     dw = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if with_grad and need_dw else None
     db = torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device) if with_grad and need_db else None
-    per_row_scale = grad_scale is not None and grad_scale.dim() == 1
     gemms = HeadGemms(x, weight, bias)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         x_c = x[start:end]
         logits = gemms.logits(x_c)
-        scale = None
-        if with_grad:
-            scale = grad_scale[start:end] if per_row_scale else grad_scale
-        tw = None if token_weights is None else token_weights[start:end]
-        out = backend.row_loss_grad(logits, target[start:end], params, tw, scale)
-        if acc is not None:
-            acc.add(out)
-        if per_token is not None:
-            per_token[start:end] = out.loss
+        _row_chunk(logits, start, end, target, token_weights, params, backend,
+                   grad_scale if with_grad else None, per_token, acc)
         if with_grad:
             gemms.backward(logits, x_c, None if dx is None else dx[start:end], dw, db)
         del logits
@@ -278,20 +286,12 @@ def run_logit_chunks(logits: Tensor, target: Tensor, token_weights: Optional[Ten
     grad = None
     if grad_scale is not None:
         grad = torch.empty(logits.shape, dtype=stash_dtype(logits.dtype), device=logits.device)
-    per_row_scale = grad_scale is not None and grad_scale.dim() == 1
     for start in range(0, logits.shape[0], chunk_size):
         end = min(start + chunk_size, logits.shape[0])
         rows = logits[start:end]
-        scale = None
         if grad is not None:
             rows = grad[start:end].copy_(rows)  # the kernel overwrites the copy, never the caller's logits
-            scale = grad_scale[start:end] if per_row_scale else grad_scale
-        tw = None if token_weights is None else token_weights[start:end]
-        out = backend.row_loss_grad(rows, target[start:end], params, tw, scale)
-        if acc is not None:
-            acc.add(out)
-        if per_token is not None:
-            per_token[start:end] = out.loss
+        _row_chunk(rows, start, end, target, token_weights, params, backend, grad_scale, per_token, acc)
     return grad
 
 
