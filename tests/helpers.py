@@ -16,6 +16,48 @@ OBJECTIVES = [
 WEIGHTED_NLL = ["ce", "dft", dk.Power(alpha=0.5), "chord", "entropy"]
 
 
+# Loss options the correctness suites cross with every objective (values: kwargs, or a tag
+# for arguments that need fresh tensors shaped like the target; see option_kwargs).
+LOSS_OPTIONS = {
+    "softcap": dict(softcap=3.0),
+    "z_loss": dict(z_loss=1e-3),
+    "label_smoothing": dict(label_smoothing=0.1),
+    "smooth+zloss+softcap": dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0),
+    "token_weights": "tw",
+    "shift": dict(shift=True),
+    "num_items": dict(num_items_in_batch=23),
+    "num_items_tensor": "nit",
+}
+SMOOTHING_OPTIONS = ("z_loss", "label_smoothing", "smooth+zloss+softcap")
+
+
+def option_kwargs(options: dict, name: str, t: torch.Tensor) -> dict:
+    opt = options[name]
+    if opt == "tw":
+        return dict(token_weights=torch.rand(t.shape, dtype=torch.float32) * 2)
+    if opt == "nit":
+        return dict(num_items_in_batch=torch.tensor(19))
+    return dict(opt)
+
+
+def option_cases(options: dict) -> list:
+    """Every objective x option x reduction that is defined (focal/prob reject smoothing and
+    z-loss, num_items_in_batch rejects reduction='none': both are tested in test_errors)."""
+    import pytest
+
+    cases = []
+    for objective in OBJECTIVES:
+        for option in options:
+            if option in SMOOTHING_OPTIONS and not dk.get_objective(objective).is_weighted_nll:
+                continue
+            for reduction in ("mean", "none"):
+                if option.startswith("num_items") and reduction == "none":
+                    continue
+                cases.append(pytest.param(objective, option, reduction,
+                                          id=f"{obj_id(objective)}-{option}-{reduction}"))
+    return cases
+
+
 def obj_id(obj) -> str:
     return obj if isinstance(obj, str) else repr(obj)
 

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from helpers import OBJECTIVES, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
+from helpers import (
+    LOSS_OPTIONS,
+    OBJECTIVES,
+    WEIGHTED_NLL,
+    check_linear_against_reference,
+    make_inputs,
+    obj_id,
+    option_cases,
+    option_kwargs,
+    rel_err,
+)
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -18,50 +28,14 @@ def test_objective_reduction_fp32(backend, objective, reduction, bias):
                                    reduction=reduction)
 
 
-OPTIONS = {
-    "softcap": dict(softcap=3.0),
-    "z_loss": dict(z_loss=1e-3),
-    "label_smoothing": dict(label_smoothing=0.1),
-    "smooth+zloss+softcap": dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0),
-    "token_weights": "tw",
-    "shift": dict(shift=True),
-    "num_items": dict(num_items_in_batch=23),
-    "num_items_tensor": "nit",
-    "stats": dict(return_stats=True),
-}
+OPTIONS = {**LOSS_OPTIONS, "stats": dict(return_stats=True)}
 
 
-def _option_kwargs(name, t):
-    opt = OPTIONS[name]
-    if opt == "tw":
-        return dict(token_weights=torch.rand(t.shape, dtype=torch.float32) * 2)
-    if opt == "nit":
-        return dict(num_items_in_batch=torch.tensor(19))
-    return dict(opt)
-
-
-def _option_cases():
-    """Every objective x option x reduction that is defined (focal/prob reject smoothing and
-    z-loss, num_items_in_batch rejects reduction='none': both are tested in test_errors)."""
-    cases = []
-    for objective in OBJECTIVES:
-        name = objective if isinstance(objective, str) else objective.name
-        for option in OPTIONS:
-            for reduction in ("mean", "none"):
-                if option in ("z_loss", "label_smoothing", "smooth+zloss+softcap") and name in ("focal", "prob"):
-                    continue
-                if option.startswith("num_items") and reduction == "none":
-                    continue
-                cases.append(pytest.param(objective, option, reduction,
-                                          id=f"{obj_id(objective)}-{option}-{reduction}"))
-    return cases
-
-
-@pytest.mark.parametrize("objective,option,reduction", _option_cases())
+@pytest.mark.parametrize("objective,option,reduction", option_cases(OPTIONS))
 def test_options_fp32(backend, objective, option, reduction):
     lead = (3, 13) if option == "shift" else None
     x, w, b, t = make_inputs(39, 24, 1000, lead=lead)
-    kwargs = _option_kwargs(option, t)
+    kwargs = option_kwargs(OPTIONS, option, t)
     if option == "stats":
         _check_stats(x, w, b, t, backend, objective, reduction)
         return

@@ -17,7 +17,18 @@ from dft_kernels import backends
 from dft_kernels.backends import cuda as cuda_backend
 from dft_kernels.backends import torch as torch_backend
 from dft_kernels.params import make_loss_params
-from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
+from helpers import (
+    LOSS_OPTIONS,
+    OBJECTIVES,
+    TOL,
+    WEIGHTED_NLL,
+    check_linear_against_reference,
+    make_inputs,
+    obj_id,
+    option_cases,
+    option_kwargs,
+    rel_err,
+)
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda", 0) if torch.cuda.is_available() else None
@@ -45,35 +56,11 @@ def test_objective_reduction_fp32(objective, reduction, bias):
     check(x, w, b, t, torch.float32, objective=objective, reduction=reduction)
 
 
-OPTIONS = {
-    "softcap": dict(softcap=3.0),
-    "z_loss": dict(z_loss=1e-3),
-    "label_smoothing": dict(label_smoothing=0.1),
-    "smooth+zloss+softcap": dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0),
-    "token_weights": "tw",
-    "shift": dict(shift=True),
-    "num_items": dict(num_items_in_batch=23),
-}
-
-
-def _option_cases():
-    for objective in OBJECTIVES:
-        for option, opt in OPTIONS.items():
-            if option in ("z_loss", "label_smoothing", "smooth+zloss+softcap") and \
-                    not dk.get_objective(objective).is_weighted_nll:
-                continue  # rejected for focal/prob
-            for reduction in ("mean", "none"):
-                if option == "num_items" and reduction == "none":
-                    continue
-                yield pytest.param(objective, option, reduction, id=f"{obj_id(objective)}-{option}-{reduction}")
-
-
-@pytest.mark.parametrize("objective,option,reduction", list(_option_cases()))
+@pytest.mark.parametrize("objective,option,reduction", option_cases(LOSS_OPTIONS))
 def test_options_fp32(objective, option, reduction):
     lead = (3, 13) if option == "shift" else None
     x, w, b, t = make_inputs(39, 24, 1000, lead=lead)
-    opt = OPTIONS[option]
-    kwargs = dict(token_weights=torch.rand(t.shape) * 2) if opt == "tw" else dict(opt)
+    kwargs = option_kwargs(LOSS_OPTIONS, option, t)
     check(x, w, b, t, torch.float32, objective=objective, reduction=reduction, **kwargs)
 
 
