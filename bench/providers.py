@@ -99,12 +99,16 @@ def eager_dft(x: Tensor, w: Tensor, t: Tensor, softcap: Optional[float]) -> Tens
 
 # ---------------------------------------------------------------- ours
 
+def _require_backend(backend: str, device: torch.device) -> None:
+    try:
+        resolve_backend(backend, device)
+    except ValueError as exc:
+        raise Skip(str(exc)) from None
+
+
 def ours(backend: str) -> Provider:
     def build(inp: Inputs, device: torch.device) -> Runner:
-        try:
-            resolve_backend(backend, device)
-        except ValueError as exc:
-            raise Skip(str(exc)) from None
+        _require_backend(backend, device)
         return Runner(inp, lambda i: dk.linear_cross_entropy(i.x, i.w, i.t, objective="dft", softcap=i.softcap,
                                                              ignore_index=IGNORE_INDEX, backend=backend))
     return Provider(f"ours[{backend}]", "ours", build, "dft_kernels at default settings")
@@ -120,10 +124,7 @@ def liger_chunk_size(n: int, h: int, v: int) -> int:
 def ours_liger_config(backend: str) -> Provider:
     """Ours with Liger's settings: dW accumulated in the weight dtype, Liger's chunk size."""
     def build(inp: Inputs, device: torch.device) -> Runner:
-        try:
-            resolve_backend(backend, device)
-        except ValueError as exc:
-            raise Skip(str(exc)) from None
+        _require_backend(backend, device)
         chunk = liger_chunk_size(inp.x.shape[0], inp.x.shape[1], inp.w.shape[0])
         return Runner(inp, lambda i: dk.linear_cross_entropy(
             i.x, i.w, i.t, objective="dft", softcap=i.softcap, ignore_index=IGNORE_INDEX, backend=backend,
