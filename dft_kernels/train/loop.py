@@ -214,6 +214,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step) -> dict:
     torch.manual_seed(cfg.seed)
     if d.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+
     def find_resume():
         recover_output_dir(cfg.output_dir)  # leftovers of a save that was killed: removed or put back
         path = resolve_resume(cfg.resume, cfg.output_dir)
