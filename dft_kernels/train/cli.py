@@ -23,12 +23,15 @@ def main(argv: Optional[list] = None) -> int:
 
             run_demo()
             return 0
-        from .loop import train
+        from .loop import TrainingStopped, train
 
         summary = train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dft-train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # a guard stopped the run (non-finite loss); its state is checkpointed
+        print(f"dft-train: error: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:
         brief = {k: v for k, v in summary.items() if k != "losses"}
         print("dft-train: " + json.dumps(brief))

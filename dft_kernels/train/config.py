@@ -18,6 +18,8 @@ __all__ = ["TrainConfig", "ConfigError", "load_config_file", "parse_args"]
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 FORMATS = ("auto", "messages", "prompt_completion", "problem_solution")
+ON_SAVE_ERROR = ("stop", "continue")
+ON_NONFINITE = ("skip", "stop")
 
 
 class ConfigError(ValueError):
@@ -76,7 +78,16 @@ class TrainConfig:
     save_steps: int = 0                       # 0 = checkpoint only at the end (and on SIGTERM/SIGINT)
     save_total_limit: int = 2                 # keep the newest N checkpoints (0 = keep all)
     save_final: bool = True
-    resume: Optional[str] = None              # checkpoint dir, or "latest" for the newest in output_dir
+    resume: Optional[str] = None              # checkpoint dir, "latest" (newest in output_dir) or "auto" (newest valid)
+    force_resume: bool = field(default=False, metadata={"help": (
+        "resume even when the config or the train file changed since the checkpoint (the changes are "
+        "printed instead of refused)")})
+    on_save_error: str = field(default="stop", metadata={"help": (
+        "when a periodic checkpoint cannot be written (disk full, I/O error): 'stop' the run with an error, "
+        "or 'continue' training and try again at the next save; earlier checkpoints stay intact either way")})
+    on_nonfinite: str = field(default="stop", metadata={"help": (
+        "when a step's loss or gradient norm is NaN/inf: 'skip' the update (counted as nonfinite_steps in "
+        "the metrics) or 'stop' with a checkpoint of the last good step and an error naming the step and batch")})
     # --- evaluation
     eval_steps: int = 0                       # 0 = evaluate only at the end
     eval_max_new_tokens: int = 512
@@ -95,6 +106,8 @@ class TrainConfig:
         need(self.attn_implementation in ATTN_IMPLEMENTATIONS, "attn_implementation",
              f"expected one of {ATTN_IMPLEMENTATIONS}")
         need(self.data_format in FORMATS, "data_format", f"expected one of {FORMATS}")
+        need(self.on_save_error in ON_SAVE_ERROR, "on_save_error", f"expected one of {ON_SAVE_ERROR}")
+        need(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", f"expected one of {ON_NONFINITE}")
         for name in ("max_length", "per_device_batch_size", "grad_accum_steps", "logging_steps", "eval_batch_size",
                      "num_proc", "tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads",
                      "tiny_intermediate_size", "eval_max_new_tokens"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_metrics", "plot_runs"]
@@ -16,9 +17,28 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _read_surviving(path: str) -> list[dict]:
+    """Records of a run that may have been killed in the middle of appending its last line: a last
+    line that does not parse is dropped (with a warning); a bad line elsewhere is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: corrupt metrics line: {e}") from None
+            print(f"dft-train: warning: {path}: dropped a cut-off last line (the run was killed while writing "
+                  "it)", file=sys.stderr, flush=True)
+    return out
+
+
 class MetricsLogger:
     """Appends records to ``metrics.jsonl``.  On resume the records after the resumed step are
-    dropped first, so the file is the curve of one continuous run."""
+    dropped first, so the file is the curve of one continuous run.  Each record carries
+    ``nonfinite_steps`` (steps whose loss or gradient norm was NaN/inf so far); such a step's record
+    also has ``skipped: true`` and its NaN/inf values as they were."""
 
     def __init__(self, output_dir: str, *, enabled: bool = True, resume_step: Optional[int] = None,
                  tensorboard: bool = False):
@@ -31,7 +51,7 @@ class MetricsLogger:
         if resume_step is None:
             open(self.path, "w").close()
         elif os.path.exists(self.path):
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in _read_surviving(self.path) if r.get("step", 0) <= resume_step]
             with open(self.path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(self.path + ".tmp", self.path)
