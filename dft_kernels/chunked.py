@@ -1,4 +1,4 @@
-"""The chunked linear + loss autograd Function (DESIGN §5).
+"""The chunked loss: chunk loop, GEMMs, fp32 dW accumulation (docs/design.md, Data path).
 
 For each chunk of ``C`` token rows::
 
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import valid_rows
+from .options import LossOptions
 from .params import LossParams
 
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -211,9 +211,8 @@ def stash_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                   token_weights: Optional[Tensor], divisor: Optional[Tensor], params: LossParams, backend,
-                   chunk_size: int, accum_dtype: torch.dtype, reduction: str, need_dx: bool, need_dw: bool,
-                   need_db: bool):
+                   token_weights: Optional[Tensor], divisor: Optional[Tensor], opts: LossOptions, backend,
+                   need_dx: bool, need_dw: bool, need_db: bool):
     """Forward of the chunked loss.  Inputs are already flattened and checked by
     :mod:`dft_kernels.functional`: ``x`` ``[N, H]`` contiguous, ``target`` ``[N]`` int64,
     ``token_weights`` ``[N]`` float32 or None, ``divisor`` a float32 0-d tensor (``mean``:
@@ -224,6 +223,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     where not needed, and always None for ``none``, whose backward recomputes); the
     stats sums (nll, prob, correct, entropy: 0-d, or empty when not computed).
     """
+    params, chunk_size, accum_dtype, reduction = opts.row_params, opts.chunk_size, opts.accum_dtype, opts.reduction
     need_db = need_db and bias is not None
     out_dtype = torch.promote_types(x.dtype, torch.float32)
     acc = _Accumulators(x.device, params.with_stats, params.needs_entropy)
@@ -247,15 +247,14 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
 
 
 def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         token_weights: Optional[Tensor], grad_loss: Tensor, params: LossParams, backend,
-                         chunk_size: int, accum_dtype: torch.dtype, need_dx: bool, need_dw: bool,
-                         need_db: bool):
+                         token_weights: Optional[Tensor], grad_loss: Tensor, opts: LossOptions, backend,
+                         need_dx: bool, need_dw: bool, need_db: bool):
     """Backward of ``reduction="none"``: recompute each chunk with the per-token
     ``grad_loss`` folded into the row kernel's scale.  Returns ``(dx, dw, db)`` in the
     dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
     need_db = need_db and bias is not None
-    dx, dw, db = run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
-                            grad_loss.to(torch.float32).contiguous(), need_dx, need_dw, need_db, accum_dtype)
+    dx, dw, db = run_chunks(x, weight, bias, target, token_weights, opts.row_params, backend, opts.chunk_size,
+                            grad_loss.to(torch.float32).contiguous(), need_dx, need_dw, need_db, opts.accum_dtype)
     dx = None if dx is None else dx.to(x.dtype)
     dw = None if dw is None else dw.to(weight.dtype)
     db = None if db is None else db.to(bias.dtype)
@@ -268,11 +267,6 @@ def _stats_outputs(acc: _Accumulators, device) -> tuple[Tensor, Tensor, Tensor, 
         return tuple(torch.empty(0, device=device) for _ in range(4))
     ent = acc.entropy if acc.entropy is not None else torch.empty(0, device=device)
     return acc.nll, acc.prob, acc.correct, ent
-
-
-def count_valid(target: Tensor, ignore_index: int, vocab_size: int) -> Tensor:
-    """Number of valid tokens as a float32 0-d device tensor (no host sync)."""
-    return valid_rows(target, ignore_index, vocab_size).sum(dtype=torch.float32)
 
 
 def run_logit_chunks(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], params: LossParams,
@@ -296,10 +290,11 @@ def run_logit_chunks(logits: Tensor, target: Tensor, token_weights: Optional[Ten
 
 
 def logits_forward(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
-                   params: LossParams, backend, chunk_size: int, reduction: str, need_grad: bool):
+                   opts: LossOptions, backend, need_grad: bool):
     """The same row kernel on given ``[N, V]`` logits.  Returns ``(loss, grad, stats)`` with
     ``grad`` the logits gradient for ``grad_output = 1`` (``mean``/``sum`` with
     ``need_grad``; else None) in :func:`stash_dtype`."""
+    params, chunk_size, reduction = opts.row_params, opts.chunk_size, opts.reduction
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     acc = _Accumulators(logits.device, params.with_stats, params.needs_entropy)
     grad = None
@@ -319,8 +314,8 @@ def logits_forward(logits: Tensor, target: Tensor, token_weights: Optional[Tenso
 
 
 def logits_backward_none(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
-                         params: LossParams, backend, chunk_size: int) -> Tensor:
+                         opts: LossOptions, backend) -> Tensor:
     """Backward of ``reduction="none"`` on given logits; the gradient in the logits dtype."""
-    grad = run_logit_chunks(logits, target, token_weights, params, backend, chunk_size,
+    grad = run_logit_chunks(logits, target, token_weights, opts.row_params, backend, opts.chunk_size,
                             grad_loss.to(torch.float32).contiguous())
     return grad.to(logits.dtype)

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from .functional import cross_entropy, linear_cross_entropy
 from .objectives import Objective, ObjectiveLike, get_objective
-from .params import make_loss_params
+from .options import LINEAR_ONLY_OPTIONS, OPTION_NAMES, LossOptions
 
 __all__ = [
     "patch",
@@ -68,9 +68,6 @@ __all__ = [
     "PatchError",
 ]
 
-# Options of dk.linear_cross_entropy that dk.patch accepts once for every call.
-PATCH_LOSS_KWARGS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "backend", "chunk_size",
-                     "accum_dtype", "validate")
 # Options that come from the model or from each call, with the reason given when passed to patch().
 _NOT_PATCH_KWARGS = {
     "softcap": "it is read from the model config (final_logit_softcapping)",
@@ -83,6 +80,10 @@ _NOT_PATCH_KWARGS = {
     "input": "the patched forward supplies it", "weight": "the patched forward supplies it",
     "target": "the patched forward supplies it",
 }
+# Options of dk.linear_cross_entropy that dk.patch accepts once for every call: all but the above.
+PATCH_LOSS_KWARGS = tuple(n for n in OPTION_NAMES if n != "objective" and n not in _NOT_PATCH_KWARGS)
+# compute_loss_func works on the model's logits (no weight) and must return the Trainer's scalar loss.
+COMPUTE_LOSS_KWARGS = tuple(n for n in PATCH_LOSS_KWARGS if n not in LINEAR_ONLY_OPTIONS and n != "reduction")
 # Per-call keyword arguments the patched forward consumes (never passed to the backbone).
 _CALL_LOSS_KEYS = ("num_items_in_batch", "ignore_index", "shift_labels", "token_weights")
 
@@ -228,16 +229,20 @@ def _check_model(model) -> None:
             raise PatchError(f"{_describe(model)}: {why}")
 
 
-def _check_loss_kwargs(loss_kwargs: dict) -> dict:
+def check_loss_kwargs(loss_kwargs: dict, objective: ObjectiveLike = "dft", *, allowed=PATCH_LOSS_KWARGS,
+                      caller: str = "dk.patch()") -> dict:
+    """Check ``loss_kwargs`` as ``dk.patch(model, objective, **loss_kwargs)`` would (names, then values
+    with :class:`~dft_kernels.options.LossOptions`); returns them as a new dict.  ``TypeError`` for
+    a name ``caller`` does not take, ``TypeError``/``ValueError`` naming the option for a bad value."""
+    if not isinstance(loss_kwargs, dict):
+        raise TypeError(f"loss_kwargs must be a mapping of option name to value, got {type(loss_kwargs).__name__}")
     for key in loss_kwargs:
-        if key in _NOT_PATCH_KWARGS:
-            raise TypeError(f"dk.patch() does not take {key!r}: {_NOT_PATCH_KWARGS[key]}")
-        if key not in PATCH_LOSS_KWARGS:
-            raise TypeError(f"dk.patch() got an unexpected keyword argument {key!r}; loss options are "
-                            f"{', '.join(PATCH_LOSS_KWARGS)}")
-    reduction = loss_kwargs.get("reduction", "mean")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+        if key in _NOT_PATCH_KWARGS and key not in allowed:
+            raise TypeError(f"{caller} does not take {key!r}: {_NOT_PATCH_KWARGS[key]}")
+        if key not in allowed:
+            raise TypeError(f"{caller} got an unexpected keyword argument {key!r}; loss options are "
+                            f"{', '.join(allowed)}")
+    LossOptions(objective=objective, **loss_kwargs)
     return dict(loss_kwargs)
 
 
@@ -650,9 +655,7 @@ def patch(model, objective: ObjectiveLike = "dft", *, liger: bool = False,
     """
     model = _unwrap(model)
     obj = get_objective(objective)
-    loss_kwargs = _check_loss_kwargs(loss_kwargs)
-    make_loss_params(obj, ignore_index=loss_kwargs.get("ignore_index", -100),
-                     label_smoothing=loss_kwargs.get("label_smoothing", 0.0), z_loss=loss_kwargs.get("z_loss", 0.0))
+    loss_kwargs = check_loss_kwargs(loss_kwargs, obj)
     if verify not in (True, False, "auto"):
         raise ValueError(f"verify must be True, False or 'auto', got {verify!r}")
     if not isinstance(liger, bool):
@@ -742,14 +745,7 @@ def compute_loss_func(objective: ObjectiveLike = "dft", **loss_kwargs) -> Callab
     either way).
     """
     obj = get_objective(objective)
-    allowed = ("ignore_index", "label_smoothing", "z_loss", "backend", "chunk_size", "validate")
-    for key in loss_kwargs:
-        if key not in allowed:
-            raise TypeError(f"compute_loss_func() got an unexpected keyword argument {key!r}; options are "
-                            f"{', '.join(allowed)}")
-    opts = dict(loss_kwargs)
-    make_loss_params(obj, ignore_index=opts.get("ignore_index", -100),
-                     label_smoothing=opts.get("label_smoothing", 0.0), z_loss=opts.get("z_loss", 0.0))
+    opts = check_loss_kwargs(loss_kwargs, obj, allowed=COMPUTE_LOSS_KWARGS, caller="compute_loss_func()")
 
     def loss_func(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
