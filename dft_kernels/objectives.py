@@ -9,8 +9,9 @@ needs only two things from an objective, both computed from pass-1 statistics:
   gradient is ``dL/dz = g * (onehot - softmax)`` for every objective.
 
 Objectives that are a stop-gradient weight times the NLL (``ce``, ``dft``,
-``power``, ``chord``, ``entropy``) also support label smoothing and z-loss
-(DESIGN §2); ``focal`` and ``prob`` do not.
+``power``, ``chord``, ``entropy``) derive from :class:`WeightedNLL`, state only their
+weight, and also support label smoothing and z-loss (docs/design.md, Math);
+``focal`` and ``prob`` do not.
 
 Each class carries an integer ``kernel_id`` and up to two float ``kernel_params``
 so that compiled kernels can select the epilogue with a constexpr.
@@ -27,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "Objective",
+    "WeightedNLL",
     "CE",
     "DFT",
     "Power",
@@ -65,9 +67,8 @@ class Objective:
     name: ClassVar[str] = ""
     kernel_id: ClassVar[int] = -1
     needs_entropy: ClassVar[bool] = False
-    # True for the objectives of the form -sg(w) * logp (plus ce): they accept
-    # label smoothing and z-loss.
-    is_weighted_nll: ClassVar[bool] = True
+    # True for WeightedNLL objectives (-sg(w) * logp): they accept label smoothing and z-loss.
+    is_weighted_nll: ClassVar[bool] = False
 
     @property
     def kernel_params(self) -> tuple[float, float]:
@@ -87,22 +88,39 @@ class Objective:
 
 
 @dataclass(frozen=True)
-class CE(Objective):
-    """Cross-entropy (standard SFT): ``L = -logp``, ``g = -1``."""
+class WeightedNLL(Objective):
+    """A stop-gradient weight times the NLL: ``L = -sg(w) * logp``, ``g = -w``.
+
+    Subclasses state only the weight ``w(logp, H) >= 0`` (a tensor shaped like ``logp``).
+    These objectives also accept label smoothing and z-loss (docs/design.md, Math).
+    """
+
+    is_weighted_nll: ClassVar[bool] = True
+
+    def weight(self, logp: Tensor, entropy: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, logp, entropy=None):
+        return -self.weight(logp, entropy) * logp
+
+    def coefficient(self, logp, entropy=None):
+        return -self.weight(logp, entropy)
+
+
+@dataclass(frozen=True)
+class CE(WeightedNLL):
+    """Cross-entropy (standard SFT): ``w = 1``, so ``L = -logp``, ``g = -1``."""
 
     name: ClassVar[str] = "ce"
     kernel_id: ClassVar[int] = 0
 
-    def loss(self, logp, entropy=None):
-        return -logp
-
-    def coefficient(self, logp, entropy=None):
-        return torch.full_like(logp, -1.0)
+    def weight(self, logp, entropy=None):
+        return torch.ones_like(logp)
 
 
 @dataclass(frozen=True)
-class DFT(Objective):
-    """Dynamic Fine-Tuning: ``L = -sg(max(p, min_weight)) * logp``, ``g = -max(p, min_weight)``."""
+class DFT(WeightedNLL):
+    """Dynamic Fine-Tuning: ``w = max(p, min_weight)``, so ``L = -sg(max(p, min_weight)) * logp``."""
 
     min_weight: float = 0.0
     name: ClassVar[str] = "dft"
@@ -111,19 +129,13 @@ class DFT(Objective):
     def __post_init__(self):
         object.__setattr__(self, "min_weight", _check_param("DFT", "min_weight", self.min_weight, high=1.0))
 
-    def _w(self, logp):
+    def weight(self, logp, entropy=None):
         return torch.exp(logp).clamp_min(self.min_weight)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(logp) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(logp)
 
 
 @dataclass(frozen=True)
-class Power(Objective):
-    """``L = -sg(p^alpha) * logp``, ``g = -p^alpha`` (alpha=0: ce, alpha=1: dft)."""
+class Power(WeightedNLL):
+    """``w = p^alpha``, so ``L = -sg(p^alpha) * logp`` (alpha=0: ce, alpha=1: dft)."""
 
     alpha: float = 1.0
     name: ClassVar[str] = "power"
@@ -132,14 +144,8 @@ class Power(Objective):
     def __post_init__(self):
         object.__setattr__(self, "alpha", _check_param("Power", "alpha", self.alpha))
 
-    def _w(self, logp):
+    def weight(self, logp, entropy=None):
         return torch.exp(self.alpha * logp)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(logp) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(logp)
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,6 @@ class Focal(Objective):
     gamma: float = 2.0
     name: ClassVar[str] = "focal"
     kernel_id: ClassVar[int] = 3
-    is_weighted_nll: ClassVar[bool] = False
 
     def __post_init__(self):
         object.__setattr__(self, "gamma", _check_param("Focal", "gamma", self.gamma))
@@ -170,20 +175,14 @@ class Focal(Objective):
 
 
 @dataclass(frozen=True)
-class Chord(Objective):
-    """CHORD-phi: ``L = -sg(p(1-p)) * logp``, ``g = -p(1-p)``."""
+class Chord(WeightedNLL):
+    """CHORD-phi: ``w = p(1-p)``, so ``L = -sg(p(1-p)) * logp``."""
 
     name: ClassVar[str] = "chord"
     kernel_id: ClassVar[int] = 4
 
-    def _w(self, logp):
+    def weight(self, logp, entropy=None):
         return torch.exp(logp) * _one_minus_p(logp)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(logp) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(logp)
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,6 @@ class Prob(Objective):
     k: float = 1.0
     name: ClassVar[str] = "prob"
     kernel_id: ClassVar[int] = 5
-    is_weighted_nll: ClassVar[bool] = False
 
     def __post_init__(self):
         object.__setattr__(self, "k", _check_param("Prob", "k", self.k, low_inclusive=False))
@@ -206,8 +204,8 @@ class Prob(Objective):
 
 
 @dataclass(frozen=True)
-class Entropy(Objective):
-    """Entropy-weighted NLL (SRFT): ``L = -scale * sg(exp(-H)) * logp``, ``g = -scale exp(-H)``."""
+class Entropy(WeightedNLL):
+    """Entropy-weighted NLL (SRFT): ``w = scale * exp(-H)``, so ``L = -scale * sg(exp(-H)) * logp``."""
 
     scale: float = 1.0
     name: ClassVar[str] = "entropy"
@@ -217,14 +215,8 @@ class Entropy(Objective):
     def __post_init__(self):
         object.__setattr__(self, "scale", _check_param("Entropy", "scale", self.scale))
 
-    def _w(self, entropy):
-        return self.scale * torch.exp(-entropy)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(self._need_entropy(entropy)) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(self._need_entropy(entropy)).expand_as(logp)
+    def weight(self, logp, entropy=None):
+        return (self.scale * torch.exp(-self._need_entropy(entropy))).expand_as(logp)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
