@@ -20,6 +20,8 @@ _CALL_LOSS_KEYS = ("num_items_in_batch", "ignore_index", "shift_labels", "token_
 
 _STATE_ATTR = "_dft_kernels_state"
 _MISSING = object()
+
+
 @dataclass
 class _PatchState:
     objective: Objective

@@ -20,6 +20,7 @@ _REFUSED_CONFIG_FLAGS = {
 class PatchError(ValueError):
     """Raised when ``dk.patch`` cannot honour what the model's own forward does."""
 
+
 def _describe(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None) or "?"

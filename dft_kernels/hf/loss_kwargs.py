@@ -23,6 +23,7 @@ PATCH_LOSS_KWARGS = tuple(n for n in OPTION_NAMES if n != "objective" and n not 
 # compute_loss_func works on the model's logits (no weight) and must return the Trainer's scalar loss.
 COMPUTE_LOSS_KWARGS = tuple(n for n in PATCH_LOSS_KWARGS if n not in LINEAR_ONLY_OPTIONS and n != "reduction")
 
+
 def check_loss_kwargs(loss_kwargs: dict, objective: ObjectiveLike = "dft", *, allowed=PATCH_LOSS_KWARGS,
                       caller: str = "dk.patch()") -> dict:
     """Check ``loss_kwargs`` as ``dk.patch(model, objective, **loss_kwargs)`` would (names, then values
