@@ -1,4 +1,4 @@
-"""The chunked linear + loss autograd Function (DESIGN §5).
+"""The chunked loss: chunk loop, GEMMs, fp32 dW accumulation (docs/design.md, Data path).
 
 For each chunk of ``C`` token rows::
 
@@ -12,9 +12,12 @@ a time.  For ``mean``/``sum`` the gradients are computed in forward and scaled b
 ``grad_output`` in backward; for ``none`` forward only computes per-token losses
 and backward recomputes the chunks with the per-token ``grad_output`` folded in.
 
-These are plain functions of tensors and :class:`LossParams`; ``dft_kernels.ops``
-registers them as torch custom ops with autograd (so ``torch.compile`` sees one opaque
-op per call, with no graph break and no host sync inside).
+One driver, :func:`run_chunks`, serves both paths: :class:`LinearChunks` makes each chunk's
+logits with the GEMMs of :mod:`dft_kernels.gemm_policy` and takes their gradient back;
+:class:`GivenChunks` slices logits the caller already has.  These are plain functions of
+tensors and :class:`~dft_kernels.options.LossOptions`; ``dft_kernels.ops`` registers them
+as torch custom ops with autograd (so ``torch.compile`` sees one opaque op per call, with
+no graph break and no host sync inside).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import valid_rows
+from .gemm_policy import HeadGemms
+from .options import LossOptions
 from .params import LossParams
 
 DEFAULT_CHUNK_BYTES = 1 << 30
@@ -56,88 +60,6 @@ def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int,
     return max(1, min(chunk, cap))
 
 
-_OUT_DTYPE_MM: dict[str, bool] = {}
-
-
-def _mm_out_dtype_supported(device: torch.device) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=float32)`` runs for 16-bit operands on this device
-    (cuBLAS: yes on recent torch; CPU: no).  Probed once per device type."""
-    dev = device.type
-    if dev not in _OUT_DTYPE_MM:
-        ok = False
-        if dev == "cuda":
-            try:
-                a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-            except (RuntimeError, TypeError, NotImplementedError):
-                ok = False
-        _OUT_DTYPE_MM[dev] = ok
-    return _OUT_DTYPE_MM[dev]
-
-
-class HeadGemms:
-    """The three GEMMs of a chunk, with the precision policy of ``docs/api.md``:
-
-    * logits are computed in float32 (float64 for float64 inputs) even for 16-bit
-      inputs: rounding logits to bfloat16 alone costs ~1% relative error on DFT-type
-      losses, which a fused kernel must not add;
-    * on CUDA the 16-bit GEMMs write float32 directly (``out_dtype``) and the gradient
-      is cast back to the input dtype for the ``dX``/``dW`` GEMMs; elsewhere the weight
-      is upcast once per call and every GEMM runs in float32;
-    * ``dW``/``db`` accumulate in ``accum_dtype``.
-    """
-
-    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-        self.x_dtype = x.dtype
-        self.logits_dtype = torch.promote_types(x.dtype, torch.float32)
-        self.weight, self.bias = weight, bias
-        self.native = x.dtype == self.logits_dtype
-        self.out_dtype_mm = not self.native and _mm_out_dtype_supported(x.device)
-        up = not self.native and not self.out_dtype_mm
-        self.w_up = weight.to(self.logits_dtype) if up else None
-        self.b_up = None if bias is None or bias.dtype == self.logits_dtype else bias.to(self.logits_dtype)
-
-    def logits(self, x_c: Tensor) -> Tensor:
-        bias = self.bias if self.b_up is None else self.b_up
-        if self.native:
-            w = self.weight
-        elif self.out_dtype_mm:
-            out = torch.mm(x_c, self.weight.t(), out_dtype=self.logits_dtype)
-            return out if bias is None else out.add_(bias)
-        else:
-            x_c, w = x_c.to(self.logits_dtype), self.w_up
-        return x_c @ w.t() if bias is None else torch.addmm(bias, x_c, w.t())
-
-    def backward(self, dlogits: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
-                 db: Optional[Tensor]) -> None:
-        """``dx_c = dlogits @ W``; ``dw += dlogits^T x_c``; ``db += sum(dlogits)``."""
-        if db is not None:
-            db += dlogits.sum(dim=0, dtype=db.dtype)
-        if self.native:
-            g, w, xc = dlogits, self.weight, x_c
-        elif self.out_dtype_mm:
-            g, w, xc = dlogits.to(self.x_dtype), self.weight, x_c
-        else:
-            g, w, xc = dlogits, self.w_up, x_c.to(self.logits_dtype)
-        if dx_c is not None:
-            if g.dtype == dx_c.dtype:
-                torch.mm(g, w, out=dx_c)
-            else:
-                dx_c.copy_(g @ w)
-        if dw is not None:
-            _addmm_acc(dw, g.t(), xc)
-
-
-def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b``; ``acc`` may be wider than ``a``/``b`` (fp32 accumulation of bf16)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda" and _mm_out_dtype_supported(acc.device):
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
-        acc.add_(a.to(acc.dtype) @ b.to(acc.dtype))
-
-
 class _Accumulators:
     """float32 running sums of the per-token outputs over valid tokens."""
 
@@ -158,49 +80,12 @@ class _Accumulators:
             if self.entropy is not None:
                 self.entropy += out.entropy.sum()
 
-
-def _row_chunk(rows: Tensor, start: int, end: int, target: Tensor, token_weights: Optional[Tensor],
-               params: LossParams, backend, grad_scale: Optional[Tensor], per_token: Optional[Tensor],
-               acc: Optional[_Accumulators]) -> None:
-    """The row kernel on rows ``[start, end)`` (``rows`` is that chunk): slices the per-token
-    inputs, and collects the per-token loss and the stats sums."""
-    scale = grad_scale
-    if grad_scale is not None and grad_scale.dim() == 1:
-        scale = grad_scale[start:end]
-    tw = None if token_weights is None else token_weights[start:end]
-    out = backend.row_loss_grad(rows, target[start:end], params, tw, scale)
-    if acc is not None:
-        acc.add(out)
-    if per_token is not None:
-        per_token[start:end] = out.loss
-
-
-def run_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-               token_weights: Optional[Tensor], params: LossParams, backend, chunk_size: int,
-               grad_scale: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool,
-               accum_dtype: torch.dtype, per_token: Optional[Tensor] = None,
-               acc: Optional[_Accumulators] = None):
-    """One pass over the token chunks.  Returns ``(dx, dw_acc, db_acc)`` (None where not needed).
-
-    ``grad_scale`` None means forward only.  A 1-D ``grad_scale`` is per token and is
-    sliced per chunk.  ``per_token`` (if given) receives each chunk's loss vector.
-    """
-    n = x.shape[0]
-    with_grad = grad_scale is not None and (need_dx or need_dw or need_db)
-    dx = torch.empty(x.shape, dtype=stash_dtype(x.dtype), device=x.device) if with_grad and need_dx else None
-    dw = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if with_grad and need_dw else None
-    db = torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device) if with_grad and need_db else None
-    gemms = HeadGemms(x, weight, bias)
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        x_c = x[start:end]
-        logits = gemms.logits(x_c)
-        _row_chunk(logits, start, end, target, token_weights, params, backend,
-                   grad_scale if with_grad else None, per_token, acc)
-        if with_grad:
-            gemms.backward(logits, x_c, None if dx is None else dx[start:end], dw, db)
-        del logits
-    return dx, dw, db
+    def stats_outputs(self, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # distinct empty tensors: custom op outputs must not alias one another
+        if not self.with_stats:
+            return tuple(torch.empty(0, device=device) for _ in range(4))
+        ent = self.entropy if self.entropy is not None else torch.empty(0, device=device)
+        return self.nll, self.prob, self.correct, ent
 
 
 def stash_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -210,10 +95,96 @@ def stash_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+class LinearChunks:
+    """Chunk logits computed as ``x @ W^T (+ b)``; their gradients go to ``dx``, ``dw``, ``db``
+    (allocated only where wanted: ``dx`` in :func:`stash_dtype`, ``dw``/``db`` in ``accum_dtype``)."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], accum_dtype: torch.dtype,
+                 need_dx: bool, need_dw: bool, need_db: bool):
+        self.x, self.num_rows, self.gemms = x, x.shape[0], HeadGemms(x, weight, bias)
+        self.dx = torch.empty(x.shape, dtype=stash_dtype(x.dtype), device=x.device) if need_dx else None
+        self.dw = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device) if need_dw else None
+        need_db = need_db and bias is not None
+        self.db = torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device) if need_db else None
+        self.wants_grad = need_dx or need_dw or need_db
+
+    def rows(self, start: int, end: int) -> Tensor:
+        return self.gemms.logits(self.x[start:end])
+
+    def backward(self, dlogits: Tensor, start: int, end: int) -> None:
+        dx_c = None if self.dx is None else self.dx[start:end]
+        self.gemms.backward(dlogits, self.x[start:end], dx_c, self.dw, self.db)
+
+
+class GivenChunks:
+    """Chunks of given ``[N, V]`` logits.  With ``need_grad`` each chunk is first copied into the
+    gradient buffer ``grad`` (in :func:`stash_dtype`), which the row kernel then overwrites in
+    place: the caller's logits are never modified."""
+
+    def __init__(self, logits: Tensor, need_grad: bool):
+        self.logits, self.num_rows, self.wants_grad = logits, logits.shape[0], need_grad
+        self.grad = None
+        if need_grad:
+            self.grad = torch.empty(logits.shape, dtype=stash_dtype(logits.dtype), device=logits.device)
+
+    def rows(self, start: int, end: int) -> Tensor:
+        rows = self.logits[start:end]
+        return rows if self.grad is None else self.grad[start:end].copy_(rows)
+
+    def backward(self, dlogits: Tensor, start: int, end: int) -> None:
+        pass  # dlogits already is grad[start:end]
+
+
+def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: LossParams, backend,
+               chunk_size: int, grad_scale: Optional[Tensor], per_token: Optional[Tensor] = None,
+               acc: Optional[_Accumulators] = None) -> None:
+    """One pass of the row kernel over ``chunks`` (:class:`LinearChunks` or :class:`GivenChunks`).
+
+    ``grad_scale`` None (or chunks that want no gradient) means forward only; a 1-D
+    ``grad_scale`` is per token and is sliced per chunk.  ``per_token`` (if given) receives
+    each chunk's loss vector; ``acc`` the running sums.
+    """
+    if not chunks.wants_grad:
+        grad_scale = None
+    for start in range(0, chunks.num_rows, chunk_size):
+        end = min(start + chunk_size, chunks.num_rows)
+        rows = chunks.rows(start, end)
+        scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
+        tw = None if token_weights is None else token_weights[start:end]
+        out = backend.row_loss_grad(rows, target[start:end], params, tw, scale)
+        if acc is not None:
+            acc.add(out)
+        if per_token is not None:
+            per_token[start:end] = out.loss
+        if grad_scale is not None:
+            chunks.backward(rows, start, end)
+        del rows, out
+
+
+def _forward(chunks, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
+             opts: LossOptions, backend, device, out_dtype: torch.dtype):
+    """The loss (0-d, or ``[N]`` for ``none``) and the stats outputs; for ``mean``/``sum`` the
+    chunks also receive the gradients for ``grad_output = 1``."""
+    params = opts.row_params
+    acc = _Accumulators(device, params.with_stats, params.needs_entropy)
+    if opts.reduction == "none":
+        per_token = torch.empty(chunks.num_rows, dtype=torch.float32, device=device)
+        run_chunks(chunks, target, token_weights, params, backend, opts.chunk_size, None, per_token, acc)
+        return per_token.to(out_dtype), acc.stats_outputs(device)
+    grad_scale = torch.ones((), dtype=torch.float32, device=device)
+    if divisor is not None:
+        grad_scale = grad_scale / divisor
+    run_chunks(chunks, target, token_weights, params, backend, opts.chunk_size, grad_scale, acc=acc)
+    return (acc.loss * grad_scale).to(out_dtype), acc.stats_outputs(device)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                   token_weights: Optional[Tensor], divisor: Optional[Tensor], params: LossParams, backend,
-                   chunk_size: int, accum_dtype: torch.dtype, reduction: str, need_dx: bool, need_dw: bool,
-                   need_db: bool):
+                   token_weights: Optional[Tensor], divisor: Optional[Tensor], opts: LossOptions, backend,
+                   need_dx: bool, need_dw: bool, need_db: bool):
     """Forward of the chunked loss.  Inputs are already flattened and checked by
     :mod:`dft_kernels.functional`: ``x`` ``[N, H]`` contiguous, ``target`` ``[N]`` int64,
     ``token_weights`` ``[N]`` float32 or None, ``divisor`` a float32 0-d tensor (``mean``:
@@ -224,103 +195,45 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     where not needed, and always None for ``none``, whose backward recomputes); the
     stats sums (nll, prob, correct, entropy: 0-d, or empty when not computed).
     """
-    need_db = need_db and bias is not None
-    out_dtype = torch.promote_types(x.dtype, torch.float32)
-    acc = _Accumulators(x.device, params.with_stats, params.needs_entropy)
-    dx = dw = db = None
-    if reduction == "none":
-        per_token = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
-                   None, False, False, False, accum_dtype, per_token=per_token, acc=acc)
-        loss = per_token.to(out_dtype)
-    else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=x.device)
-        if divisor is not None:
-            grad_scale = grad_scale / divisor
-        dx, dw, db = run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
-                                grad_scale, need_dx, need_dw, need_db, accum_dtype, acc=acc)
-        # one cast of the accumulators to the parameter dtype, at the end
-        dw = None if dw is None else dw.to(stash_dtype(weight.dtype))
-        db = None if db is None else db.to(stash_dtype(bias.dtype))
-        loss = (acc.loss * grad_scale).to(out_dtype)
-    return loss, dx, dw, db, _stats_outputs(acc, x.device)
+    grads = opts.reduction != "none"
+    chunks = LinearChunks(x, weight, bias, opts.accum_dtype, grads and need_dx, grads and need_dw,
+                          grads and need_db)
+    loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, x.device,
+                           torch.promote_types(x.dtype, torch.float32))
+    # one cast of the accumulators to the parameter dtype, at the end
+    dw = _cast(chunks.dw, stash_dtype(weight.dtype))
+    db = _cast(chunks.db, stash_dtype(weight.dtype if bias is None else bias.dtype))
+    return loss, chunks.dx, dw, db, stats
 
 
 def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         token_weights: Optional[Tensor], grad_loss: Tensor, params: LossParams, backend,
-                         chunk_size: int, accum_dtype: torch.dtype, need_dx: bool, need_dw: bool,
-                         need_db: bool):
+                         token_weights: Optional[Tensor], grad_loss: Tensor, opts: LossOptions, backend,
+                         need_dx: bool, need_dw: bool, need_db: bool):
     """Backward of ``reduction="none"``: recompute each chunk with the per-token
     ``grad_loss`` folded into the row kernel's scale.  Returns ``(dx, dw, db)`` in the
     dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
-    need_db = need_db and bias is not None
-    dx, dw, db = run_chunks(x, weight, bias, target, token_weights, params, backend, chunk_size,
-                            grad_loss.to(torch.float32).contiguous(), need_dx, need_dw, need_db, accum_dtype)
-    dx = None if dx is None else dx.to(x.dtype)
-    dw = None if dw is None else dw.to(weight.dtype)
-    db = None if db is None else db.to(bias.dtype)
-    return dx, dw, db
-
-
-def _stats_outputs(acc: _Accumulators, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # distinct empty tensors: custom op outputs must not alias one another
-    if not acc.with_stats:
-        return tuple(torch.empty(0, device=device) for _ in range(4))
-    ent = acc.entropy if acc.entropy is not None else torch.empty(0, device=device)
-    return acc.nll, acc.prob, acc.correct, ent
-
-
-def count_valid(target: Tensor, ignore_index: int, vocab_size: int) -> Tensor:
-    """Number of valid tokens as a float32 0-d device tensor (no host sync)."""
-    return valid_rows(target, ignore_index, vocab_size).sum(dtype=torch.float32)
-
-
-def run_logit_chunks(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], params: LossParams,
-                     backend, chunk_size: int, grad_scale: Optional[Tensor],
-                     per_token: Optional[Tensor] = None, acc: Optional[_Accumulators] = None) -> Optional[Tensor]:
-    """Row kernel over given logits, chunk by chunk.  Returns dL/dlogits when ``grad_scale`` is set.
-
-    The caller's logits are never modified: each chunk is copied into the gradient buffer,
-    which the kernel then overwrites in place.
-    """
-    grad = None
-    if grad_scale is not None:
-        grad = torch.empty(logits.shape, dtype=stash_dtype(logits.dtype), device=logits.device)
-    for start in range(0, logits.shape[0], chunk_size):
-        end = min(start + chunk_size, logits.shape[0])
-        rows = logits[start:end]
-        if grad is not None:
-            rows = grad[start:end].copy_(rows)  # the kernel overwrites the copy, never the caller's logits
-        _row_chunk(rows, start, end, target, token_weights, params, backend, grad_scale, per_token, acc)
-    return grad
+    chunks = LinearChunks(x, weight, bias, opts.accum_dtype, need_dx, need_dw, need_db)
+    run_chunks(chunks, target, token_weights, opts.row_params, backend, opts.chunk_size,
+               grad_loss.to(torch.float32).contiguous())
+    db = _cast(chunks.db, weight.dtype if bias is None else bias.dtype)
+    return _cast(chunks.dx, x.dtype), _cast(chunks.dw, weight.dtype), db
 
 
 def logits_forward(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
-                   params: LossParams, backend, chunk_size: int, reduction: str, need_grad: bool):
+                   opts: LossOptions, backend, need_grad: bool):
     """The same row kernel on given ``[N, V]`` logits.  Returns ``(loss, grad, stats)`` with
     ``grad`` the logits gradient for ``grad_output = 1`` (``mean``/``sum`` with
     ``need_grad``; else None) in :func:`stash_dtype`."""
-    out_dtype = torch.promote_types(logits.dtype, torch.float32)
-    acc = _Accumulators(logits.device, params.with_stats, params.needs_entropy)
-    grad = None
-    if reduction == "none":
-        per_token = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        run_logit_chunks(logits, target, token_weights, params, backend, chunk_size, None,
-                         per_token=per_token, acc=acc)
-        loss = per_token.to(out_dtype)
-    else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-        if divisor is not None:
-            grad_scale = grad_scale / divisor
-        grad = run_logit_chunks(logits, target, token_weights, params, backend, chunk_size,
-                                grad_scale if need_grad else None, acc=acc)
-        loss = (acc.loss * grad_scale).to(out_dtype)
-    return loss, grad, _stats_outputs(acc, logits.device)
+    chunks = GivenChunks(logits, need_grad and opts.reduction != "none")
+    loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, logits.device,
+                           torch.promote_types(logits.dtype, torch.float32))
+    return loss, chunks.grad, stats
 
 
 def logits_backward_none(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
-                         params: LossParams, backend, chunk_size: int) -> Tensor:
+                         opts: LossOptions, backend) -> Tensor:
     """Backward of ``reduction="none"`` on given logits; the gradient in the logits dtype."""
-    grad = run_logit_chunks(logits, target, token_weights, params, backend, chunk_size,
-                            grad_loss.to(torch.float32).contiguous())
-    return grad.to(logits.dtype)
+    chunks = GivenChunks(logits, True)
+    run_chunks(chunks, target, token_weights, opts.row_params, backend, opts.chunk_size,
+               grad_loss.to(torch.float32).contiguous())
+    return chunks.grad.to(logits.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Optional
 
 import torch
@@ -9,16 +10,17 @@ from torch import Tensor, nn
 
 from .functional import linear_cross_entropy
 from .objectives import ObjectiveLike
-from .params import make_loss_params
+from .options import LossOptions, document_options
 
 __all__ = ["LinearCrossEntropyLoss"]
 
 
+@document_options
 class LinearCrossEntropyLoss(nn.Module):
     """Fused LM-head loss module: ``loss_fn(input, weight, target, bias=None)``.
 
-    Holds the options of :func:`dft_kernels.linear_cross_entropy`; per-call
-    ``token_weights`` and ``num_items_in_batch`` go to ``forward``.
+    Holds the options of :func:`dft_kernels.linear_cross_entropy` (checked at construction,
+    not at the first batch); per-call ``token_weights`` and ``num_items_in_batch`` go to ``forward``.
     """
 
     def __init__(self, objective: ObjectiveLike = "dft", *, ignore_index: int = -100, reduction: str = "mean",
@@ -27,14 +29,10 @@ class LinearCrossEntropyLoss(nn.Module):
                  chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
                  validate: bool = True):
         super().__init__()
-        # Fail at construction, not at the first batch.
-        self.params = make_loss_params(objective, ignore_index=ignore_index, softcap=softcap,
-                                       label_smoothing=label_smoothing, z_loss=z_loss, with_stats=return_stats)
-        self.objective = self.params.objective
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-                            label_smoothing=label_smoothing, z_loss=z_loss, shift=shift,
-                            return_stats=return_stats, backend=backend, chunk_size=chunk_size,
-                            accum_dtype=accum_dtype, validate=validate)
+        self.loss_options = LossOptions.from_arguments(locals())
+        self.objective = self.loss_options.objective
+        self.options = {f.name: getattr(self.loss_options, f.name) for f in fields(LossOptions)
+                        if f.name != "objective"}
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                 token_weights: Optional[Tensor] = None, num_items_in_batch=None):

@@ -9,8 +9,9 @@ needs only two things from an objective, both computed from pass-1 statistics:
   gradient is ``dL/dz = g * (onehot - softmax)`` for every objective.
 
 Objectives that are a stop-gradient weight times the NLL (``ce``, ``dft``,
-``power``, ``chord``, ``entropy``) also support label smoothing and z-loss
-(DESIGN §2); ``focal`` and ``prob`` do not.
+``power``, ``chord``, ``entropy``) derive from :class:`WeightedNLL`, state only their
+weight, and also support label smoothing and z-loss (docs/design.md, Math);
+``focal`` and ``prob`` do not.
 
 Each class carries an integer ``kernel_id`` and up to two float ``kernel_params``
 so that compiled kernels can select the epilogue with a constexpr.
@@ -19,22 +20,23 @@ so that compiled kernels can select the epilogue with a constexpr.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Objective",
     "CE",
     "DFT",
-    "Power",
-    "Focal",
-    "Chord",
-    "Prob",
-    "Entropy",
     "OBJECTIVES",
+    "Chord",
+    "Entropy",
+    "Focal",
+    "Objective",
+    "Power",
+    "Prob",
+    "WeightedNLL",
     "get_objective",
 ]
 
@@ -53,6 +55,11 @@ def _check_param(cls_name: str, name: str, value, *, low: float = 0.0, high: flo
     return value
 
 
+def _param(default: float, *, low: float = 0.0, high: float = math.inf, low_inclusive: bool = True):
+    """A float parameter of an objective, with its allowed range (checked on construction)."""
+    return field(default=default, metadata={"range": (low, high, low_inclusive)})
+
+
 def _one_minus_p(logp: Tensor) -> Tensor:
     # 1 - exp(logp) without cancellation when p is close to 1.
     return -torch.expm1(logp)
@@ -60,14 +67,20 @@ def _one_minus_p(logp: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Objective:
-    """Base class.  Subclasses are frozen dataclasses of their float parameters."""
+    """Base class.  Subclasses are frozen dataclasses of their float parameters (:func:`_param`)."""
 
     name: ClassVar[str] = ""
     kernel_id: ClassVar[int] = -1
     needs_entropy: ClassVar[bool] = False
-    # True for the objectives of the form -sg(w) * logp (plus ce): they accept
-    # label smoothing and z-loss.
-    is_weighted_nll: ClassVar[bool] = True
+    # True for WeightedNLL objectives (-sg(w) * logp): they accept label smoothing and z-loss.
+    is_weighted_nll: ClassVar[bool] = False
+
+    def __post_init__(self):
+        for f in fields(self):
+            low, high, low_inclusive = f.metadata["range"]
+            value = _check_param(type(self).__name__, f.name, getattr(self, f.name), low=low, high=high,
+                                 low_inclusive=low_inclusive)
+            object.__setattr__(self, f.name, value)
 
     @property
     def kernel_params(self) -> tuple[float, float]:
@@ -87,59 +100,58 @@ class Objective:
 
 
 @dataclass(frozen=True)
-class CE(Objective):
-    """Cross-entropy (standard SFT): ``L = -logp``, ``g = -1``."""
+class WeightedNLL(Objective):
+    """A stop-gradient weight times the NLL: ``L = -sg(w) * logp``, ``g = -w``.
+
+    Subclasses state only the weight ``w(logp, H) >= 0`` (a tensor shaped like ``logp``).
+    These objectives also accept label smoothing and z-loss (docs/design.md, Math).
+    """
+
+    is_weighted_nll: ClassVar[bool] = True
+
+    def weight(self, logp: Tensor, entropy: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, logp, entropy=None):
+        return -self.weight(logp, entropy) * logp
+
+    def coefficient(self, logp, entropy=None):
+        return -self.weight(logp, entropy)
+
+
+@dataclass(frozen=True)
+class CE(WeightedNLL):
+    """Cross-entropy (standard SFT): ``w = 1``, so ``L = -logp``, ``g = -1``."""
 
     name: ClassVar[str] = "ce"
     kernel_id: ClassVar[int] = 0
 
-    def loss(self, logp, entropy=None):
-        return -logp
-
-    def coefficient(self, logp, entropy=None):
-        return torch.full_like(logp, -1.0)
+    def weight(self, logp, entropy=None):
+        return torch.ones_like(logp)
 
 
 @dataclass(frozen=True)
-class DFT(Objective):
-    """Dynamic Fine-Tuning: ``L = -sg(max(p, min_weight)) * logp``, ``g = -max(p, min_weight)``."""
+class DFT(WeightedNLL):
+    """Dynamic Fine-Tuning: ``w = max(p, min_weight)``, so ``L = -sg(max(p, min_weight)) * logp``."""
 
-    min_weight: float = 0.0
+    min_weight: float = _param(0.0, high=1.0)
     name: ClassVar[str] = "dft"
     kernel_id: ClassVar[int] = 1
 
-    def __post_init__(self):
-        object.__setattr__(self, "min_weight", _check_param("DFT", "min_weight", self.min_weight, high=1.0))
-
-    def _w(self, logp):
+    def weight(self, logp, entropy=None):
         return torch.exp(logp).clamp_min(self.min_weight)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(logp) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(logp)
 
 
 @dataclass(frozen=True)
-class Power(Objective):
-    """``L = -sg(p^alpha) * logp``, ``g = -p^alpha`` (alpha=0: ce, alpha=1: dft)."""
+class Power(WeightedNLL):
+    """``w = p^alpha``, so ``L = -sg(p^alpha) * logp`` (alpha=0: ce, alpha=1: dft)."""
 
-    alpha: float = 1.0
+    alpha: float = _param(1.0)
     name: ClassVar[str] = "power"
     kernel_id: ClassVar[int] = 2
 
-    def __post_init__(self):
-        object.__setattr__(self, "alpha", _check_param("Power", "alpha", self.alpha))
-
-    def _w(self, logp):
+    def weight(self, logp, entropy=None):
         return torch.exp(self.alpha * logp)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(logp) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(logp)
 
 
 @dataclass(frozen=True)
@@ -147,13 +159,9 @@ class Focal(Objective):
     """Focal loss ``L = -(1-p)^gamma * logp`` with the weight differentiated:
     ``g = -(1-p)^gamma + gamma * (1-p)^(gamma-1) * p * logp``."""
 
-    gamma: float = 2.0
+    gamma: float = _param(2.0)
     name: ClassVar[str] = "focal"
     kernel_id: ClassVar[int] = 3
-    is_weighted_nll: ClassVar[bool] = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "gamma", _check_param("Focal", "gamma", self.gamma))
 
     def loss(self, logp, entropy=None):
         return -torch.pow(_one_minus_p(logp), self.gamma) * logp
@@ -170,33 +178,23 @@ class Focal(Objective):
 
 
 @dataclass(frozen=True)
-class Chord(Objective):
-    """CHORD-phi: ``L = -sg(p(1-p)) * logp``, ``g = -p(1-p)``."""
+class Chord(WeightedNLL):
+    """CHORD-phi: ``w = p(1-p)``, so ``L = -sg(p(1-p)) * logp``."""
 
     name: ClassVar[str] = "chord"
     kernel_id: ClassVar[int] = 4
 
-    def _w(self, logp):
+    def weight(self, logp, entropy=None):
         return torch.exp(logp) * _one_minus_p(logp)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(logp) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(logp)
 
 
 @dataclass(frozen=True)
 class Prob(Objective):
     """Probability objective: ``L = -p^k``, ``g = -k p^k``."""
 
-    k: float = 1.0
+    k: float = _param(1.0, low_inclusive=False)
     name: ClassVar[str] = "prob"
     kernel_id: ClassVar[int] = 5
-    is_weighted_nll: ClassVar[bool] = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "k", _check_param("Prob", "k", self.k, low_inclusive=False))
 
     def loss(self, logp, entropy=None):
         return -torch.exp(self.k * logp)
@@ -206,25 +204,16 @@ class Prob(Objective):
 
 
 @dataclass(frozen=True)
-class Entropy(Objective):
-    """Entropy-weighted NLL (SRFT): ``L = -scale * sg(exp(-H)) * logp``, ``g = -scale exp(-H)``."""
+class Entropy(WeightedNLL):
+    """Entropy-weighted NLL (SRFT): ``w = scale * exp(-H)``, so ``L = -scale * sg(exp(-H)) * logp``."""
 
-    scale: float = 1.0
+    scale: float = _param(1.0)
     name: ClassVar[str] = "entropy"
     kernel_id: ClassVar[int] = 6
     needs_entropy: ClassVar[bool] = True
 
-    def __post_init__(self):
-        object.__setattr__(self, "scale", _check_param("Entropy", "scale", self.scale))
-
-    def _w(self, entropy):
-        return self.scale * torch.exp(-entropy)
-
-    def loss(self, logp, entropy=None):
-        return -self._w(self._need_entropy(entropy)) * logp
-
-    def coefficient(self, logp, entropy=None):
-        return -self._w(self._need_entropy(entropy)).expand_as(logp)
+    def weight(self, logp, entropy=None):
+        return (self.scale * torch.exp(-self._need_entropy(entropy))).expand_as(logp)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

@@ -6,25 +6,22 @@ so a training step that calls :func:`dft_kernels.linear_cross_entropy` compiles 
 
 Ops (namespace ``dft_kernels``)::
 
-    lce_forward(x, weight, bias?, target, token_weights?, divisor?, *loss_options,
-                backend, chunk_size, accum_dtype, reduction, need_dx, need_dw, need_db)
+    lce_forward(x, weight, bias?, target, token_weights?, divisor?, options, need_dx, need_dw, need_db)
         -> (loss, dx, dw, db, nll_sum, prob_sum, correct_sum, entropy_sum)
-    lce_backward_none(x, weight, bias?, target, token_weights?, grad_loss, *loss_options,
-                      backend, chunk_size, accum_dtype, need_dx, need_dw, need_db) -> (dx, dw, db)
-    ce_forward(logits, target, token_weights?, divisor?, *loss_options, backend, chunk_size,
-               reduction, need_grad) -> (loss, grad, nll_sum, prob_sum, correct_sum, entropy_sum)
-    ce_backward_none(logits, target, token_weights?, grad_loss, *loss_options, backend, chunk_size)
-        -> grad
+    lce_backward_none(x, weight, bias?, target, token_weights?, grad_loss, options, need_dx, need_dw, need_db)
+        -> (dx, dw, db)
+    ce_forward(logits, target, token_weights?, divisor?, options, need_grad)
+        -> (loss, grad, nll_sum, prob_sum, correct_sum, entropy_sum)
+    ce_backward_none(logits, target, token_weights?, grad_loss, options) -> grad
 
-``loss_options`` are :class:`~dft_kernels.params.LossParams` as primitives (objective name
-and its two float parameters, ignore_index, softcap, label_smoothing, z_loss,
-with_stats), rebuilt inside.  A gradient output that is not computed is an empty tensor
+``options`` is :meth:`LossOptions.encode` of the call's options, with ``chunk_size`` and
+``accum_dtype`` already resolved; the ops decode it and resolve the backend (once per op
+call, before any work).  A gradient output that is not computed is an empty tensor
 (custom ops cannot return None); so is a stats sum that is not computed.  For
 ``mean``/``sum`` the forward op already returns the gradients for ``grad_output = 1``
 and the registered backward only scales them; for ``none`` the backward op recomputes.
 """
 
-from dataclasses import fields
 from typing import Optional
 
 import torch
@@ -32,34 +29,13 @@ from torch import Tensor
 
 from . import chunked
 from .backends import resolve_backend
-from .objectives import OBJECTIVES
-from .params import LossParams
+from .options import decode
 
-__all__ = ["loss_options", "lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "IMPLEMENTATIONS"]
+__all__ = ["lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "IMPLEMENTATIONS"]
 
 _T8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 _T6 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 _T3 = tuple[Tensor, Tensor, Tensor]
-_N_LOSS_OPTIONS = 8
-
-
-def loss_options(params: LossParams) -> tuple:
-    """``LossParams`` as the primitive op arguments ``(objective, param0, param1, ignore_index,
-    softcap, label_smoothing, z_loss, with_stats)``."""
-    obj = params.objective
-    if OBJECTIVES.get(obj.name) is not type(obj):
-        raise TypeError(f"objective: {type(obj).__name__} is not a registered objective; expected one of "
-                        f"{sorted(OBJECTIVES)}")
-    p0, p1 = obj.kernel_params
-    return (obj.name, float(p0), float(p1), params.ignore_index, params.softcap,
-            float(params.label_smoothing), float(params.z_loss), bool(params.with_stats))
-
-
-def _params(objective: str, param0: float, param1: float, ignore_index: int, softcap: Optional[float],
-            label_smoothing: float, z_loss: float, with_stats: bool) -> LossParams:
-    cls = OBJECTIVES[objective]
-    obj = cls(*(param0, param1)[:len(fields(cls))])
-    return LossParams(obj, ignore_index, softcap, label_smoothing, z_loss, with_stats)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -70,61 +46,55 @@ def _or_none(t: Tensor, wanted: bool) -> Optional[Tensor]:
     return t if wanted else None
 
 
-def _stats_fake(device, with_stats: bool, needs_entropy: bool) -> tuple[Tensor, ...]:
+def _stats_fake(device, options: str) -> tuple[Tensor, ...]:
+    opts = decode(options)
     f32 = torch.float32
-    shape = () if with_stats else (0,)
-    ent_shape = () if with_stats and needs_entropy else (0,)
+    shape = () if opts.return_stats else (0,)
+    ent_shape = () if opts.return_stats and opts.objective.needs_entropy else (0,)
     return (torch.empty(shape, dtype=f32, device=device), torch.empty(shape, dtype=f32, device=device),
             torch.empty(shape, dtype=f32, device=device), torch.empty(ent_shape, dtype=f32, device=device))
+
+
+def _per_token_loss(rows: Tensor, options: str) -> Tensor:
+    out_dtype = torch.promote_types(rows.dtype, torch.float32)
+    return rows.new_empty((rows.shape[0],) if decode(options).reduction == "none" else (), dtype=out_dtype)
 
 
 # ---------------------------------------------------------------- linear + loss
 
 
 def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                token_weights: Optional[Tensor], divisor: Optional[Tensor],
-                objective: str, param0: float, param1: float, ignore_index: int, softcap: Optional[float],
-                label_smoothing: float, z_loss: float, with_stats: bool,
-                backend: str, chunk_size: int, accum_dtype: torch.dtype, reduction: str,
-                need_dx: bool, need_dw: bool, need_db: bool) -> _T8:
-    params = _params(objective, param0, param1, ignore_index, softcap, label_smoothing, z_loss, with_stats)
-    be = resolve_backend(backend, x.device)
+                      token_weights: Optional[Tensor], divisor: Optional[Tensor], options: str,
+                      need_dx: bool, need_dw: bool, need_db: bool) -> _T8:
+    opts = decode(options)
+    be = resolve_backend(opts.backend, x.device)
     loss, dx, dw, db, stats = chunked.linear_forward(
-        x, weight, bias, target, token_weights, divisor, params, be, chunk_size, accum_dtype, reduction,
-        need_dx, need_dw, need_db)
+        x, weight, bias, target, token_weights, divisor, opts, be, need_dx, need_dw, need_db)
     stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(weight.dtype)
     return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
             *stats)
 
 
-lce_forward = torch.library.custom_op("dft_kernels::lce_forward", mutates_args=())(
-    _lce_forward_impl)
+lce_forward = torch.library.custom_op("dft_kernels::lce_forward", mutates_args=())(_lce_forward_impl)
 
 
 @lce_forward.register_fake
-def _(x, weight, bias, target, token_weights, divisor, objective, param0, param1, ignore_index, softcap,
-      label_smoothing, z_loss, with_stats, backend, chunk_size, accum_dtype, reduction, need_dx, need_dw,
-      need_db):
-    out_dtype = torch.promote_types(x.dtype, torch.float32)
-    grads = reduction != "none"
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=out_dtype)
+def _(x, weight, bias, target, token_weights, divisor, options, need_dx, need_dw, need_db):
+    grads = decode(options).reduction != "none"
     dx = x.new_empty(x.shape if grads and need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
     dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=chunked.stash_dtype(weight.dtype))
     has_db = grads and need_db and bias is not None
     db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=chunked.stash_dtype(weight.dtype))
-    return (loss, dx, dw, db, *_stats_fake(x.device, with_stats, OBJECTIVES[objective].needs_entropy))
+    return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options))
 
 
 def _lce_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      token_weights: Optional[Tensor], grad_loss: Tensor,
-                      objective: str, param0: float, param1: float, ignore_index: int, softcap: Optional[float],
-                      label_smoothing: float, z_loss: float, with_stats: bool,
-                      backend: str, chunk_size: int, accum_dtype: torch.dtype,
-                      need_dx: bool, need_dw: bool, need_db: bool) -> _T3:
-    params = _params(objective, param0, param1, ignore_index, softcap, label_smoothing, z_loss, False)
-    be = resolve_backend(backend, x.device)
-    dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, params, be,
-                                              chunk_size, accum_dtype, need_dx, need_dw, need_db)
+                            token_weights: Optional[Tensor], grad_loss: Tensor, options: str,
+                            need_dx: bool, need_dw: bool, need_db: bool) -> _T3:
+    opts = decode(options)
+    be = resolve_backend(opts.backend, x.device)
+    dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, opts, be,
+                                              need_dx, need_dw, need_db)
     return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
 
 
@@ -133,8 +103,7 @@ lce_backward_none = torch.library.custom_op("dft_kernels::lce_backward_none", mu
 
 
 @lce_backward_none.register_fake
-def _(x, weight, bias, target, token_weights, grad_loss, objective, param0, param1, ignore_index, softcap,
-      label_smoothing, z_loss, with_stats, backend, chunk_size, accum_dtype, need_dx, need_dw, need_db):
+def _(x, weight, bias, target, token_weights, grad_loss, options, need_dx, need_dw, need_db):
     dx = x.new_empty(x.shape if need_dx else (0,))
     dw = weight.new_empty(weight.shape if need_dw else (0,))
     db = weight.new_empty((weight.shape[0],) if need_db and bias is not None else (0,))
@@ -142,18 +111,17 @@ def _(x, weight, bias, target, token_weights, grad_loss, objective, param0, para
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, token_weights = inputs[:5]
-    options = inputs[6:6 + _N_LOSS_OPTIONS]
-    backend, chunk_size, accum_dtype, reduction, need_dx, need_dw, need_db = inputs[6 + _N_LOSS_OPTIONS:]
-    ctx.reduction = reduction
+    x, weight, bias, target, token_weights, _divisor, options, need_dx, need_dw, need_db = inputs
+    ctx.num_inputs = len(inputs)
+    ctx.reduction = decode(options).reduction
     ctx.need = (need_dx, need_dw, need_db and bias is not None)
     # Only the loss is differentiable.  Without this, backward would materialise zero
     # gradients for the dx/dw/db outputs: one more [V, H] (and [N, H]) buffer at the peak.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    if reduction == "none":
+    if ctx.reduction == "none":
         ctx.save_for_backward(x, weight, bias, target, token_weights)
-        ctx.rest = (*options, backend, chunk_size, accum_dtype)
+        ctx.options = options
     else:
         ctx.save_for_backward(*output[1:4])
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -164,13 +132,13 @@ def _lce_backward(ctx, grad_loss, *_unused):
     if ctx.reduction == "none":
         x, weight, bias, target, token_weights = ctx.saved_tensors
         dx, dw, db = torch.ops.dft_kernels.lce_backward_none(
-            x, weight, bias, target, token_weights, grad_loss, *ctx.rest, need_dx, need_dw, need_db)
+            x, weight, bias, target, token_weights, grad_loss, ctx.options, need_dx, need_dw, need_db)
         grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
     else:
         g = grad_loss.to(torch.float32)
         grads = tuple(None if not wanted else (t * g).to(dt)
                       for t, dt, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.need))
-    return (*grads, None, None, None) + (None,) * (_N_LOSS_OPTIONS + 7)
+    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; nothing else
 
 
 torch.library.register_autograd("dft_kernels::lce_forward", _lce_backward, setup_context=_lce_setup_context)
@@ -180,37 +148,28 @@ torch.library.register_autograd("dft_kernels::lce_forward", _lce_backward, setup
 
 
 def _ce_forward_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
-               objective: str, param0: float, param1: float, ignore_index: int, softcap: Optional[float],
-               label_smoothing: float, z_loss: float, with_stats: bool,
-               backend: str, chunk_size: int, reduction: str, need_grad: bool) -> _T6:
-    params = _params(objective, param0, param1, ignore_index, softcap, label_smoothing, z_loss, with_stats)
-    be = resolve_backend(backend, logits.device)
-    loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, params, be, chunk_size,
-                                               reduction, need_grad)
+                     options: str, need_grad: bool) -> _T6:
+    opts = decode(options)
+    be = resolve_backend(opts.backend, logits.device)
+    loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, opts, be, need_grad)
     return (loss, _or_empty(grad, logits, chunked.stash_dtype(logits.dtype)), *stats)
 
 
-ce_forward = torch.library.custom_op("dft_kernels::ce_forward", mutates_args=())(
-    _ce_forward_impl)
+ce_forward = torch.library.custom_op("dft_kernels::ce_forward", mutates_args=())(_ce_forward_impl)
 
 
 @ce_forward.register_fake
-def _(logits, target, token_weights, divisor, objective, param0, param1, ignore_index, softcap,
-      label_smoothing, z_loss, with_stats, backend, chunk_size, reduction, need_grad):
-    out_dtype = torch.promote_types(logits.dtype, torch.float32)
-    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=out_dtype)
-    has_grad = reduction != "none" and need_grad
+def _(logits, target, token_weights, divisor, options, need_grad):
+    has_grad = decode(options).reduction != "none" and need_grad
     grad = logits.new_empty(logits.shape if has_grad else (0,), dtype=chunked.stash_dtype(logits.dtype))
-    return (loss, grad, *_stats_fake(logits.device, with_stats, OBJECTIVES[objective].needs_entropy))
+    return (_per_token_loss(logits, options), grad, *_stats_fake(logits.device, options))
 
 
 def _ce_backward_none_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
-                     objective: str, param0: float, param1: float, ignore_index: int, softcap: Optional[float],
-                     label_smoothing: float, z_loss: float, with_stats: bool,
-                     backend: str, chunk_size: int) -> Tensor:
-    params = _params(objective, param0, param1, ignore_index, softcap, label_smoothing, z_loss, False)
-    be = resolve_backend(backend, logits.device)
-    return chunked.logits_backward_none(logits, target, token_weights, grad_loss, params, be, chunk_size)
+                           options: str) -> Tensor:
+    opts = decode(options)
+    be = resolve_backend(opts.backend, logits.device)
+    return chunked.logits_backward_none(logits, target, token_weights, grad_loss, opts, be)
 
 
 ce_backward_none = torch.library.custom_op("dft_kernels::ce_backward_none", mutates_args=())(
@@ -218,22 +177,20 @@ ce_backward_none = torch.library.custom_op("dft_kernels::ce_backward_none", muta
 
 
 @ce_backward_none.register_fake
-def _(logits, target, token_weights, grad_loss, objective, param0, param1, ignore_index, softcap,
-      label_smoothing, z_loss, with_stats, backend, chunk_size):
+def _(logits, target, token_weights, grad_loss, options):
     return torch.empty_like(logits)
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, token_weights = inputs[:3]
-    options = inputs[4:4 + _N_LOSS_OPTIONS]
-    backend, chunk_size, reduction, need_grad = inputs[4 + _N_LOSS_OPTIONS:]
-    ctx.reduction, ctx.need_grad, ctx.logits_dtype = reduction, need_grad, logits.dtype
+    logits, target, token_weights, _divisor, options, need_grad = inputs
+    ctx.num_inputs = len(inputs)
+    ctx.reduction, ctx.need_grad, ctx.logits_dtype = decode(options).reduction, need_grad, logits.dtype
     # Only the loss is differentiable (else backward would allocate zeros for the [N, V] grad output).
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    if reduction == "none":
+    if ctx.reduction == "none":
         ctx.save_for_backward(logits, target, token_weights)
-        ctx.rest = (*options, backend, chunk_size)
+        ctx.options = options
     else:
         ctx.save_for_backward(output[1])
 
@@ -243,11 +200,11 @@ def _ce_backward(ctx, grad_loss, *_unused):
     if ctx.need_grad:
         if ctx.reduction == "none":
             logits, target, token_weights = ctx.saved_tensors
-            grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, *ctx.rest)
+            grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, ctx.options)
         else:
             (stash,) = ctx.saved_tensors
             grad = (stash * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
-    return (grad, None, None, None) + (None,) * (_N_LOSS_OPTIONS + 4)
+    return (grad, *(None,) * (ctx.num_inputs - 1))  # logits only
 
 
 torch.library.register_autograd("dft_kernels::ce_forward", _ce_backward, setup_context=_ce_setup_context)

@@ -1,24 +1,24 @@
-"""Loss options shared by every layer, as one small hashable dataclass."""
+"""What the row kernel needs per row: a small hashable dataclass every backend receives."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .objectives import Objective, ObjectiveLike, get_objective
+from .objectives import Objective, ObjectiveLike
 
 __all__ = ["LossParams", "make_loss_params"]
 
 
 @dataclass(frozen=True)
 class LossParams:
-    """Per-row loss options every backend receives.
+    """Per-row loss options every backend receives (the subset of
+    :class:`~dft_kernels.options.LossOptions` a row kernel reads, already checked there).
 
     ``objective``: a resolved :class:`Objective`; ``ignore_index``: targets equal to it
     (and, when unvalidated, any target outside ``[0, V)``) contribute nothing;
     ``softcap``: ``z = softcap * tanh(z0 / softcap)`` when set; ``label_smoothing`` and
-    ``z_loss``: DESIGN §2; ``with_stats``: also compute the argmax flag for accuracy.
+    ``z_loss``: see docs/design.md, Math; ``with_stats``: also compute the argmax flag for accuracy.
     """
 
     objective: Objective
@@ -33,35 +33,11 @@ class LossParams:
         return self.objective.needs_entropy
 
 
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 def make_loss_params(objective: ObjectiveLike, *, ignore_index: int = -100, softcap=None,
                      label_smoothing: float = 0.0, z_loss: float = 0.0,
                      with_stats: bool = False) -> LossParams:
-    """Check and normalise the loss options; errors name the argument."""
-    obj = get_objective(objective)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if softcap is not None:
-        softcap = _real("softcap", softcap)
-        if softcap <= 0:
-            raise ValueError(f"softcap must be > 0 (or None to disable), got {softcap}")
-    label_smoothing = _real("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    z_loss = _real("z_loss", z_loss)
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if not obj.is_weighted_nll and (label_smoothing != 0.0 or z_loss != 0.0):
-        raise ValueError(
-            f"label_smoothing and z_loss are not defined for objective '{obj.name}'; "
-            "they work with ce, dft, power, chord and entropy"
-        )
-    return LossParams(obj, ignore_index, softcap, label_smoothing, z_loss, bool(with_stats))
+    """Checked row-kernel options (for calling a backend directly); errors name the argument."""
+    from .options import LossOptions
+
+    return LossOptions(objective=objective, ignore_index=ignore_index, softcap=softcap,
+                       label_smoothing=label_smoothing, z_loss=z_loss, return_stats=with_stats).row_params

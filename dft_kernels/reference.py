@@ -1,10 +1,11 @@
 """The oracle: materialises the full logits and lets autograd take the gradients.
 
 Same signature as :func:`dft_kernels.linear_cross_entropy`; works in any dtype
-(the tests run it in float64).  It shares only the argument checks with the fast
-path: shift, the per-token losses (written here straight from DESIGN §2–§3 with
+(the tests run it in float64).  It shares only the options and the argument checks
+(:mod:`dft_kernels.options`, :mod:`dft_kernels.checks`) with the fast path: shift, the
+per-token losses (written here straight from docs/design.md, Math and Objectives, with
 ``detach`` as the stop-gradient), reductions and stats are computed independently.
-``backend``, ``chunk_size``, ``accum_dtype`` are accepted and ignored.
+``backend``, ``chunk_size``, ``accum_dtype`` are checked and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import NumItems, check_linear_args, check_target_and_options
+from .checks import NumItems, check_linear_args, check_logits, prepare
 from .objectives import ObjectiveLike
+from .options import LossOptions, document_options
 from .stats import LossStats
 
 __all__ = ["linear_cross_entropy", "cross_entropy", "token_loss"]
@@ -48,31 +50,25 @@ def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: fl
     return loss, entropy
 
 
-def _loss_from_logits(logits: Tensor, target: Tensor, *, objective, ignore_index, reduction,
-                      num_items_in_batch, softcap, label_smoothing, z_loss, token_weights, shift,
-                      return_stats, validate):
+def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_items_in_batch, token_weights):
     vocab = logits.shape[-1]
     # Checks only: the shifted/flattened tensors are rebuilt below by plain slicing.
-    prep = check_target_and_options(
-        logits, "logits", target, vocab, objective=objective, ignore_index=ignore_index,
-        reduction=reduction, num_items_in_batch=num_items_in_batch, softcap=softcap,
-        label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights, shift=shift,
-        return_stats=return_stats, validate=validate)
-    obj = prep.params.objective
-    if shift:
+    prepare(logits, "logits", target, vocab, opts, num_items_in_batch, token_weights)
+    obj, ignore_index, reduction = opts.objective, opts.ignore_index, opts.reduction
+    if opts.shift:
         logits = logits[..., :-1, :]
         target = target[..., 1:]
         token_weights = None if token_weights is None else token_weights[..., 1:]
     tshape = target.shape
     z = logits.reshape(-1, vocab)
     t = target.reshape(-1)
-    cap = prep.params.softcap
+    cap = opts.softcap
     if cap is not None:
         z = cap * torch.tanh(z / cap)
     valid = (t != ignore_index) & (t >= 0) & (t < vocab)
     safe_t = torch.where(valid, t, 0)
     logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None]).squeeze(1)
-    loss, entropy = token_loss(obj.name, obj, logp, z, prep.params.label_smoothing, prep.params.z_loss)
+    loss, entropy = token_loss(obj.name, obj, logp, z, opts.label_smoothing, opts.z_loss)
     if token_weights is not None:
         loss = loss * token_weights.reshape(-1).to(loss.dtype)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
@@ -85,7 +81,7 @@ def _loss_from_logits(logits: Tensor, target: Tensor, *, objective, ignore_index
         out = loss.sum()
     else:
         out = loss.sum() / n_valid.clamp_min(1)
-    if not return_stats:
+    if not opts.return_stats:
         return out
     with torch.no_grad():
         denom = n_valid.clamp_min(1).to(torch.float32)
@@ -101,18 +97,18 @@ def _loss_from_logits(logits: Tensor, target: Tensor, *, objective, ignore_index
     return out, stats
 
 
+@document_options
 def cross_entropy(logits: Tensor, target: Tensor, *, objective: ObjectiveLike = "dft", ignore_index: int = -100,
                   reduction: str = "mean", num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
                   label_smoothing: float = 0.0, z_loss: float = 0.0, token_weights: Optional[Tensor] = None,
                   shift: bool = False, return_stats: bool = False, backend: str = "auto",
                   chunk_size: Optional[int] = None, validate: bool = True):
     """Reference for :func:`dft_kernels.cross_entropy` (on given logits)."""
-    return _loss_from_logits(logits, target, objective=objective, ignore_index=ignore_index, reduction=reduction,
-                             num_items_in_batch=num_items_in_batch, softcap=softcap,
-                             label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights,
-                             shift=shift, return_stats=return_stats, validate=validate)
+    opts = LossOptions.from_arguments(locals())
+    return _loss_from_logits(check_logits(logits), target, opts, num_items_in_batch, token_weights)
 
 
+@document_options
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
                          objective: ObjectiveLike = "dft", ignore_index: int = -100, reduction: str = "mean",
                          num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
@@ -121,9 +117,6 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias:
                          return_stats: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
                          accum_dtype: Optional[torch.dtype] = torch.float32, validate: bool = True):
     """Materialising reference for :func:`dft_kernels.linear_cross_entropy`."""
+    opts = LossOptions.from_arguments(locals())
     input, weight, bias = check_linear_args(input, weight, bias)
-    logits = F.linear(input, weight, bias)
-    return _loss_from_logits(logits, target, objective=objective, ignore_index=ignore_index, reduction=reduction,
-                             num_items_in_batch=num_items_in_batch, softcap=softcap,
-                             label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights,
-                             shift=shift, return_stats=return_stats, validate=validate)
+    return _loss_from_logits(F.linear(input, weight, bias), target, opts, num_items_in_batch, token_weights)

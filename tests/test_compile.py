@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of training steps that call the fused loss (DESIGN §4, §5).
+"""torch.compile(fullgraph=True) of training steps that call the fused loss (docs/design.md, Data path).
 
 The chunk loop runs inside the ``dft_kernels::*`` custom ops (``dft_kernels/ops.py``), so
 a compiled step has no graph break (``fullgraph=True`` raises on one) and no host sync
@@ -102,10 +102,10 @@ def test_compiled_cross_entropy_and_stats():
 def _op_args(reduction):
     x, w, b, t = make_inputs(12, 8, 50)
     x, w, b = (a.requires_grad_() for a in (x, w, b))
-    params = dk.params.make_loss_params("dft", with_stats=True, label_smoothing=0.1)
+    options = dk.options.LossOptions("dft", return_stats=True, label_smoothing=0.1, reduction=reduction,
+                                     backend="torch", chunk_size=4)
     divisor = torch.tensor(9.0) if reduction == "mean" else None
-    return (x, w, b, t, None, divisor, *dk.ops.loss_options(params), "torch", 4, torch.float32, reduction,
-            True, True, True)
+    return (x, w, b, t, None, divisor, options.encode(), True, True, True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -118,10 +118,10 @@ def test_opcheck_linear_op(reduction):
 def test_opcheck_logits_op():
     z = torch.randn(10, 30, requires_grad=True)
     t = torch.randint(0, 30, (10,))
-    params = dk.params.make_loss_params("entropy", with_stats=True)
     for reduction in ("sum", "none"):
-        torch.library.opcheck(dk.ops.ce_forward,
-                              (z, t, None, None, *dk.ops.loss_options(params), "torch", 4, reduction, True),
+        options = dk.options.LossOptions("entropy", return_stats=True, reduction=reduction, backend="torch",
+                                         chunk_size=4)
+        torch.library.opcheck(dk.ops.ce_forward, (z, t, None, None, options.encode(), True),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

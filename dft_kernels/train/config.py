@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["TrainConfig", "ConfigError", "load_config_file", "parse_args"]
+__all__ = ["TrainConfig", "ConfigError", "check_loss_kwargs", "load_config_file", "parse_args"]
 
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -24,6 +24,24 @@ ON_NONFINITE = ("skip", "stop")
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the option."""
+
+
+# Loss options the trainer sets itself (objective: its own option; the labels it builds use -100).
+TRAINER_LOSS_OPTIONS = ("objective", "ignore_index")
+
+
+def check_loss_kwargs(loss_kwargs: dict, objective="dft") -> dict:
+    """``loss_kwargs`` as the trainer passes them to ``dk.patch``: the options ``dk.patch`` takes, less
+    :data:`TRAINER_LOSS_OPTIONS`, with values checked for ``objective``.  Raises :class:`ConfigError`."""
+    from ..hf import check_loss_kwargs as check_patch_kwargs
+
+    for key in TRAINER_LOSS_OPTIONS:
+        if isinstance(loss_kwargs, dict) and key in loss_kwargs:
+            raise ConfigError(f"loss_kwargs: must not set {key!r} (the trainer owns it)")
+    try:
+        return check_patch_kwargs(loss_kwargs, objective)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss_kwargs: {e}") from None
 
 
 @dataclass
@@ -128,8 +146,8 @@ class TrainConfig:
              f"must divide tiny_num_heads={self.tiny_num_heads}")
         need(isinstance(self.objective_args, dict), "objective_args", "must be a mapping")
         need(isinstance(self.loss_kwargs, dict), "loss_kwargs", "must be a mapping")
-        for reserved in ("objective", "num_items_in_batch", "ignore_index", "return_stats", "shift"):
-            need(reserved not in self.loss_kwargs, "loss_kwargs", f"must not set {reserved!r} (the trainer owns it)")
+        check_loss_kwargs(self.loss_kwargs, self.make_objective())
+
 
     def make_objective(self):
         """The dk objective object named by ``objective`` with ``objective_args``."""
