@@ -131,4 +131,20 @@ def check_linear_against_reference(x, w, b, t, dtype, *, backend="torch", chunk_
             assert g.abs().max() == 0, f"{name} grad should be exactly zero"
             continue
         e = rel_err(g, rg)
+        if e > tol and dtype == torch.float32:
+            # A float32 gradient summed over a long vocabulary row can sit at the fixed bound
+            # whatever computes it (the dX GEMM rounds V terms).  Then the bar is eager
+            # PyTorch's own float32 error on the same values: ours may not exceed 3x it.
+            e_eager = _eager_grad_err(name, x, w, b, t, grad_out, rg, **kwargs)
+            assert e <= 3.0 * e_eager, f"{name} grad rel err {e:.3e} > {tol} and > 3x eager float32 {e_eager:.3e}"
+            continue
         assert e <= tol, f"{name} grad rel err {e:.3e} > {tol}"
+
+
+def _eager_grad_err(name, x, w, b, t, grad_out, rg, **kwargs) -> float:
+    """Relative error of the materialising reference run in float32 (eager PyTorch's error)."""
+    xe, we, be = leaf(x.float()), leaf(w.float()), leaf(None if b is None else b.float())
+    ref32 = dk.reference.linear_cross_entropy(xe, we, t, bias=be, **kwargs)
+    ins = {"input": xe, "weight": we, "bias": be}
+    g32 = torch.autograd.grad(ref32, [ins[name]], grad_out.to(ref32.dtype))[0]
+    return rel_err(g32, rg)
