@@ -124,13 +124,19 @@ def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @_device_fn
-def _block_stats(z, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
-    """Per-row statistics of one block relative to its own max ``bm``:
+def _block_stats(z, start, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
+    """Per-row statistics of the block of columns ``start + [0, BLOCK)`` relative to its own max ``bm``:
     ``r_b = sum_{j != one argmax} e^{z_j - bm}``, ``t_b = sum_j e^{z_j - bm} (bm - z_j)``
     and the first argmax index.  ``-inf`` entries (masked vocabulary, columns past V) carry no
     mass: they add 0 to ``t_b`` (not ``0 * inf``).  A block that is all ``-inf`` has
     ``bm = -inf``; its ``r_b`` and ``t_b`` are finite and ``_merge`` gives it weight 0."""
-    bm = tl.max(z, axis=1)
+    idx = tl.zeros([z.shape[0]], dtype=tl.int32)
+    if WITH_STATS:
+        # one fused (max, first index) reduction: cheaper in registers than a second min over indices
+        bm, idx = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        idx = idx + start
+    else:
+        bm = tl.max(z, axis=1)
     at_max = z == bm[:, None]
     # shifting an all -inf block by 0 instead of bm keeps -inf - (-inf) = nan out of e
     e = tl.exp2((z - tl.where(bm == float("-inf"), 0.0, bm)[:, None]) * LOG2E)
@@ -139,9 +145,6 @@ def _block_stats(z, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr)
     t_b = tl.zeros_like(r_b)
     if NEEDS_ENTROPY:
         t_b = tl.sum(tl.where(e > 0.0, e * (bm[:, None] - z), 0.0), axis=1)
-    idx = tl.zeros_like(r_b).to(tl.int32)
-    if WITH_STATS:
-        idx = tl.min(tl.where(at_max, cols[None, :], 2147483647), axis=1)
     return bm, r_b, t_b, idx
 
 
@@ -195,17 +198,17 @@ def _row_loss_grad_kernel(
     valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
     y = tl.where(valid, y, 0)
 
-    # ---- pass 1: online max / r / t / sum z / argmax (the first block starts the running stats) ----
+    # ---- pass 1: online max / r / t / sum z / argmax, from the empty state (m = -inf) ----
     cols = tl.arange(0, BLOCK)
-    z, col_ok = _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP)
-    m, r, t, arg = _block_stats(z, cols, NEEDS_ENTROPY, WITH_STATS)
-    zsum = 0.0
-    if HAS_SMOOTHING:
-        zsum = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-    for start in range(BLOCK, V, BLOCK):
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    r = tl.zeros([ROWS], dtype=tl.float32)
+    t = tl.zeros([ROWS], dtype=tl.float32)
+    zsum = tl.zeros([ROWS], dtype=tl.float32)
+    arg = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
         bcols = start + cols
         z, col_ok = _load_block(row_ptrs, row_ok, bcols, V, softcap, HAS_SOFTCAP)
-        bm, r_b, t_b, b_arg = _block_stats(z, bcols, NEEDS_ENTROPY, WITH_STATS)
+        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
         m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
         if HAS_SMOOTHING:
             zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
