@@ -30,7 +30,8 @@ def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: fl
     p = logp.exp()
     entropy = None
     if name == "entropy":
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        # -sum p log p with 0 log 0 = 0: masked (-inf) logits contribute nothing, not 0 * inf
+        entropy = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)
     weight = {
         "ce": lambda: torch.ones_like(p),
         "dft": lambda: p.detach().clamp_min(obj.min_weight),
@@ -44,8 +45,11 @@ def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: fl
         loss = -(p ** obj.k)
     else:
         w = weight[name]()
-        smooth = -(torch.log_softmax(logits, dim=-1)).mean(-1)
-        loss = w * ((1 - label_smoothing) * (-logp) + label_smoothing * smooth)
+        loss = w * -logp
+        if label_smoothing != 0.0:
+            # infinite with masked (-inf) logits, as F.cross_entropy; never 0 * inf without smoothing
+            smooth = -(torch.log_softmax(logits, dim=-1)).mean(-1)
+            loss = w * ((1 - label_smoothing) * (-logp) + label_smoothing * smooth)
         loss = loss + z_loss * lse ** 2
     return loss, entropy
 
@@ -68,6 +72,9 @@ def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_ite
     valid = (t != ignore_index) & (t >= 0) & (t < vocab)
     safe_t = torch.where(valid, t, 0)
     logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None]).squeeze(1)
+    # ignored rows stand in column 0, which may be masked (-inf): a finite logp keeps inf * 0 out
+    # of their (discarded) loss and its gradient
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
     loss, entropy = token_loss(obj.name, obj, logp, z, opts.label_smoothing, opts.z_loss)
     if token_weights is not None:
         loss = loss * token_weights.reshape(-1).to(loss.dtype)

@@ -71,7 +71,9 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     log1p_r = torch.log1p(r)
     m = m.squeeze(1)
     lse = m + log1p_r
-    logp = (z_target - m) - log1p_r
+    # rows without a valid target read column 0, which may be masked (-inf): logp = 0 keeps
+    # their (zero-weighted) loss and gradient finite, 0 rather than inf * 0
+    logp = ((z_target - m) - log1p_r).masked_fill_(~valid, 0.0)
     softmax = work.div_((1.0 + r).unsqueeze(1))
 
     entropy = None
@@ -88,10 +90,11 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     if lam != 0.0:
         loss = loss + lam * lse * lse
 
+    zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
     row_weight = valid.to(compute_dtype)
     if token_weights is not None:
         row_weight = row_weight * token_weights.to(compute_dtype)
-    loss = loss * row_weight
+    loss = torch.where(valid, loss * row_weight, zero)  # ignored rows: 0, even where their stand-in loss is inf
 
     if grad_scale is not None:
         # softmax becomes the gradient in place: a * softmax - b * onehot - c.  The target
@@ -116,7 +119,6 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
             logits.copy_(grad)
 
     f32 = torch.float32
-    zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
     return RowOutputs(
         loss=loss.to(f32),
         nll=torch.where(valid, -logp, zero).to(f32),

@@ -18,8 +18,11 @@ pass 2, over the row again, overwriting it in place in its own dtype::
     a = w + 2 lam lse,  b = w (1 - eps),  c = w eps / V,  scale = token_weight * grad_scale
 
 with the target entry as ``a expm1(logp) + 2 lam lse + w eps (1 - 1/V)`` so that it
-does not cancel when ``p ~ 1``.  Rows whose target is ``ignore_index`` or outside ``[0, V)`` are
-written as zeros and their target is never used as an address.
+does not cancel when ``p ~ 1``.  Rows whose target is ``ignore_index`` or outside ``[0, V)``
+are written as zeros and their target is never used as an address.  ``-inf`` logits (a
+masked vocabulary) have no mass and a zero gradient, in any number and position, whole
+blocks included; a row needs one finite logit (with label smoothing its loss is ``inf``,
+as in ``F.cross_entropy``).
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported) - which is how CI tests it.
@@ -121,23 +124,53 @@ def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @_device_fn
-def _block_stats(z, col_ok, cols, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
-    """Per-row statistics of one block relative to its own max ``bm``:
+def _block_stats(z, start, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
+    """Per-row statistics of the block of columns ``start + [0, BLOCK)`` relative to its own max ``bm``:
     ``r_b = sum_{j != one argmax} e^{z_j - bm}``, ``t_b = sum_j e^{z_j - bm} (bm - z_j)``
-    and the first argmax index."""
-    bm = tl.max(z, axis=1)
+    and the first argmax index.  ``-inf`` entries (masked vocabulary, columns past V) carry no
+    mass: they add 0 to ``t_b`` (not ``0 * inf``).  A block that is all ``-inf`` has
+    ``bm = -inf``; its ``r_b`` and ``t_b`` are finite and ``_merge`` gives it weight 0."""
+    idx = tl.zeros([z.shape[0]], dtype=tl.int32)
+    if WITH_STATS:
+        # one fused (max, first index) reduction: cheaper in registers than a second min over indices
+        bm, idx = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        idx = idx + start
+    else:
+        bm = tl.max(z, axis=1)
     at_max = z == bm[:, None]
-    e = tl.exp2((z - bm[:, None]) * LOG2E)
+    # shifting an all -inf block by 0 instead of bm keeps -inf - (-inf) = nan out of e
+    e = tl.exp2((z - tl.where(bm == float("-inf"), 0.0, bm)[:, None]) * LOG2E)
     # r excludes exactly one of the maximal entries (their own exact 1)
     r_b = tl.sum(tl.where(at_max, 0.0, e), axis=1) + (tl.sum(at_max.to(tl.float32), axis=1) - 1.0)
     t_b = tl.zeros_like(r_b)
     if NEEDS_ENTROPY:
-        # masked columns have e = 0; give them z = bm so that e * (bm - z) is 0, not 0 * inf
-        t_b = tl.sum(e * (bm[:, None] - tl.where(col_ok[None, :], z, bm[:, None])), axis=1)
-    idx = tl.zeros_like(r_b).to(tl.int32)
-    if WITH_STATS:
-        idx = tl.min(tl.where(at_max, cols[None, :], 2147483647), axis=1)
+        t_b = tl.sum(tl.where(e > 0.0, e * (bm[:, None] - z), 0.0), axis=1)
     return bm, r_b, t_b, idx
+
+
+@_device_fn
+def _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
+    """Online merge of a block's ``(bm, r_b, t_b, b_arg)`` into the running ``(m, r, t, arg)``.
+
+    With ``a = e^{-|m - bm|}`` rescaling the smaller-max side onto the larger max::
+
+        bm > m:  r' = r_b + a (1 + r),  t' = t_b + a (t + (bm - m)(1 + r))
+        else:    r' = r + a (1 + r_b),  t' = t + a (t_b + (m - bm)(1 + r_b))
+
+    (``t`` is relative to the max: moving it from ``m`` to ``m' > m`` adds ``m' - m`` per unit
+    of mass).  A side whose max is ``-inf`` has no mass: ``a`` is 0 (or nan when both are), and
+    its terms are dropped rather than multiplied by 0, since ``bm - m`` may be infinite."""
+    new_max = bm > m
+    a = tl.exp2(-tl.abs(m - bm) * LOG2E)
+    has_a = a > 0.0  # false for a == 0 and a == nan
+    if NEEDS_ENTROPY:
+        t = tl.where(new_max, t_b + tl.where(has_a, a * (t + (bm - m) * (1.0 + r)), 0.0),
+                     t + tl.where(has_a, a * (t_b + (m - bm) * (1.0 + r_b)), 0.0))
+    r = tl.where(new_max, r_b + tl.where(has_a, a * (1.0 + r), 0.0),
+                 r + tl.where(has_a, a * (1.0 + r_b), 0.0))
+    if WITH_STATS:
+        arg = tl.where(new_max, b_arg, arg)
+    return tl.maximum(m, bm), r, t, arg
 
 
 @triton.jit
@@ -165,28 +198,18 @@ def _row_loss_grad_kernel(
     valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
     y = tl.where(valid, y, 0)
 
-    # ---- pass 1: online max / r / t / sum z / argmax (first block peeled so m is finite) ----
+    # ---- pass 1: online max / r / t / sum z / argmax, from the empty state (m = -inf) ----
     cols = tl.arange(0, BLOCK)
-    z, col_ok = _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP)
-    m, r, t, arg = _block_stats(z, col_ok, cols, NEEDS_ENTROPY, WITH_STATS)
-    zsum = 0.0
-    if HAS_SMOOTHING:
-        zsum = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-    for start in range(BLOCK, V, BLOCK):
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    r = tl.zeros([ROWS], dtype=tl.float32)
+    t = tl.zeros([ROWS], dtype=tl.float32)
+    zsum = tl.zeros([ROWS], dtype=tl.float32)
+    arg = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
         bcols = start + cols
         z, col_ok = _load_block(row_ptrs, row_ok, bcols, V, softcap, HAS_SOFTCAP)
-        bm, r_b, t_b, b_arg = _block_stats(z, col_ok, bcols, NEEDS_ENTROPY, WITH_STATS)
-        new_max = bm > m
-        # a = e^{-|m - bm|}: the factor rescaling the smaller-max side onto the larger max
-        a = tl.exp2(-tl.abs(m - bm) * LOG2E)
-        if NEEDS_ENTROPY:
-            # t is relative to the max: moving from max m to m' > m adds (m' - m) per unit of mass
-            t = tl.where(new_max, t_b + a * (t + (bm - m) * (1.0 + r)),
-                         t + a * (t_b + (m - bm) * (1.0 + r_b)))
-        r = tl.where(new_max, r_b + a * (1.0 + r), r + a * (1.0 + r_b))
-        if WITH_STATS:
-            arg = tl.where(new_max, b_arg, arg)
-        m = tl.maximum(m, bm)
+        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
+        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
         if HAS_SMOOTHING:
             zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
