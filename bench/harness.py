@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from . import memory
-from .check import Result, capture, compare
+from .check import Result, compare
 from .inputs import Inputs, make_inputs
 from .providers import Provider, Runner, Skip
 from .shapes import Shape
@@ -60,7 +60,7 @@ def measure_provider(prov: Provider, runner: Runner, inputs: Inputs, device: tor
     _cleanup(device)
     peak = memory.peak_bytes(runner.step, device)
     if peak is not None:
-        row["peak_mb"] = max(0, peak - inputs.grad_bytes) / MB
+        row["peak_mb"] = max(0, peak - runner.grad_bytes) / MB
 
 
 def run_shape(shape: Shape, providers: list[Provider], device: torch.device, cfg: TimingConfig, *,
@@ -82,7 +82,7 @@ def run_shape(shape: Shape, providers: list[Provider], device: torch.device, cfg
             runner = prov.build(inputs, device)
             if prov.checked:
                 inputs.clear_grads()
-                got = capture(runner.step(), inputs.x, inputs.w)   # first call also warms up / compiles
+                got = runner.checked_step()   # first call also warms up / compiles
                 row.update(loss=got.loss, grad_checksum=got.grad_checksum)
                 if ref is None:
                     ref, ref_name = got, prov.name

@@ -23,6 +23,7 @@ from torch import Tensor
 import dft_kernels as dk
 from dft_kernels.backends import BACKENDS, resolve_backend
 
+from .check import Result, capture
 from .inputs import IGNORE_INDEX, Inputs
 
 
@@ -49,6 +50,15 @@ class Runner:
         loss = self.loss_fn(self.inputs)
         loss.backward()
         return loss.detach()
+
+    def checked_step(self) -> Result:
+        """One fwd+bwd for the loss check: the loss and the full ``dx``/``dW``."""
+        return capture(self.step(), self.inputs.x, self.inputs.w)
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients this provider must return (not counted as extra memory)."""
+        return self.inputs.grad_bytes
 
 
 class FloorRunner(Runner):

@@ -18,11 +18,12 @@ from .chunked import default_chunk_size
 from .objectives import ObjectiveLike
 from .options import LossOptions, document_options
 from .stats import LossStats
+from .vocab_parallel.shard import is_dtensor
 
 __all__ = ["linear_cross_entropy", "cross_entropy"]
 
 
-def _finish(loss: Tensor, stats_sums, prep: Prepared, opts: LossOptions, vocab_size: int):
+def finish(loss: Tensor, stats_sums, prep: Prepared, opts: LossOptions, vocab_size: int):
     """Reshape a per-token loss (undoing the shift padding) and build LossStats."""
     if opts.reduction == "none":
         loss = loss.view(prep.out_shape)
@@ -60,6 +61,8 @@ def linear_cross_entropy(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     accum_dtype: Optional[torch.dtype] = torch.float32,
+    process_group=None,
+    allreduce_dgrad: bool = True,
     validate: bool = True,
 ):
     """Loss of ``objective`` on logits ``input @ weight.T (+ bias)``, never materialising them.
@@ -68,9 +71,14 @@ def linear_cross_entropy(
     ``token_weights (...)`` float multiplies each token's loss (no gradient);
     ``num_items_in_batch``: divide the summed loss by it instead (Hugging Face's gradient
     accumulation convention).  Returns the loss (0-d for ``mean``/``sum``, ``target``-shaped
-    for ``none``), or ``(loss, LossStats)`` when ``return_stats``.
+    for ``none``), or ``(loss, LossStats)`` when ``return_stats``.  With ``process_group`` (or
+    a DTensor ``weight`` sharded over the vocabulary), ``weight``/``bias`` are this rank's slice.
     """
     opts = LossOptions.from_arguments(locals())
+    if opts.process_group is not None or is_dtensor(weight) or is_dtensor(input):
+        from .vocab_parallel.functional import vocab_parallel_linear
+
+        return vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
     input, weight, bias = check_linear_args(input, weight, bias)
     vocab_size, hidden = weight.shape
     prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
@@ -83,7 +91,7 @@ def linear_cross_entropy(
         x, _contiguous(weight), bias, prep.target, prep.token_weights, prep.divisor,
         opts.encode(chunk_size=chunk, accum_dtype=accum), grad_on and x.requires_grad,
         grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
-    return _finish(loss, stats_sums, prep, opts, vocab_size)
+    return finish(loss, stats_sums, prep, opts, vocab_size)
 
 
 @document_options
@@ -103,14 +111,20 @@ def cross_entropy(
     return_stats: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    process_group=None,
     validate: bool = True,
 ):
     """The same objectives on logits you already hold: ``logits (..., V)``, ``target (...)``.
 
     The gradient goes to ``logits``; the caller's logits are not modified.  The other
-    arguments are those of :func:`linear_cross_entropy`.
+    arguments are those of :func:`linear_cross_entropy`; with ``process_group`` (or a DTensor
+    sharded over its last dim), ``logits`` are this rank's ``(..., V_local)`` slice.
     """
     opts = LossOptions.from_arguments(locals())
+    if opts.process_group is not None or is_dtensor(logits):
+        from .vocab_parallel.functional import vocab_parallel_logits
+
+        return vocab_parallel_logits(logits, target, opts, num_items_in_batch, token_weights)
     logits = check_logits(logits)
     vocab_size = logits.shape[-1]
     prep = prepare(logits, "logits", target, vocab_size, opts, num_items_in_batch, token_weights)
@@ -119,5 +133,5 @@ def cross_entropy(
     loss, _grad, *stats_sums = ops.ce_forward(
         flat, prep.target, prep.token_weights, prep.divisor, opts.encode(chunk_size=chunk),
         torch.is_grad_enabled() and flat.requires_grad)
-    return _finish(loss, stats_sums, prep, opts, vocab_size)
+    return finish(loss, stats_sums, prep, opts, vocab_size)
 

@@ -87,6 +87,15 @@ class LossOptions:
               "``DFT_KERNELS_CHUNK_BYTES`` (1 GiB).")
     accum_dtype: Optional[torch.dtype] = _option(
         torch.float32, "dtype of the ``dW``/``db`` accumulators; None: the weight's dtype.", linear_only=True)
+    process_group: Optional[object] = _option(
+        None, "vocab-parallel head: a ``torch.distributed`` ProcessGroup whose ranks each hold a contiguous "
+              "slice of the vocabulary (``weight``/``bias`` rows, or ``logits`` columns); the loss and stats "
+              "are the global ones on every rank; docs/distributed.md.  None: one process (a DTensor head "
+              "sharded ``Shard(0)`` on a 1-D mesh brings its own group).")
+    allreduce_dgrad: bool = _option(
+        True, "with a ``process_group``: return the full input gradient, all-reduced over the group; False: "
+              "this rank's partial sum, for frameworks that all-reduce it themselves (Megatron-core's "
+              "convention).", linear_only=True)
     validate: bool = _option(
         True, "check with one host sync that every target is in ``[0, V)`` or ``ignore_index``; False "
               "skips it (such rows are then masked).")
@@ -114,6 +123,11 @@ class LossOptions:
                 "they work with ce, dft, power, chord and entropy")
         for flag in ("shift", "return_stats", "validate"):
             put(flag, bool(getattr(self, flag)))
+        if not isinstance(self.allreduce_dgrad, bool):
+            raise TypeError(f"allreduce_dgrad must be a bool, got {type(self.allreduce_dgrad).__name__}")
+        if self.process_group is not None and not _is_process_group(self.process_group):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got "
+                            f"{type(self.process_group).__name__}")
         if not isinstance(self.backend, str):
             raise TypeError(f"backend must be a string, got {type(self.backend).__name__}")
         if self.backend not in BACKEND_NAMES:
@@ -142,9 +156,18 @@ class LossOptions:
     def encode(self, **resolved) -> str:
         """These options (with ``resolved`` values replacing some, e.g. the chunk size chosen for
         the call) as one string, the custom ops' options argument; :func:`decode` inverts it.
-        Built from constants only, so ``torch.compile`` folds it into the graph."""
+        Built from constants only, so ``torch.compile`` folds it into the graph.  The ops are the
+        single-process path: a ``process_group`` does not cross them."""
+        if resolved.get("process_group", self.process_group) is not None:
+            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
         return repr(tuple(_encode_value(resolved[name] if name in resolved else getattr(self, name))
                           for name in OPTION_NAMES))
+
+
+def _is_process_group(value) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(value, dist.ProcessGroup)
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))

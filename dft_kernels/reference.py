@@ -5,7 +5,8 @@ Same signature as :func:`dft_kernels.linear_cross_entropy`; works in any dtype
 (:mod:`dft_kernels.options`, :mod:`dft_kernels.checks`) with the fast path: shift, the
 per-token losses (written here straight from docs/design.md, Math and Objectives, with
 ``detach`` as the stop-gradient), reductions and stats are computed independently.
-``backend``, ``chunk_size``, ``accum_dtype`` are checked and otherwise ignored.
+``backend``, ``chunk_size``, ``accum_dtype``, ``allreduce_dgrad`` are checked and otherwise ignored;
+``process_group`` must be None (the oracle of the vocab-parallel path is this one on the whole head).
 """
 
 from __future__ import annotations
@@ -104,14 +105,21 @@ def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_ite
     return out, stats
 
 
+def _one_process(opts: LossOptions) -> LossOptions:
+    if opts.process_group is not None:
+        raise ValueError("process_group: the reference computes on the whole head in one process; pass the whole "
+                         "head (or logits) and process_group=None")
+    return opts
+
+
 @document_options
 def cross_entropy(logits: Tensor, target: Tensor, *, objective: ObjectiveLike = "dft", ignore_index: int = -100,
                   reduction: str = "mean", num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
                   label_smoothing: float = 0.0, z_loss: float = 0.0, token_weights: Optional[Tensor] = None,
                   shift: bool = False, return_stats: bool = False, backend: str = "auto",
-                  chunk_size: Optional[int] = None, validate: bool = True):
+                  chunk_size: Optional[int] = None, process_group=None, validate: bool = True):
     """Reference for :func:`dft_kernels.cross_entropy` (on given logits)."""
-    opts = LossOptions.from_arguments(locals())
+    opts = _one_process(LossOptions.from_arguments(locals()))
     return _loss_from_logits(check_logits(logits), target, opts, num_items_in_batch, token_weights)
 
 
@@ -122,8 +130,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias:
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
                          token_weights: Optional[Tensor] = None, shift: bool = False,
                          return_stats: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
-                         accum_dtype: Optional[torch.dtype] = torch.float32, validate: bool = True):
+                         accum_dtype: Optional[torch.dtype] = torch.float32, process_group=None,
+                         allreduce_dgrad: bool = True, validate: bool = True):
     """Materialising reference for :func:`dft_kernels.linear_cross_entropy`."""
-    opts = LossOptions.from_arguments(locals())
+    opts = _one_process(LossOptions.from_arguments(locals()))
     input, weight, bias = check_linear_args(input, weight, bias)
     return _loss_from_logits(F.linear(input, weight, bias), target, opts, num_items_in_batch, token_weights)

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from ..functional import cross_entropy, linear_cross_entropy
 from ..objectives import Objective
+from ..options import LINEAR_ONLY_OPTIONS
+from ..vocab_parallel.shard import is_vocab_sharded
 from .inspection import _REFUSED_CONFIG_FLAGS, HeadSpec, PatchError, _backbone, _check_head, _describe
 
 # Per-call keyword arguments the patched forward consumes (never passed to the backbone).
@@ -107,9 +109,19 @@ def _slice_to_keep(hidden: Tensor, logits_to_keep) -> Tensor:
     return hidden[:, -logits_to_keep:, :]
 
 
+def _vocab_parallel_head(head: nn.Module) -> bool:
+    """A tensor-parallel head sharded over the vocabulary (DTensor ``Shard(0)`` on a 1-D mesh:
+    ``tp_plan="auto"``, ``ColwiseParallel``), which the loss takes as is."""
+    return is_vocab_sharded(head.weight)
+
+
 def _run_in_head(head: nn.Module, hidden: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Run ``fn(hidden)`` as the head module's forward, so its hooks (FSDP unshard, DeepSpeed
-    gather, accelerate device placement) run around it."""
+    gather, accelerate device placement) run around it.  A vocab-parallel head's parameters are
+    already this rank's shard: ``fn`` runs without its tensor-parallel input/output transforms,
+    which would gather the ``[tokens, V]`` logits."""
+    if _vocab_parallel_head(head):
+        return fn(hidden)
     attr = "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
     saved = head.__dict__.get(attr, _MISSING)
     head.__dict__[attr] = fn
@@ -124,13 +136,14 @@ def _run_in_head(head: nn.Module, hidden: Tensor, fn: Callable[[Tensor], Tensor]
 
 def _head_operands(head: nn.Linear, x: Tensor, spec: HeadSpec):
     """Weight, bias and input as the head would use them (autocast, FSDP2 DTensor), with the
-    logit scale folded in: scale * (x W^T + b) = (scale x) W^T + scale b."""
+    logit scale folded in: scale * (x W^T + b) = (scale x) W^T + scale b.  A vocab-parallel
+    head stays sharded (the loss takes the DTensor); other DTensor layouts are gathered."""
     w, b = head.weight, head.bias
     try:
         from torch.distributed.tensor import DTensor
     except Exception:  # noqa: BLE001 - torch built without distributed
         DTensor = ()
-    if DTensor and isinstance(w, DTensor):
+    if DTensor and isinstance(w, DTensor) and not _vocab_parallel_head(head):
         w = w.full_tensor()
         b = b.full_tensor() if isinstance(b, DTensor) else b
     dev = x.device.type
@@ -270,7 +283,8 @@ def _eval_forward(model, state: _PatchState, flat: dict, labels, extra: dict):
     logits = out.logits
     target, shift, token_weights = _targets(labels, extra, logits.shape[:-1], logits.device)
     opts = _loss_options(state, extra)
-    opts.pop("accum_dtype", None)  # no weight gradient on this path
+    for name in LINEAR_ONLY_OPTIONS:  # accum_dtype, allreduce_dgrad: no weight or input gradient here
+        opts.pop(name, None)
     out.loss = cross_entropy(logits, target, objective=state.objective, shift=shift,
                              num_items_in_batch=extra.get("num_items_in_batch"), token_weights=token_weights,
                              **opts)

@@ -1,0 +1,117 @@
+"""Autograd for the vocab-parallel losses: the chunk drivers of :mod:`dft_kernels.chunked` run with a
+:class:`~dft_kernels.vocab_parallel.row_kernel.VocabParallelRowKernel` as their row backend and this
+rank's slice of the head (or of the logits); the input gradient is all-reduced over the group unless
+the caller reduces it itself (``allreduce_dgrad=False``).
+
+As on one rank, ``mean``/``sum`` compute the gradients in forward and backward scales them;
+``none`` recomputes in backward (two collectives per chunk again, plus the ``dX`` all-reduce), so
+every rank must run backward.  These are ``torch.autograd.Function`` s, not custom ops: a process
+group is not a custom-op argument, and ``torch.compile`` of the vocab-parallel path is not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import chunked
+from ..options import LossOptions
+
+__all__ = ["ParallelRun", "linear_loss", "logits_loss"]
+
+
+@dataclass(frozen=True)
+class ParallelRun:
+    """What one vocab-parallel call runs with, besides its tensors: the options (chunk size and
+    accumulator dtype resolved), the row kernel over this rank's slice, the group, and which
+    gradients are wanted."""
+
+    opts: LossOptions
+    kernel: object                 # VocabParallelRowKernel
+    group: object                  # the tensor-parallel ProcessGroup
+    need_dx: bool = False
+    need_dw: bool = False
+    need_db: bool = False
+
+
+def _allreduce_dgrad(dx: Optional[Tensor], run: ParallelRun) -> None:
+    if dx is not None and run.opts.allreduce_dgrad:
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=run.group)
+
+
+class _LinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, token_weights, divisor, run: ParallelRun):
+        loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, run.opts,
+                                                         run.kernel, run.need_dx, run.need_dw, run.need_db)
+        _allreduce_dgrad(dx, run)
+        ctx.run = run
+        ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)
+        if run.opts.reduction == "none":
+            ctx.save_for_backward(x, weight, bias, target, token_weights)
+        else:
+            ctx.save_for_backward(dx, dw, db)
+            ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats):
+        run: ParallelRun = ctx.run
+        if grad_loss is None:
+            return (None,) * 7
+        if run.opts.reduction == "none":
+            x, weight, bias, target, token_weights = ctx.saved_tensors
+            dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, run.opts,
+                                                      run.kernel, run.need_dx, run.need_dw, run.need_db)
+            _allreduce_dgrad(dx, run)
+        else:
+            g = grad_loss.to(torch.float32)
+            dx, dw, db = (None if t is None else (t * g).to(dt) for t, dt in zip(ctx.saved_tensors, ctx.dtypes))
+        return dx, dw, db, None, None, None, None
+
+
+class _LogitsLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, token_weights, divisor, run: ParallelRun):
+        loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, run.opts, run.kernel,
+                                                   run.need_dx)
+        ctx.run = run
+        ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)
+        ctx.logits_dtype = logits.dtype
+        if run.opts.reduction == "none":
+            ctx.save_for_backward(logits, target, token_weights)
+        else:
+            ctx.save_for_backward(grad)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats):
+        run: ParallelRun = ctx.run
+        if grad_loss is None or not run.need_dx:
+            return (None,) * 5
+        if run.opts.reduction == "none":
+            logits, target, token_weights = ctx.saved_tensors
+            grad = chunked.logits_backward_none(logits, target, token_weights, grad_loss, run.opts, run.kernel)
+        else:
+            (stash,) = ctx.saved_tensors
+            grad = (stash * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
+        return grad, None, None, None, None
+
+
+def linear_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, token_weights: Optional[Tensor],
+                divisor: Optional[Tensor], run: ParallelRun):
+    """``(loss, nll_sum, prob_sum, correct_sum, entropy_sum)`` of the head slice ``weight``/``bias``
+    (gradients to ``x`` — the full one unless ``allreduce_dgrad=False`` — and to this rank's slice)."""
+    return _LinearLoss.apply(x, weight, bias, target, token_weights, divisor, run)
+
+
+def logits_loss(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
+                run: ParallelRun):
+    """The same on this rank's ``[N, V_r]`` slice of the logits (``run.need_dx``: the logits need a gradient)."""
+    return _LogitsLoss.apply(logits, target, token_weights, divisor, run)

@@ -1,0 +1,62 @@
+"""Vocab-parallel head (docs/distributed.md) on gloo process groups of 2 and 3 CPU processes.
+
+Every rank holds a slice of a random head (V = 257 over 2 ranks, 1001 over 3; even and skewed slice
+sizes) and compares the loss, the stats, dX and its own dW/db slice with the single-process float64
+reference on the whole head (tests/vocab_parallel_ranks.py): every objective with every reduction,
+each option on and off, the given-logits path, exact ties at the argmax, the Triton split kernels under
+TRITON_INTERPRET=1, DTensor operands, a transformers ``tp_plan="auto"`` model under ``dk.patch``
+(tests/vocab_parallel_hf.py), and inconsistent calls that must raise on every rank.  One process group
+per world size runs all of its cases (starting one costs seconds).
+"""
+
+import pytest
+import torch.distributed as dist
+from process_group import RankFailure, run_ranks
+from vocab_parallel_ranks import cases, run_cases
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+WORLD_SIZES = (2, 3)
+CASES = [pytest.param(world, case.name, id=f"{world}ranks-{case.name}")
+         for world in WORLD_SIZES for case in cases(world)]
+
+
+@pytest.fixture(scope="module")
+def group_results():
+    """``world -> (per-rank results, failure message or None)``, each group started once per module."""
+    cache = {}
+
+    def get(world: int, names: list):
+        if world not in cache:
+            try:
+                cache[world] = (run_ranks(run_cases, world, names), None)
+            except RankFailure as exc:
+                cache[world] = (exc.results, str(exc))
+        return cache[world]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def selected(request):
+    """The case names this session runs, per world size (so ``-k`` starts groups only for what it selects)."""
+    names = {}
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.module is request.module and callspec is not None:
+            names.setdefault(callspec.params["world"], []).append(callspec.params["name"])
+    return names
+
+
+@pytest.mark.parametrize("world,name", CASES)
+def test_vocab_parallel_matches_reference(group_results, selected, world, name):
+    results, failure = group_results(world, selected[world])
+    for rank, per_case in enumerate(results):
+        if per_case is None or name not in per_case:
+            pytest.fail(f"rank {rank} did not run this case; the group failed: {failure}")
+        result = per_case[name]
+        if "error" in result:
+            pytest.fail(f"rank {rank} raised:\n{result['error']}")
+        bad = {metric: f"{value:.3e} > {tol:g}" for metric, (value, tol) in result["metrics"].items()
+               if not value <= tol}
+        assert not bad, f"rank {rank}: {bad}"
