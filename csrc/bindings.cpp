@@ -50,7 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_loss_
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
   TORCH_CHECK(vocab >= 1, "row_loss_grad: logits must have at least one column (V >= 1), got ", logits.sizes());
-  TORCH_CHECK(vocab <= std::numeric_limits<int>::max(), "row_loss_grad: V = ", vocab, " is too large");
+  // The kernel's int column indices step past V by up to two block sizes (512 threads) before they stop.
+  constexpr int64_t kMaxVocab = std::numeric_limits<int>::max() - 4096;
+  TORCH_CHECK(vocab <= kMaxVocab, "row_loss_grad: V = ", vocab, " is too large (at most ", kMaxVocab, ")");
   TORCH_CHECK(n <= std::numeric_limits<int>::max(), "row_loss_grad: n = ", n, " rows is too many for one launch");
   const bool rows_contiguous = (vocab == 1 || logits.stride(1) == 1) && (n <= 1 || logits.stride(0) >= vocab);
   TORCH_CHECK(rows_contiguous, "row_loss_grad: logits rows must be contiguous, got strides ", logits.strides());

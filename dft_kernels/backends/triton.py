@@ -49,6 +49,8 @@ MAX_BLOCK = 8192
 # The interpreter runs each tl op as a numpy call per program: fewer, wider blocks are faster.
 MAX_BLOCK_INTERPRETER = 1 << 16
 INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
+# Largest V whose int32 column offsets (below V + BLOCK) cannot wrap.
+MAX_VOCAB = 2**31 - 1 - max(MAX_BLOCK, MAX_BLOCK_INTERPRETER)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -191,6 +193,11 @@ def _row_loss_grad_kernel(
     ``ROWS`` is 1 on GPUs (one program per row); the interpreter takes several rows per
     program, since its cost is per op, not per element.
     """
+    # Offsets past int32: the row offset ``rows * stride_row`` (``stride_row`` comes in as an
+    # int32 whenever it fits) exceeds 2^31 elements as soon as N * V does, so ``rows`` is int64
+    # and so is every row pointer and ``row_ptrs + y``.  Column offsets ``start + cols`` stay
+    # int32: they are below V + BLOCK, which ``row_loss_grad`` keeps under 2^31 (MAX_VOCAB).
+    # Per-row vectors are indexed by the int64 ``rows``.  Tested past 2^31 in tests/test_scale.py.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     row_ptrs = logits_ptr + rows * stride_row
@@ -371,6 +378,8 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         raise ValueError(f"logits must be a [n, V] tensor with unit stride along V, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
     n, vocab = logits.shape
+    if vocab > MAX_VOCAB:
+        raise ValueError(f"logits: the triton backend takes rows of at most {MAX_VOCAB} entries, got V = {vocab}")
     dev = logits.device
     f32 = torch.float32
     loss = torch.empty(n, dtype=f32, device=dev)
