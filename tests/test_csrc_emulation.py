@@ -186,6 +186,14 @@ def test_confident_rows_keep_precision(emulator):
     assert rel_err(grad, ref_logits) <= 1e-5
 
 
+def test_rows_past_int32(emulated_cuda_backend):
+    """Rows at element offsets past 2^31 (tests/test_scale.py): the kernel's per-row code reads
+    and writes only its own rows, and every output matches the float64 reference."""
+    from test_scale import check_row_kernel_past_int32
+
+    check_row_kernel_past_int32(emulated_cuda_backend, "cpu")
+
+
 # ---- the correctness suite, through dk.linear_cross_entropy(backend="cuda") ----
 
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=obj_id)
