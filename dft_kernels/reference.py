@@ -41,7 +41,13 @@ def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: fl
         "entropy": lambda: obj.scale * torch.exp(-entropy).detach(),
     }
     if name == "focal":
-        loss = -((1 - p) ** obj.gamma) * logp
+        # (1-p)^gamma for gamma < 1 has an infinite slope at p == 1 (logp == 0), where autograd
+        # would give inf * 0 = NaN; the loss's true gradient there is 0 (logp ~ -(1-p)), so the
+        # weight is taken as a constant at that point.
+        q = 1 - p
+        q_pos = torch.where(q > 0, q, torch.ones_like(q))
+        weight = torch.where(q > 0, q_pos ** obj.gamma, torch.zeros_like(q) ** obj.gamma)
+        loss = -weight * logp
     elif name == "prob":
         loss = -(p ** obj.k)
     else:

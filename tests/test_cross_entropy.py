@@ -60,3 +60,20 @@ def test_linear_ce_matches_torch_linear_cross_entropy(backend):
     ours = dk.linear_cross_entropy(x, w, t, objective="ce", backend=backend, chunk_size=8)
     want = torch.nn.functional.linear_cross_entropy(x.double(), w.double(), t)
     assert rel_err(ours, want) <= 1e-6
+
+
+def test_focal_below_one_at_p_equal_one(backend):
+    """Focal with gamma < 1 where p == 1 exactly (V = 1, and a row whose other logits are 60
+    below): the true gradient is 0 there; the reference gave NaN (inf * 0 in autograd)."""
+    for logits, target in ((torch.randn(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.int64)),
+                           (torch.cat([torch.full((2, 1), 60.0), torch.randn(2, 40)], 1).double(),
+                            torch.tensor([0, 0]))):
+        for objective in (dk.Focal(gamma=0.5), dk.Focal(gamma=0.0), dk.Focal(gamma=2.0)):
+            ours_in = logits.float().requires_grad_()
+            ref_in = logits.clone().requires_grad_()
+            out = dk.cross_entropy(ours_in, target, objective=objective, reduction="sum", backend=backend)
+            ref = dk.reference.cross_entropy(ref_in, target, objective=objective, reduction="sum")
+            (g,) = torch.autograd.grad(out, ours_in)
+            (rg,) = torch.autograd.grad(ref, ref_in)
+            assert torch.isfinite(rg).all() and torch.isfinite(g).all()
+            assert abs(float(out) - float(ref)) <= 1e-6 and (g.double() - rg).abs().max() <= 1e-6
