@@ -168,21 +168,6 @@ def test_two_process_gloo_matches_one_process(data, tmp_path, single_process_run
         assert m.get_output_embeddings().weight.shape[1] == 32
 
 
-def test_demo_pipeline_small(tmp_path, capsys, one_thread):
-    """The demo's code path (warm start, both fine-tunes from its checkpoint, table, plot) at toy size;
-    `make demo` runs the full size."""
-    from dft_kernels.train.demo import run_demo
-
-    small = {k: v for k, v in TINY.items() if k.startswith("tiny_")}
-    out = run_demo(out_dir=str(tmp_path), warm_steps=2, steps=2, n_train=64, n_heldout=4, parallel=False,
-                   per_device_batch_size=8, eval_max_new_tokens=8, **small)
-    text = capsys.readouterr().out
-    assert "final NLL" in text and "held-out EM" in text and "chance" in text
-    assert set(out["results"]) == {"SFT", "DFT"} and out["results"]["DFT"]["objective"] == "dft"
-    assert os.path.getsize(out["plot"]) > 10_000
-    assert out["results"]["SFT"]["steps"] == 2 and out["warm_start"]["steps"] == 2
-
-
 def test_packed_training_counts_the_same_targets(data, tmp_path, one_thread):
     packed = train(cfg(data, tmp_path / "p", packing=True, max_length=192, per_device_batch_size=2, max_steps=2))
     recs = read_metrics(packed["metrics"])

@@ -5,9 +5,10 @@ NuminaMath-CoT ``problem``/``solution`` format, the answer in ``\\boxed{}``::
 
     {"problem": "Compute 47+25-18.", "solution": "47+25=72\\n72-18=54\\nThe answer is \\\\boxed{54}."}
 
-The train split mixes chains of ``train_terms`` terms (2-4); the held-out split is harder than
-the average training problem: only the longest chains (``heldout_terms``, 4 terms), none of which
-occur in the train split.  Generation is
+``write_demo_suite`` writes the demo's four disjoint splits (see ``SUITE``): a broad warm-start
+set (2-4 terms, the "pretraining"), a fine-tuning set of demonstrations from its harder part
+(3-4 terms), and two held-out sets no training split contains: easy (3 terms) and hard (4 terms).
+``write_demo_data`` writes a plain train/held-out pair (used by the tests).  Generation is
 deterministic in ``seed`` (``random.Random``), so every machine builds the same files.
 
 Tokenizer: character level, built with the ``tokenizers`` library (a BPE model with no merges
@@ -23,7 +24,8 @@ import random
 import string
 from typing import Iterable
 
-__all__ = ["make_problem", "make_split", "write_demo_data", "build_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
+__all__ = ["make_problem", "make_split", "make_split_by_terms", "write_demo_data", "write_demo_suite", "SUITE",
+           "build_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
@@ -75,6 +77,41 @@ def make_split(seed: int, n: int, terms: Iterable[int], exclude: set | None = No
     return out
 
 
+def make_split_by_terms(seed: int, counts: dict, exclude: set | None = None, max_operand: int = 9) -> list[dict]:
+    """Distinct problems with exactly ``counts[k]`` chains of ``k`` terms (shuffled together).  A count
+    of -1 takes every chain of that length not in ``exclude`` (only sensible for 2 terms: 126 exist)."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out = []
+    for terms, n in sorted(counts.items()):
+        if n == -1:
+            if terms != 2 or max_operand != 9:
+                raise ValueError(f"counts: -1 (all problems) is only supported for 2-term chains, got {terms}")
+            ex = [_two_term(a, op, b) for a in range(1, 10) for b in range(1, 10) for op in "+-" if op == "+" or b <= a]
+            out += [e for e in ex if e["problem"] not in seen]
+            seen.update(e["problem"] for e in ex)
+            continue
+        got, attempts = 0, 0
+        while got < n:
+            attempts += 1
+            if attempts > 200 * n:
+                raise RuntimeError(f"could not draw {n} distinct {terms}-term problems")
+            ex = make_problem(rng, terms, max_operand)
+            if ex["problem"] in seen:
+                continue
+            seen.add(ex["problem"])
+            out.append(ex)
+            got += 1
+    rng.shuffle(out)
+    return out
+
+
+def _two_term(a: int, op: str, b: int) -> dict:
+    c = a + b if op == "+" else a - b
+    return {"problem": f"Compute {a}{op}{b}.", "solution": f"{a}{op}{b}={c}\nThe answer is \\boxed{{{c}}}.",
+            "answer": str(c)}
+
+
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -93,6 +130,32 @@ def write_demo_data(out_dir: str, *, seed: int = 0, n_train: int = 4000, n_heldo
     paths = {"train": os.path.join(out_dir, "train.jsonl"), "heldout": os.path.join(out_dir, "heldout.jsonl")}
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["heldout"], heldout)
+    return paths
+
+
+# the demo's splits: {name: (seed offset, {terms: count})}; drawn in this order, each excluding all before it.
+# There are 126 distinct 2-term, 1899 3-term and 30036 4-term chains (one-digit operands).
+SUITE = {
+    "heldout_hard": (1, {4: 200}),
+    "heldout_easy": (2, {3: 200}),
+    "warmstart": (3, {2: -1, 3: 900, 4: 1800}),
+    "finetune": (4, {3: 600, 4: 2400}),
+}
+
+
+def write_demo_suite(out_dir: str, *, seed: int = 0, n_heldout: int = 200) -> dict:
+    """Write the demo's splits (``SUITE``) as ``<name>.jsonl`` under ``out_dir``; returns their paths.
+    The splits share no problem.  ``n_heldout`` resizes both held-out sets."""
+    os.makedirs(out_dir, exist_ok=True)
+    seen: set = set()
+    paths = {}
+    for name, (offset, counts) in SUITE.items():
+        if name.startswith("heldout"):
+            counts = {k: n_heldout for k in counts}
+        rows = make_split_by_terms(seed * 100 + offset, counts, exclude=seen)
+        seen.update(r["problem"] for r in rows)
+        paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+        _write_jsonl(paths[name], rows)
     return paths
 
 
