@@ -47,6 +47,7 @@ V, H = 1024, 16            # vocab >> hidden, so tokens x vocab is the largest t
 STEPS, GA, BS = 3, 2, 2    # optimizer steps, gradient accumulation, micro-batch size
 ROWS = STEPS * GA * BS + 4
 LR, SEED = 5e-3, 1234
+HEAD_STD = 0.75           # lm_head init: logits of std ~3 on the final RMSNorm's unit-scale output
 CHUNK = 8                  # dk chunk size: the chunk logits (CHUNK x V) must show up in the recorder
 OBJECTIVE = "dft"
 TOL = 1e-5                 # float32 relative error (docs/design.md, Tests)
@@ -62,7 +63,7 @@ def word(i: int) -> str:
 
 
 def write_model(path: Path) -> None:
-    """A 2-layer random Llama (float32, initializer_range 0.3 so token probabilities vary) and a
+    """A 2-layer random Llama (float32; small-init backbone, head of std ``HEAD_STD``) and a
     word-level tokenizer ``<pad> <bos> <eos> <unk> w4 ... w1023``."""
     import torch
     import transformers
@@ -78,11 +79,13 @@ def write_model(path: Path) -> None:
                                                      eos_token="<eos>", unk_token="<unk>")
     tokenizer.model_max_length = 256
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3,
+                                   num_attention_heads=2, num_key_value_heads=1, initializer_range=0.05,
                                    max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                    tie_word_embeddings=False)
     torch.manual_seed(SEED)
     model = transformers.LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # logits of std ~3, so the DFT weights p vary (a small-init head gives p ~ 1/V)
+        model.lm_head.weight.normal_(0.0, HEAD_STD)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -103,6 +106,8 @@ def write_jsonl(items: list[dict], path: Path) -> None:
 
 # ------------------------------------------------------------------ recording a run
 
+RECORDER = None  # the StepRecorder of this process's run (set by the driver before module.run)
+
 
 class StepRecorder:
     """Wraps ``transformers.Trainer.training_step`` (every trainer here calls it for each micro-batch)."""
@@ -119,6 +124,7 @@ class StepRecorder:
     def install(self) -> None:
         import torch
         import transformers
+
         from dispatch_recorder import LargestOutput
 
         original = transformers.Trainer.training_step
@@ -266,8 +272,9 @@ def check(ours: dict, theirs: dict) -> list[str]:
 
 def _run_one(module, kind: str, work: Path, out: Path) -> None:
     """In a fresh process: train once (``kind``) under the recorder and write what was seen."""
+    global RECORDER
     t0 = time.perf_counter()
-    rec = StepRecorder()
+    rec = RECORDER = StepRecorder()
     rec.install()
     result: dict = {"kind": kind}
     try:

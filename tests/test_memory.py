@@ -7,7 +7,6 @@ import dft_kernels as dk
 from dispatch_recorder import LargestOutput
 from helpers import make_inputs
 
-
 N, H, V, CHUNK = 256, 32, 1000, 64  # N * V = 256000 > V * H (dW) = 32000
 
 
