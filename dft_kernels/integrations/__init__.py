@@ -1,0 +1,21 @@
+"""dft_kernels as the loss backend of other trainers.
+
+One module per trainer, each importing only that trainer (import the one you use):
+
+* :mod:`dft_kernels.integrations.llamafactory` — a launcher for LLaMA-Factory's ``run_exp``
+  (``python -m dft_kernels.integrations.llamafactory my_sft.yaml``);
+* :mod:`dft_kernels.integrations.axolotl` — an axolotl plugin
+  (``plugins: [dft_kernels.integrations.axolotl.DFTKernelsPlugin]``);
+* :mod:`dft_kernels.integrations.trl` — ``DFTSFTTrainer``, TRL's ``SFTTrainer`` with the loss
+  taken from the ``dk.patch``-ed model.
+
+What they share (:mod:`dft_kernels.integrations.common`): the options as one dataclass
+(:class:`LossOptions`, read from the trainer's config), and a ``TrainerCallback``
+(:class:`FusedLossCheck`) that stops training before the optimizer step when a micro-batch did
+not run through the fused loss, so a trainer that bypasses the patch never trains silently with
+its own loss.  See docs/integrations.md.
+"""
+
+from .common import FusedLossCheck, LossOptions
+
+__all__ = ["LossOptions", "FusedLossCheck"]

@@ -1,0 +1,141 @@
+"""What every trainer integration shares: the loss options read from a trainer's config, and
+the check that each training micro-batch ran through the fused loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+import torch
+from transformers import TrainerCallback
+
+import dft_kernels as dk
+from dft_kernels.objectives import OBJECTIVES, Objective, get_objective
+
+__all__ = ["LossOptions", "FusedLossCheck", "patched_model", "refuse_trainer_loss"]
+
+# Values of accum_dtype a YAML config can give (dk.patch takes a torch.dtype or None).
+_ACCUM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "none": None}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The objective and the ``dk.patch`` loss options an integration patches the model with.
+
+    From a trainer's config (a YAML mapping) with :meth:`from_config`::
+
+        dft_kernels:
+          objective: dft          # any dk objective name: ce, dft, power, focal, chord, prob, entropy
+          min_weight: 0.1         # the objective's own parameters (DFT: min_weight, Power: alpha, ...)
+          chunk_size: 4096        # dk.patch options: ignore_index, label_smoothing, z_loss, backend,
+                                  # chunk_size, accum_dtype, validate
+    """
+
+    objective: Objective = field(default_factory=dk.DFT)
+    loss_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Optional[Mapping[str, Any]], *, where: str = "dft_kernels") -> "LossOptions":
+        """Build the options from a mapping; ``where`` names it in error messages."""
+        if config is None:
+            return cls()
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{where} must be a mapping (objective: ..., chunk_size: ...), got {type(config).__name__}")
+        config = dict(config)
+        name = config.pop("objective", "dft")
+        if isinstance(name, Objective):
+            objective = name
+        else:
+            if not isinstance(name, str):
+                raise TypeError(f"{where}.objective must be an objective name, got {type(name).__name__}")
+            obj_cls = type(get_objective(name))  # unknown names raise here, listing the known ones
+            params = {f.name: config.pop(f.name) for f in fields(obj_cls) if f.name in config}
+            try:
+                objective = obj_cls(**params)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from e
+        if "reduction" in config and config["reduction"] != "mean":
+            raise ValueError(f"{where}.reduction: a trainer needs a scalar loss normalised as its own (mean with "
+                             f"num_items_in_batch); got {config['reduction']!r}")
+        if "accum_dtype" in config and not isinstance(config["accum_dtype"], torch.dtype):
+            key = str(config["accum_dtype"]).lower()
+            if key not in _ACCUM_DTYPES:
+                raise ValueError(f"{where}.accum_dtype: expected one of {sorted(_ACCUM_DTYPES)}, "
+                                 f"got {config['accum_dtype']!r}")
+            config["accum_dtype"] = _ACCUM_DTYPES[key]
+        misplaced = sorted(set(config) & {f.name for c in OBJECTIVES.values() for f in fields(c)})
+        if misplaced:
+            raise ValueError(f"{where}: {', '.join(misplaced)} not a parameter of objective {objective!r}")
+        return cls(objective=objective, loss_kwargs=config)
+
+    def patch(self, model):
+        """``dk.patch(model, objective, **loss_kwargs)``; unknown options raise a TypeError naming them."""
+        return dk.patch(model, self.objective, **dict(self.loss_kwargs))
+
+
+def patched_model(model):
+    """The model ``dk.patch`` recorded itself on (PEFT and DDP-style wrappers unwrapped), or None."""
+    seen = 0
+    while model is not None and seen < 8:
+        if dk.hf.is_patched(model):
+            get_base = getattr(model, "get_base_model", None)
+            return get_base() if callable(get_base) and type(model).__name__.startswith("Peft") else model
+        model = getattr(model, "module", None)
+        seen += 1
+    return None
+
+
+def refuse_trainer_loss(trainer, where: str) -> None:
+    """Raise when ``trainer`` is set up to compute its own loss on the logits (it would pop the labels,
+    so the patched model would run its original forward and the dft_kernels loss would not be used)."""
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError(f"{where}: the trainer has a compute_loss_func ({trainer.compute_loss_func!r}), which "
+                         "computes the loss on the logits instead of the dft_kernels loss; remove the option that "
+                         "sets it")
+    if getattr(trainer, "label_smoother", None) is not None:
+        raise ValueError(f"{where}: label_smoothing_factor makes the trainer compute a label-smoothed loss on the "
+                         "logits instead of the dft_kernels loss; use the dft_kernels label_smoothing option")
+
+
+class FusedLossCheck(TrainerCallback):
+    """Stops training, before the optimizer step, when a training micro-batch did not run through
+    the ``dk.patch`` fused loss (``model.dft_kernels_fused_calls`` did not grow).
+
+    This is what catches a trainer that computes its loss some other way: a ``compute_loss_func``
+    or label smoother (they pop the labels, so the model runs its original forward), a fused LM
+    head of its own (TRL >= 1.0), a model that was not patched at all.  ``micro_batches`` counts
+    the micro-batches checked.
+    """
+
+    def __init__(self):
+        self.micro_batches = 0
+        self._last: Optional[int] = None
+
+    def _calls(self, model) -> int:
+        target = patched_model(model)
+        if target is None:
+            raise RuntimeError(
+                f"dft_kernels: the model being trained ({type(model).__name__}) is not patched with dk.patch, so "
+                "the trainer would train with its own loss; see docs/integrations.md for the supported entry points")
+        return int(target.__dict__.get("dft_kernels_fused_calls", 0))
+
+    def _check(self, state, model, what: str) -> None:
+        calls = self._calls(model)
+        if self._last is None or calls <= self._last:
+            raise RuntimeError(
+                f"dft_kernels: {what} of optimizer step {state.global_step + 1} did not run through the dft_kernels "
+                "fused loss (model.dft_kernels_fused_calls did not grow): the trainer computed its loss without "
+                "passing labels to the patched model (a compute_loss_func, label smoothing, its own DFT or fused "
+                "LM head). Stopping before the optimizer step; see docs/integrations.md.")
+        self.micro_batches += 1
+        self._last = calls
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._last = self._calls(model)
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self._check(state, model, "a micro-batch")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._check(state, model, "the last micro-batch")
