@@ -1,4 +1,4 @@
-"""The chunked linear + loss autograd Function (DESIGN §5).
+"""The chunked linear + loss autograd Function (docs/design.md, Data path).
 
 For each chunk of ``C`` token rows::
 

@@ -10,7 +10,7 @@ needs only two things from an objective, both computed from pass-1 statistics:
 
 Objectives that are a stop-gradient weight times the NLL (``ce``, ``dft``,
 ``power``, ``chord``, ``entropy``) also support label smoothing and z-loss
-(DESIGN §2); ``focal`` and ``prob`` do not.
+(docs/design.md, Math); ``focal`` and ``prob`` do not.
 
 Each class carries an integer ``kernel_id`` and up to two float ``kernel_params``
 so that compiled kernels can select the epilogue with a constexpr.

@@ -18,7 +18,7 @@ class LossParams:
     ``objective``: a resolved :class:`Objective`; ``ignore_index``: targets equal to it
     (and, when unvalidated, any target outside ``[0, V)``) contribute nothing;
     ``softcap``: ``z = softcap * tanh(z0 / softcap)`` when set; ``label_smoothing`` and
-    ``z_loss``: DESIGN §2; ``with_stats``: also compute the argmax flag for accuracy.
+    ``z_loss``: docs/design.md, Math; ``with_stats``: also compute the argmax flag for accuracy.
     """
 
     objective: Objective

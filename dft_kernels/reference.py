@@ -2,7 +2,7 @@
 
 Same signature as :func:`dft_kernels.linear_cross_entropy`; works in any dtype
 (the tests run it in float64).  It shares only the argument checks with the fast
-path: shift, the per-token losses (written here straight from DESIGN §2–§3 with
+path: shift, the per-token losses (written here straight from docs/design.md, Math and Objectives, with
 ``detach`` as the stop-gradient), reductions and stats are computed independently.
 ``backend``, ``chunk_size``, ``accum_dtype`` are accepted and ignored.
 """

@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of training steps that call the fused loss (DESIGN §4, §5).
+"""torch.compile(fullgraph=True) of training steps that call the fused loss (docs/design.md, Public API and Data path).
 
 The chunk loop runs inside the ``dft_kernels::*`` custom ops (``dft_kernels/ops.py``), so
 a compiled step has no graph break (``fullgraph=True`` raises on one) and no host sync
