@@ -24,6 +24,9 @@ $(STAMP):
 	$(PY) -m pip install "setuptools>=77"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install --no-build-isolation -e ".[$(EXTRAS)]"
+	@# pip hides the build's output: repeat setup.py's warning when the optional CUDA extension failed
+	@if [ -f dft_kernels/_C.build-error.txt ]; then echo "dft_kernels: WARNING: installed without the CUDA \
+	extension (the cuda backend will try to build it on first use): $$(cat dft_kernels/_C.build-error.txt)" >&2; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
