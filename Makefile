@@ -1,20 +1,32 @@
 # Two entry points that work from a fresh clone with nothing but Python >= 3.10:
 #   make demo   the main job (see README)
 #   make test   the test suite (what CI runs)
-# Both create or reuse .venv.  torch is reused when the system Python already has it
-# (the venv sees system site packages); otherwise torch==2.13.0 is installed.
+# Both create or reuse .venv, an isolated venv (no system site-packages).  A torch already
+# installed for $(PYTHON) (a GPU box's CUDA torch) is reused: tools/link_system_torch.py links
+# it and its requirements, and nothing else, into the venv.  Otherwise $(TORCH) is installed.
+# The build requirement (setuptools) is installed explicitly, because the project is installed
+# with --no-build-isolation (so that setup.py sees torch and can build the CUDA extension).
 
 PYTHON ?= python3
 VENV ?= .venv
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,hf,train
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: venv demo test lint clean
 
 $(STAMP):
-	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install --no-build-isolation -e ".[dev,hf]"
+	@if grep -qs "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then \
+	    echo "note: $(VENV) sees the system site-packages (made by an older Makefile); make clean rebuilds it isolated" >&2; fi
+	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) tools/link_system_torch.py $(VENV)
+	$(PY) -m pip install "setuptools>=77"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install --no-build-isolation -e ".[$(EXTRAS)]"
+	@# pip hides the build's output: repeat setup.py's warning when the optional CUDA extension failed
+	@if [ -f dft_kernels/_C.build-error.txt ]; then echo "dft_kernels: WARNING: installed without the CUDA \
+	extension (the cuda backend will try to build it on first use): $$(cat dft_kernels/_C.build-error.txt)" >&2; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,4 +41,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check dft_kernels tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info dft_kernels/_C*.so dft_kernels/_C.build-error.txt

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Relative error ||out - ref|| / ||ref|| allowed between two implementations: twice
-# DESIGN §6's per-implementation bound against float64 for 16-bit, a float32 margin otherwise.
+# Relative error ||out - ref|| / ||ref|| allowed between two implementations: twice the
+# per-implementation bound against float64 (docs/design.md, Tests) for 16-bit, a float32 margin otherwise.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 

@@ -7,6 +7,7 @@ Runs every provider on every shape (same inputs per shape, one process), writes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -20,6 +21,24 @@ from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, parse_shape
 from .timing import TimingConfig
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCH_EXTRA = 'pip install -e ".[bench]"'
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_dependencies(providers, plot: bool) -> tuple[list[str], list[str]]:
+    """Optional packages this run needs, checked before anything runs: (errors that stop the
+    run, notes on providers that will be skipped).  Both name the extra that installs them."""
+    errors, notes = [], []
+    if plot and not _installed("matplotlib"):
+        errors.append(f"matplotlib is not installed and draws the PNG: {BENCH_EXTRA} (the bench extra), "
+                      "or pass --no-plot")
+    for p in providers:
+        if p.requires and not _installed(p.requires[0]):
+            notes.append(f"{p.name!r} will be skipped: {p.requires[1]} is not installed ({BENCH_EXTRA} installs it)")
+    return errors, notes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             shapes = CPU_SHAPES if args.cpu else QUICK_SHAPES if args.quick else GPU_SHAPES
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
+        return 2
+
+    errors, notes = missing_dependencies(providers, plot=not args.no_plot)
+    for line in errors + notes:
+        print(f"python -m bench: {line}", file=sys.stderr)
+    if errors:
         return 2
 
     name = env.device_name(device)

@@ -85,6 +85,7 @@ class Provider:
     kind: str          # "ours" | "baseline" | "peer" | "floor" (only "floor" is not loss-checked)
     build: Callable[[Inputs, torch.device], Runner]
     note: str = ""
+    requires: tuple[str, str] = ()  # (import name, pip distribution) of an optional package it needs
 
     @property
     def checked(self) -> bool:
@@ -177,13 +178,17 @@ def _import_peer(module: str, dist: str):
                    f" (pip install {dist})") from None
 
 
+LIGER_PACKAGE = ("liger_kernel", "liger-kernel")
+CCE_PACKAGE = ("cut_cross_entropy", "cut-cross-entropy")
+
+
 def _require_cuda(device: torch.device, what: str) -> None:
     if device.type != "cuda":
         raise Skip(f"{what} runs Triton GPU kernels and needs a CUDA device; this run is on {device.type}")
 
 
 def _liger(inp: Inputs, device: torch.device) -> Runner:
-    mod = _import_peer("liger_kernel.transformers", "liger-kernel")
+    mod = _import_peer("liger_kernel.transformers", LIGER_PACKAGE[1])
     _require_cuda(device, "Liger-Kernel")
     loss_fn = mod.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, softcap=inp.softcap,
                                                    reduction="mean", use_token_scaling=True)
@@ -191,7 +196,7 @@ def _liger(inp: Inputs, device: torch.device) -> Runner:
 
 
 def _cce(inp: Inputs, device: torch.device) -> Runner:
-    mod = _import_peer("cut_cross_entropy", "cut-cross-entropy")
+    mod = _import_peer(*CCE_PACKAGE)
     _require_cuda(device, "Cut Cross-Entropy")
 
     def loss(i: Inputs) -> Tensor:
@@ -209,8 +214,10 @@ EAGER = Provider("torch eager", "baseline", _eager, "materialised logits, fp32 u
 COMPILED = Provider("torch.compile", "baseline", _compiled, "torch.compile of the eager code")
 TORCH_CHUNKED = Provider("torch chunked", "baseline", _torch_chunked,
                          "F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions()) + DFT weight")
-LIGER = Provider("liger", "peer", _liger, "LigerFusedLinearCrossEntropyLoss(use_token_scaling=True)")
-CCE = Provider("cce", "peer", _cce, "cut_cross_entropy.linear_cross_entropy(reduction='none') + DFT weight")
+LIGER = Provider("liger", "peer", _liger, "LigerFusedLinearCrossEntropyLoss(use_token_scaling=True)",
+                 requires=LIGER_PACKAGE)
+CCE = Provider("cce", "peer", _cce, "cut_cross_entropy.linear_cross_entropy(reduction='none') + DFT weight",
+               requires=CCE_PACKAGE)
 FLOOR = Provider("gemm floor", "floor", _floor, "x W^T, dz W, dz^T x in the input dtype")
 
 

@@ -1,4 +1,4 @@
-"""The benchmark shapes: LM heads of real models (DESIGN §7) and small CPU shapes."""
+"""The benchmark shapes: LM heads of real models (docs/benchmarks.md, Shapes) and small CPU shapes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Shape:
         return f"{self.model} N{self.n} H{self.h} V{self.v} {self.dtype}{cap}"
 
 
-# (model, H, V, softcap) of the heads named in DESIGN §7.
+# (model, H, V, softcap) of the heads named in docs/benchmarks.md, Shapes.
 HEADS = [
     ("Llama-3-8B", 4096, 128256, None),
     ("Qwen2.5-7B", 3584, 152064, None),

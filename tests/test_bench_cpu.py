@@ -170,28 +170,48 @@ def _write_results(tmp_path, rows):
     return results
 
 
+GPU_ROWS = [dict(ROWS[0], device="NVIDIA H100 test", mem_method="cuda-max-allocated")]
+DOC = "# Benchmarks\n\n## Results\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
+
+
 def test_readme_block_is_a_function_of_the_csv(tmp_path):
+    """CPU runs go to docs/benchmarks.md; the README says there is no GPU result and points there."""
     results = _write_results(tmp_path, ROWS)
     text = "# Title\n\nintro\n\n## Benchmarks\n<!-- bench:start -->\nhand-typed numbers\n<!-- bench:end -->\n\nafter\n"
-    path = tmp_path / "README.md"
+    path, doc = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
     path.write_text(text)
-    args = ["--readme", str(path), "--results", str(results)]
+    doc.parent.mkdir()
+    doc.write_text(DOC)
+    args = ["--readme", str(path), "--doc", str(doc), "--results", str(results)]
     assert readme.main(args) == 0
-    first = path.read_text()
+    first, first_doc = path.read_text(), doc.read_text()
     assert first.startswith("# Title\n\nintro\n\n## Benchmarks\n<!-- bench:start -->\n")
     assert first.endswith("<!-- bench:end -->\n\nafter\n")
-    assert "hand-typed" not in first
-    assert "| s1 | ours[torch] | 1.5 (1.4-1.7) |" in first
-    assert "- `liger` (all shapes): needs a | CUDA device" in first
-    assert "No GPU results are committed yet" in first
+    assert "hand-typed" not in first and "| s1 |" not in first                  # no CPU table on the first page
+    assert "No GPU results yet" in first and "[docs/benchmarks.md](docs/benchmarks.md)" in first
+    assert "| s1 | ours[torch] | 1.5 (1.4-1.7) |" in first_doc and "old" not in first_doc
+    assert "- `liger` (all shapes): needs a | CUDA device" in first_doc
+    assert "No GPU results yet" in first_doc and "[`../results/cpu-test.csv`](../results/cpu-test.csv)" in first_doc
     assert readme.main(args + ["--check"]) == 0
-    assert readme.main(args) == 0 and path.read_text() == first          # idempotent
+    assert readme.main(args) == 0 and path.read_text() == first and doc.read_text() == first_doc  # idempotent
     path.write_text(text)
     assert readme.main(args) == 0 and path.read_text() == first          # deterministic
     changed = [dict(ROWS[0], ms_median=9.0), ROWS[1]]
     _write_results(tmp_path, changed)
     assert readme.main(args + ["--check"]) == 1
-    assert path.read_text() == first                                     # --check never writes
+    assert path.read_text() == first and doc.read_text() == first_doc    # --check never writes
+
+
+def test_readme_shows_gpu_results(tmp_path):
+    results = _write_results(tmp_path, ROWS)
+    write_csv(GPU_ROWS, str(results / "nvidia-h100-test.csv"), CONTEXT)
+    path, doc = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    path.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    doc.write_text(DOC)
+    assert readme.main(["--readme", str(path), "--doc", str(doc), "--results", str(results)]) == 0
+    first, first_doc = path.read_text(), doc.read_text()
+    assert "### NVIDIA H100 test" in first and "### CPU test" not in first and "No GPU results" not in first
+    assert "### NVIDIA H100 test" in first_doc and "### CPU test" in first_doc
 
 
 def test_readme_requires_one_marker_pair():
@@ -222,6 +242,21 @@ def test_cli_cpu_writes_csv_png_and_table(tmp_path, capsys):
 
 def test_cli_rejects_unknown_provider(tmp_path):
     assert cli.main(["--cpu", "--providers", "nope", "--out-dir", str(tmp_path)]) == 2
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_checks_optional_dependencies_before_running(tmp_path, monkeypatch, capsys):
+    """Without matplotlib (the bench extra) the CLI stops before any provider runs and names the extra."""
+    installed = {"matplotlib": False, "liger_kernel": False, "cut_cross_entropy": True}
+    monkeypatch.setattr(cli, "_installed", lambda module: installed[module])
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a provider ran before the dependency check")
+    monkeypatch.setattr(cli, "run_shape", must_not_run)
+    assert cli.main(["--cpu", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and 'pip install -e ".[bench]"' in err and "--no-plot" in err
+    assert "'liger' will be skipped: liger-kernel is not installed" in err and "'cce'" not in err
     assert not os.listdir(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Chunked linear_cross_entropy vs the float64 reference: loss and every gradient (DESIGN §6)."""
+"""Chunked linear_cross_entropy vs the float64 reference: loss and every gradient (docs/design.md, Tests)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""dk.cross_entropy on given logits, and the DFT identity of DESIGN §2."""
+"""dk.cross_entropy on given logits, and the DFT identity of docs/design.md, Math."""
 
 import pytest
 import torch

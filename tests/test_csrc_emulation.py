@@ -1,6 +1,6 @@
 """The CUDA kernel's per-row code, run on the CPU, against the float64 reference.
 
-There is no GPU in CI, but the kernel's math lives in csrc/row_kernel.cuh as
+There is no GPU in CI, but the kernel's math lives in dft_kernels/csrc/row_kernel.cuh as
 __host__ __device__ functions.  tests/csrc_emulator.cu runs exactly that code on the host
 (threads one after another, tree merge, epilogue, pass 2), compiled with nvcc into a small
 shared library called through ctypes.  Plugged in behind the real ``dft_kernels.backends.cuda``
@@ -10,6 +10,7 @@ what it cannot cover (cub reduction, launch, device libm) is left to tests/test_
 
 import ctypes
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ NO_CONVERSIONS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS_
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     out = tmp_path_factory.mktemp("csrc_emulator") / "libdftk_emulator.so"
-    src = _cuda_build.CSRC_DIR.parent / "tests" / "csrc_emulator.cu"
+    src = Path(__file__).with_name("csrc_emulator.cu")
     cmd = [NVCC, "-shared", "-O2", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{_cuda_build.CSRC_DIR}",
            *NO_CONVERSIONS, "-Xcompiler", "-Wall", "-Xcompiler", "-Werror", str(src), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

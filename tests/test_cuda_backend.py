@@ -2,7 +2,7 @@
 
 Every test carries the ``gpu`` marker (skipped without CUDA, see conftest).  Inputs are made
 on the CPU, moved to the GPU; the reference runs in float64 on the same values.
-Tolerances (DESIGN §6): relative error <= 1e-5 in float32, <= 1e-2 in bfloat16/float16.
+Tolerances (docs/design.md, Tests): relative error <= 1e-5 in float32, <= 1e-2 in bfloat16/float16.
 """
 
 import logging

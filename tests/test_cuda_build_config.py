@@ -71,3 +71,31 @@ def test_disabled_build_reason(monkeypatch):
     monkeypatch.setenv(build.ENV_BUILD, "0")
     ok, reason = cuda_backend.is_available(torch.device("cuda", 0))
     assert not ok and "DFT_KERNELS_BUILD_CUDA=0" in reason
+
+
+def test_install_time_failure_is_part_of_the_reason(monkeypatch, tmp_path):
+    """setup.py leaves the reason of a failed ahead-of-time build in the package; the backend reports it."""
+    recorded = "RuntimeError: Error compiling objects for extension; x.h:7: fatal error: cuda_runtime.h: No such file"
+    (tmp_path / build.BUILD_ERROR_FILE).write_text(recorded + "\n")
+    monkeypatch.setattr(build, "PACKAGE_DIR", tmp_path)
+    assert build.recorded_build_error() == recorded
+    monkeypatch.setattr(cuda_backend, "_loaded", False)
+    monkeypatch.setattr(cuda_backend, "_load_error", None)
+    monkeypatch.setattr(cuda_backend, "_prebuilt_tried", False)
+    monkeypatch.setattr(cuda_backend, "_prebuilt_error", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(build.ENV_BUILD, "0")
+    ok, reason = cuda_backend.is_available(torch.device("cuda", 0))
+    assert not ok and f"dft_kernels._C failed to build when dft_kernels was installed ({recorded})" in reason
+    assert "DFT_KERNELS_BUILD_CUDA=0" in reason
+    monkeypatch.setattr(build, "PACKAGE_DIR", tmp_path / "elsewhere")
+    assert build.recorded_build_error() is None
+
+
+def test_build_failure_summary_keeps_the_compiler_diagnostics():
+    output = "[1/2] c++ -c bindings.cpp\nx.h:7:10: fatal error: cuda_runtime.h: No such file or directory\n" \
+             "compilation terminated.\nninja: build stopped: subcommand failed.\n"
+    summary = build.summarize_build_failure(RuntimeError("Error compiling objects for extension"), output)
+    assert summary == ("RuntimeError: Error compiling objects for extension; "
+                       "x.h:7:10: fatal error: cuda_runtime.h: No such file or directory")
+    assert "\n" not in build.summarize_build_failure(OSError("CUDA_HOME is not set\nmore"))

@@ -1,4 +1,4 @@
-"""Bad input gets a clear ValueError/TypeError that names the argument (DESIGN §4)."""
+"""Bad input gets a clear ValueError/TypeError that names the argument (docs/design.md, Public API)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""No [N, V] tensor is ever created by the chunked path (DESIGN §1, §5)."""
+"""No [N, V] tensor is ever created by the chunked path (docs/design.md, Data path)."""
 
 import pytest
 import torch

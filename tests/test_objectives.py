@@ -1,4 +1,4 @@
-"""The objective registry: values, coefficients g = dL/dlogp, names, parameters (DESIGN §3)."""
+"""The objective registry: values, coefficients g = dL/dlogp, names, parameters (docs/design.md, Objectives)."""
 
 import pytest
 import torch

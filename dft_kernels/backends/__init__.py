@@ -19,7 +19,7 @@ In-place rule
     When ``grad_scale`` is given, ``logits`` is overwritten, in its own dtype, with
     ``grad_scale * token_weight * dL/dz0`` where ``z0`` are the raw logits, i.e.
     ``(a * softmax - b * onehot - c) * (1 - (z / softcap)^2)`` with
-    ``a = -g + 2 z_loss lse``, ``b = -g (1 - eps)``, ``c = -g eps / V`` (DESIGN §2).
+    ``a = -g + 2 z_loss lse``, ``b = -g (1 - eps)``, ``c = -g eps / V`` (docs/design.md, Math).
     When ``grad_scale`` is None, ``logits`` is left untouched.
 
 Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, zero at invalid rows)
@@ -76,7 +76,7 @@ DEFAULT_AUTO_ORDER: tuple[str, ...] = ("torch",)
 
 
 def valid_rows(target: Tensor, ignore_index: int, vocab_size: int) -> Tensor:
-    """Boolean mask of the rows whose target is a real class (DESIGN §4)."""
+    """Boolean mask of the rows whose target is a real class (docs/design.md, Public API)."""
     return (target != ignore_index) & (target >= 0) & (target < vocab_size)
 
 

@@ -1,9 +1,14 @@
-"""How the CUDA extension in ``csrc/`` is built: sources, flags, architectures, env switches.
+"""How the CUDA extension in ``dft_kernels/csrc/`` is built: sources, flags, architectures, env switches.
 
 Shared by ``setup.py`` (ahead-of-time build of ``dft_kernels._C``), by the cuda backend
 (just-in-time build with ``torch.utils.cpp_extension.load``) and by the nvcc compile
 check in the tests.  Only the standard library at import time: ``setup.py`` loads this
 file by path, before the package (or even torch) is importable.
+
+The sources are package data, so an install from a wheel or an sdist carries them and
+the just-in-time build works outside a source checkout too.  When the ahead-of-time
+build fails, ``setup.py`` installs without the extension and leaves the reason in
+``BUILD_ERROR_FILE`` next to this package, for the cuda backend to report.
 
 Environment:
     ``DFT_KERNELS_BUILD_CUDA``: ``1`` forces the ahead-of-time build, ``0`` disables it
@@ -16,11 +21,15 @@ Environment:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CSRC_DIR = PACKAGE_DIR / "csrc"
+# Written by setup.py when the ahead-of-time build failed (inside the installed package).
+BUILD_ERROR_FILE = "_C.build-error.txt"
 EXTENSION_NAME = "dft_kernels._C"
 JIT_NAME = "dft_kernels_cuda_jit"
 ENV_BUILD = "DFT_KERNELS_BUILD_CUDA"
@@ -43,8 +52,29 @@ def build_mode(environ=os.environ) -> str:
 
 
 def sources(csrc_dir: Path = CSRC_DIR) -> list[str]:
-    """The extension's translation units (every .cu and .cpp in csrc/), sorted."""
+    """The extension's translation units (every .cu and .cpp in ``csrc_dir``), sorted."""
     return sorted(str(p) for p in csrc_dir.glob("*") if p.suffix in (".cu", ".cpp"))
+
+
+def recorded_build_error() -> Optional[str]:
+    """Why the ahead-of-time build failed when this copy was installed, or None."""
+    try:
+        return (PACKAGE_DIR / BUILD_ERROR_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def summarize_build_failure(exc: BaseException, output: str = "") -> str:
+    """One line for a failed build: the exception's first line, then the first compiler
+    diagnostics (``... error: ...``, ``... fatal ...``) found in its message or in ``output``."""
+    diagnostics: list[str] = []
+    for line in (str(exc) + "\n" + output).splitlines():
+        line = line.strip()
+        if re.search(r"\berror\s*:|\bfatal\b", line, re.IGNORECASE) and line not in diagnostics:
+            diagnostics.append(line[:300])
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return reason + "".join(f"; {d}" for d in diagnostics[:3] if d != first)
 
 
 def find_nvcc() -> Optional[str]:

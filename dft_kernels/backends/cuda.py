@@ -1,11 +1,11 @@
-"""CUDA C++ row backend: the kernel in ``csrc/`` as the torch op ``dft_kernels_cuda::row_loss_grad``.
+"""CUDA C++ row backend: the kernel in ``dft_kernels/csrc/`` as the torch op ``dft_kernels_cuda::row_loss_grad``.
 
 The fallback when Triton is missing or fails on a CUDA device, and a second, independent
 implementation of the row contract in ``dft_kernels.backends`` (formulas on the kernel,
 ``csrc/row_kernel.cuh``).  The op comes from the prebuilt extension ``dft_kernels._C``
-when ``setup.py`` built it, else it is compiled on first use with
-``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``), which needs
-nvcc and a CUDA build of torch.  ``DFT_KERNELS_BUILD_CUDA=0`` disables that build.
+when ``setup.py`` built it, else it is compiled on first use from the sources shipped in
+the package, with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``),
+which needs nvcc and a CUDA build of torch.  ``DFT_KERNELS_BUILD_CUDA=0`` disables that build.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ def _import_prebuilt() -> Optional[str]:
             importlib.import_module(build.EXTENSION_NAME)
             _loaded = True  # importing the library registered the op
         except ImportError as exc:
-            _prebuilt_error = f"{build.EXTENSION_NAME} is not built ({exc})"
+            recorded = build.recorded_build_error()
+            if recorded is None:
+                _prebuilt_error = f"{build.EXTENSION_NAME} is not built ({exc})"
+            else:  # setup.py tried, failed and installed without it
+                _prebuilt_error = f"{build.EXTENSION_NAME} failed to build when dft_kernels was installed ({recorded})"
     return _prebuilt_error
 
 
 def _jit_build() -> None:
-    """Compile and load csrc/ with torch.utils.cpp_extension.load; raises RuntimeError with the reason."""
+    """Compile and load the csrc/ sources with torch.utils.cpp_extension.load; raises RuntimeError with the reason."""
     if build.build_mode() == "off":
         raise RuntimeError(f"{build.ENV_BUILD}=0 disables building it")
     if torch.version.cuda is None:
@@ -55,8 +59,7 @@ def _jit_build() -> None:
         raise RuntimeError("no CUDA toolchain to build it: nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
     srcs = build.sources()
     if not srcs:
-        raise RuntimeError(f"its sources are not there ({build.CSRC_DIR}); reinstall from a source checkout "
-                           f"with {build.ENV_BUILD}=1 pip install --no-build-isolation .")
+        raise RuntimeError(f"its sources are not there ({build.CSRC_DIR}); reinstall dft_kernels")
     from torch.utils import cpp_extension
 
     previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -72,7 +75,8 @@ def _jit_build() -> None:
             extra_cflags=list(build.CXX_FLAGS), extra_cuda_cflags=list(build.NVCC_FLAGS),
             is_python_module=False, verbose=os.environ.get("DFT_KERNELS_VERBOSE_BUILD") == "1")
     except Exception as exc:  # compiler errors, missing headers, linker errors
-        raise RuntimeError(f"building it with nvcc failed: {exc}") from exc
+        raise RuntimeError(f"building it with nvcc failed ({build.summarize_build_failure(exc)}); "
+                           "DFT_KERNELS_VERBOSE_BUILD=1 shows the compiler output") from exc
     finally:
         if previous is None:
             del os.environ["TORCH_CUDA_ARCH_LIST"]

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Optional, get_origin
 
 __all__ = ["TrainConfig", "ConfigError", "check_loss_kwargs", "load_config_file", "parse_args"]
 
@@ -44,59 +44,70 @@ def check_loss_kwargs(loss_kwargs: dict, objective="dft") -> dict:
         raise ConfigError(f"loss_kwargs: {e}") from None
 
 
+def _opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A config field whose help text is shown by ``dft-train --help``."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
+    """Every option of ``dft-train``; each field is a flag, and a key of a ``--config`` file."""
+
     # --- model and tokenizer
-    model: str = "tiny"                       # local HF model dir, or "tiny" (Qwen2) / "tiny-llama" (random init)
-    tokenizer: Optional[str] = None           # tokenizer dir; default: the model dir (tiny: the demo tokenizer)
-    chat_template: Optional[str] = None       # jinja file or template string, overrides the tokenizer's
-    system_prompt: Optional[str] = None       # prepended as a system turn to formats without one
-    attn_implementation: str = "auto"         # auto = flash_attention_2 if flash-attn is installed, else sdpa
-    gradient_checkpointing: bool = False
-    use_liger: bool = True                    # Liger's RoPE/RMSNorm/SwiGLU kernels on GPU when installed
-    tiny_hidden_size: int = 128
-    tiny_num_layers: int = 4
-    tiny_num_heads: int = 4
-    tiny_num_kv_heads: int = 2
-    tiny_intermediate_size: int = 384
+    model: str = _opt("tiny", "local HF model dir, or tiny (random Qwen2) / tiny-llama (random Llama)")
+    tokenizer: Optional[str] = _opt(None, "tokenizer dir; default: the model dir (tiny: the demo tokenizer)")
+    chat_template: Optional[str] = _opt(None, "jinja file or template string, overrides the tokenizer's")
+    system_prompt: Optional[str] = _opt(None, "prepended as a system turn to conversations without one")
+    attn_implementation: str = _opt("auto", f"one of {ATTN_IMPLEMENTATIONS}; auto = flash_attention_2 on CUDA "
+                                            "if flash-attn is installed, else sdpa")
+    gradient_checkpointing: bool = _opt(False, "HF gradient checkpointing (non-reentrant)")
+    use_liger: bool = _opt(True, "Liger's RoPE/RMSNorm/SwiGLU kernels on CUDA when liger-kernel is installed "
+                                 "(the loss stays dft_kernels')")
+    tiny_hidden_size: int = _opt(128, "hidden size of the tiny models")
+    tiny_num_layers: int = _opt(4, "layers of the tiny models")
+    tiny_num_heads: int = _opt(4, "attention heads of the tiny models")
+    tiny_num_kv_heads: int = _opt(2, "key/value heads of the tiny models")
+    tiny_intermediate_size: int = _opt(384, "MLP size of the tiny models")
     # --- loss
-    objective: str = "dft"                    # any dk objective name: ce, dft, power, focal, chord, prob, entropy
-    objective_args: dict = field(default_factory=dict)   # e.g. {"min_weight": 0.1} for dft
-    loss_kwargs: dict = field(default_factory=dict)      # extra dk.patch kwargs, e.g. {"z_loss": 1e-4}
-    log_stats: bool = True                    # per-step NLL / mean prob / accuracy / entropy (one no-grad head pass)
+    objective: str = _opt("dft", "ce (SFT), dft, power, focal, chord, prob or entropy (docs/objectives.md)")
+    objective_args: dict = _opt(factory=dict, help='objective parameters as JSON, e.g. \'{"min_weight": 0.1}\'')
+    loss_kwargs: dict = _opt(factory=dict, help="extra dk.patch options as JSON: ignore_index, reduction, "
+                                                "label_smoothing, z_loss, backend, chunk_size, accum_dtype, validate")
+    log_stats: bool = _opt(True, "per-step NLL / mean prob / accuracy / entropy (one no-grad head pass)")
     # --- data
-    train_file: Optional[str] = None          # .jsonl / .json / .parquet
-    eval_file: Optional[str] = None           # held-out set for generation + exact match
-    data_format: str = "auto"                 # auto | messages | prompt_completion | problem_solution
-    max_length: int = 2048
-    packing: bool = False
-    num_proc: int = 1                         # processes for tokenisation (datasets.map)
+    train_file: Optional[str] = _opt(None, "training data: .jsonl, .json or .parquet (required to train)")
+    eval_file: Optional[str] = _opt(None, "held-out set for generation + exact match")
+    data_format: str = _opt("auto", f"one of {FORMATS}; auto detects it from the fields")
+    max_length: int = _opt(2048, "truncation length, and the row length when packing")
+    packing: bool = _opt(False, "pack several examples per row")
+    num_proc: int = _opt(1, "processes for tokenisation (datasets.map)")
     # --- optimisation (DFT paper defaults)
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    lr_scheduler: str = "cosine"              # any transformers.get_scheduler name
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    per_device_batch_size: int = 4
-    grad_accum_steps: int = 1
-    num_epochs: int = 1
-    max_steps: int = -1                       # > 0 overrides num_epochs (the data cycles through epochs)
-    seed: int = 42
-    precision: str = "auto"                   # auto = bf16 autocast on a bf16-capable GPU, fp32 otherwise
-    fsdp: bool = False                        # FSDP2 (fully_shard) instead of DDP under torchrun
+    lr: float = _opt(5e-5, "peak learning rate")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not on biases and norm weights)")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.95, "AdamW beta2")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    lr_scheduler: str = _opt("cosine", "any transformers.get_scheduler name")
+    warmup_ratio: float = _opt(0.1, "linear warmup over this fraction of the steps, in [0, 1)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables clipping)")
+    per_device_batch_size: int = _opt(4, "rows per micro-batch per rank")
+    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step")
+    num_epochs: int = _opt(1, "epochs, when max_steps is -1")
+    max_steps: int = _opt(-1, "optimizer steps (the data cycles through epochs); > 0 overrides num_epochs")
+    seed: int = _opt(42, "data order, tiny-model init, torch RNG")
+    precision: str = _opt("auto", f"one of {PRECISIONS}; auto = bf16 autocast on a bf16-capable GPU, fp32 "
+                                  "otherwise")
+    fsdp: bool = _opt(False, "FSDP2 (fully_shard) instead of DDP under torchrun")
     # --- output, logging, checkpoints
-    output_dir: str = "runs/dft-train"
-    logging_steps: int = 1                    # write metrics.jsonl every N optimizer steps
-    progress_bar: bool = True
-    plot: bool = True
-    tensorboard: bool = False
-    save_steps: int = 0                       # 0 = checkpoint only at the end (and on SIGTERM/SIGINT)
-    save_total_limit: int = 2                 # keep the newest N checkpoints (0 = keep all)
-    save_final: bool = True
-    resume: Optional[str] = None              # checkpoint dir, "latest" (newest in output_dir) or "auto" (newest valid)
+    output_dir: str = _opt("runs/dft-train", "metrics, plot and checkpoints go here")
+    logging_steps: int = _opt(1, "write metrics.jsonl every N optimizer steps")
+    progress_bar: bool = _opt(True, "tqdm progress bar")
+    plot: bool = _opt(True, "write curves.png at the end")
+    tensorboard: bool = _opt(False, "TensorBoard events in output_dir/tensorboard")
+    save_steps: int = _opt(0, "checkpoint every N steps (0 = only at the end and on SIGTERM/SIGINT)")
+    save_total_limit: int = _opt(2, "keep the newest N checkpoints (0 = keep all)")
+    save_final: bool = _opt(True, "checkpoint at the end")
+    resume: Optional[str] = _opt(None, "a checkpoint dir, latest (newest in output_dir) or auto (newest that verifies)")
     force_resume: bool = field(default=False, metadata={"help": (
         "resume even when the config or the train file changed since the checkpoint (the changes are "
         "printed instead of refused)")})
@@ -107,10 +118,10 @@ class TrainConfig:
         "when a step's loss or gradient norm is NaN/inf: 'skip' the update (counted as nonfinite_steps in "
         "the metrics) or 'stop' with a checkpoint of the last good step and an error naming the step and batch")})
     # --- evaluation
-    eval_steps: int = 0                       # 0 = evaluate only at the end
-    eval_max_new_tokens: int = 512
-    eval_batch_size: int = 16
-    eval_limit: int = 0                       # evaluate the first N held-out examples (0 = all)
+    eval_steps: int = _opt(0, "evaluate every N steps (0 = only at the end)")
+    eval_max_new_tokens: int = _opt(512, "generation length for evaluation")
+    eval_batch_size: int = _opt(16, "generation batch size for evaluation")
+    eval_limit: int = _opt(0, "evaluate the first N held-out examples (0 = all)")
 
     def __post_init__(self):
         self.validate()
@@ -158,7 +169,7 @@ class TrainConfig:
             raise ConfigError(f"objective: unknown objective {self.objective!r}; expected one of {sorted(OBJECTIVES)}")
         try:
             return cls(**self.objective_args)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"objective_args: {self.objective_args!r} do not fit objective "
                               f"{self.objective!r}: {e}") from None
 
@@ -209,50 +220,57 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-def _field_parser(tp):
-    """argparse ``type=`` for a dataclass field type."""
-    origin = get_origin(tp)
-    if origin is Union:  # Optional[X]
-        inner = [a for a in get_args(tp) if a is not type(None)][0]
-        base = _field_parser(inner)
-        return lambda s: None if s.lower() in ("none", "null") else base(s)
-    if tp is dict or origin is dict:
-        def parse_mapping(s: str) -> dict:
-            try:
-                v = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"min_weight\": 0.1}}': {e}")
-            if not isinstance(v, dict):
-                raise argparse.ArgumentTypeError("expected a JSON object")
-            return v
-        return parse_mapping
-    return tp
+def _json_mapping(text: str) -> dict:
+    """argparse ``type=`` of the dict fields: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"min_weight\": 0.1}}': {e}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dft-train",
-        description="Thin SFT/DFT trainer on top of dft_kernels (see docs/trainer.md). "
-                    "Precedence: defaults < --config file < flags.",
-        argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML or JSON file of options")
+    """``dft-train``'s parser: one flag per TrainConfig field, with its help text and default
+    (transformers.HfArgumentParser), booleans as ``--flag``/``--no-flag``, dicts as JSON."""
+    from transformers import HfArgumentParser
+
+    class ConfigParser(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, f: dataclasses.Field):
+            help_text = f.metadata.get("help")
+            if f.type is bool:
+                parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=help_text)
+            elif f.type is dict or get_origin(f.type) is dict:
+                parser.add_argument(f"--{f.name}", type=_json_mapping, default=f.default_factory(), metavar="JSON",
+                                    help=help_text)
+            else:
+                HfArgumentParser._parse_dataclass_field(parser, f)
+
+    p = ConfigParser(TrainConfig, prog="dft-train",
+                     description="Thin SFT/DFT trainer on top of dft_kernels (docs/trainer.md). "
+                                 "Precedence: defaults < --config file < flags.")
+    p.add_argument("--config", default=None, help="YAML or JSON file of options (its keys are the flag names)")
     p.add_argument("--demo", action="store_true", help="run the embedded SFT-vs-DFT demo and exit")
-    hints = get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp = hints[f.name]
-        flag = "--" + f.name
-        if tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction)
-        else:
-            p.add_argument(flag, type=_field_parser(tp), metavar=f.name.upper())
     return p
 
 
 def parse_args(argv: Optional[list] = None) -> tuple[TrainConfig, dict]:
-    """Command line -> (TrainConfig, extra flags such as ``demo``)."""
-    ns = vars(build_arg_parser().parse_args(argv))
-    extra = {"demo": ns.pop("demo", False)}
-    path = ns.pop("config", None)
-    values: dict[str, Any] = load_config_file(path) if path else {}
-    values.update(ns)
-    return TrainConfig.from_dict(values, source=path or "command line"), extra
+    """Command line -> (TrainConfig, extra flags such as ``demo``).  A ``--config`` file's values
+    become the parser's defaults, so explicit flags override them."""
+    parser = build_arg_parser()
+    known, _ = parser.parse_known_args(argv)
+    source = "command line"
+    if known.config:
+        values = load_config_file(known.config)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ConfigError(f"{known.config}: unknown option(s) {unknown}; see dft-train --help")
+        parser.set_defaults(**values)
+        source = f"{known.config} and the command line"
+    ns = vars(parser.parse_args(argv))
+    extra = {"demo": ns.pop("demo")}
+    ns.pop("config")
+    return TrainConfig.from_dict(ns, source=source), extra
