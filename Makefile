@@ -42,3 +42,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info dft_kernels/_C*.so dft_kernels/_C.build-error.txt
+
+# The trainer integrations end to end (LLaMA-Factory, axolotl, TRL, ms-swift): one pinned virtual
+# environment per trainer, cached in .integration/, a smoke test each, a table. Not part of `make test`
+# (it installs several GB per trainer; see docs/integrations.md). Options: INTEGRATION_ARGS="--only trl".
+.PHONY: integration
+integration:
+	$(PYTHON) -m integration.run $(INTEGRATION_ARGS)

@@ -47,7 +47,9 @@ V, H = 1024, 16            # vocab >> hidden, so tokens x vocab is the largest t
 STEPS, GA, BS = 3, 2, 2    # optimizer steps, gradient accumulation, micro-batch size
 ROWS = STEPS * GA * BS + 4
 LR, SEED = 5e-3, 1234
-HEAD_STD = 0.75           # lm_head init: logits of std ~3 on the final RMSNorm's unit-scale output
+DATA_WORDS = 32           # the dataset uses words w4 .. w35 only, and their lm_head rows are larger
+HEAD_STD = (0.3, 1.0)      # lm_head init std: other rows, those rows (logits of std ~1.2 and ~4), so the
+                           # target probabilities (DFT's weights) spread over 1e-7 .. 1e-1 and beyond
 CHUNK = 8                  # dk chunk size: the chunk logits (CHUNK x V) must show up in the recorder
 OBJECTIVE = "dft"
 TOL = 1e-5                 # float32 relative error (docs/design.md, Tests)
@@ -84,18 +86,21 @@ def write_model(path: Path) -> None:
                                    tie_word_embeddings=False)
     torch.manual_seed(SEED)
     model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():  # logits of std ~3, so the DFT weights p vary (a small-init head gives p ~ 1/V)
-        model.lm_head.weight.normal_(0.0, HEAD_STD)
+    with torch.no_grad():  # so the DFT weights p vary (a small-init head gives p ~ 1/V for every target)
+        model.lm_head.weight.normal_(0.0, HEAD_STD[0])
+        model.lm_head.weight[len(SPECIAL):len(SPECIAL) + DATA_WORDS].normal_(0.0, HEAD_STD[1])
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
 def rows(n: int = ROWS) -> list[dict]:
-    """Prompt/completion pairs of random words (deterministic), of varying lengths."""
+    """Prompt/completion pairs of random words among the first ``DATA_WORDS`` (deterministic), of varying
+    lengths."""
     rng = random.Random(SEED)
 
     def text(lo, hi):
-        return " ".join(word(rng.randrange(len(SPECIAL), V)) for _ in range(rng.randint(lo, hi)))
+        return " ".join(word(rng.randrange(len(SPECIAL), len(SPECIAL) + DATA_WORDS))
+                        for _ in range(rng.randint(lo, hi)))
 
     return [{"prompt": text(6, 14), "completion": text(14, 30)} for _ in range(n)]
 
