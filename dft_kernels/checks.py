@@ -140,7 +140,9 @@ def _divisor(opts: LossOptions, num_items: NumItems, target: Tensor, vocab_size:
             raise TypeError(f"num_items_in_batch must be an int, float or tensor, got {type(num_items).__name__}")
         if not num_items > 0:
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
-        return torch.tensor(float(num_items), dtype=torch.float32, device=device)
+        # a fill kernel with the value as its argument: no blocking host-to-device copy
+        # (torch.tensor(value, device=...) would be one per call)
+        return torch.full((), float(num_items), dtype=torch.float32, device=device)
     if opts.reduction == "mean":
         return count_valid(target, opts.ignore_index, vocab_size).clamp_min(1.0)
     return None
