@@ -1,0 +1,67 @@
+"""Precision paths the CPU suite would otherwise not reach: the CUDA GEMM policy for float16
+(run on CPU with an exact emulation of cuBLAS' ``mm(out_dtype=float32)``), ``torch.autocast``
+around float32 tensors, and float64 inputs end to end (docs/design.md, Precision policy)."""
+
+import pytest
+import torch
+
+import dft_kernels as dk
+from dft_kernels import gemm_policy
+from helpers import TOL, rel_err
+
+LOSS_SCALE = 65536.0  # torch.amp.GradScaler's initial scale
+
+
+def _cublas_mm_out_dtype(a, b, out_dtype):
+    """``torch.mm(a, b, out_dtype=float32)`` for 16-bit ``a``, ``b`` as cuBLAS computes it: the
+    products of 16-bit numbers are exact in float32 and are summed in float32."""
+    assert a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
+    return (a.to(torch.float32) @ b.to(torch.float32)).to(out_dtype)
+
+
+@pytest.fixture
+def cuda_gemm_policy(monkeypatch):
+    """Run the CUDA branch of the GEMM policy (16-bit operands, float32 products) on CPU."""
+    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", _cublas_mm_out_dtype)
+
+
+def _reference_grads(x, w, t, grad_out, reduction, chunk=256, **kw):
+    """float64 loss and (dx, dw) of the reference for ``loss.backward(grad_out)``, rows in chunks."""
+    wd = w.double()
+    n_valid = (t != -100).sum().clamp_min(1).double()
+    dx = torch.empty(x.shape, dtype=torch.float64)
+    dw = torch.zeros(w.shape, dtype=torch.float64)
+    for s in range(0, x.shape[0], chunk):
+        xc, wc = x[s:s + chunk].double().requires_grad_(), wd.detach().requires_grad_()
+        loss_c = dk.reference.linear_cross_entropy(xc, wc, t[s:s + chunk], reduction="none", **kw)
+        g = grad_out / n_valid if reduction == "mean" else grad_out[s:s + chunk]
+        gx, gw = torch.autograd.grad((loss_c * g).sum(), [xc, wc])
+        dx[s:s + chunk] = gx
+        dw += gw
+    return dx, dw
+
+
+@pytest.mark.parametrize("reduction,objective,v", [("mean", "dft", 32000), ("none", "ce", 4096)])
+def test_fp16_gradients_under_a_loss_scale_cuda_policy(cuda_gemm_policy, reduction, objective, v):
+    """float16 with GradScaler's scale 65536 under the CUDA policy: the 1/N-scaled DFT gradient
+    (entries ~p/N, p ~ 1/V) must not flush to zero when cast to float16 (mean; at the shape of
+    the fp16 GPU test, tests/test_triton_gpu.py, dX was 73% and dW 20% off before the fix), nor
+    overflow float16 when grad_output carries the scale (none: CE's target entry is ~ -1)."""
+    n, h = 256, 256
+    g = torch.Generator().manual_seed(11)
+    # none: small hidden states, so that dW at the loss scale itself fits float16
+    x = (torch.randn(n, h, generator=g) / (1 if reduction == "mean" else 16)).to(torch.float16)
+    w = (torch.randn(v, h, generator=g) * (2.0 / h ** 0.5)).to(torch.float16)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < 0.1] = -100
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = dk.linear_cross_entropy(xs, ws, t, objective=objective, reduction=reduction, backend="torch",
+                                  chunk_size=128)
+    grad_out = torch.full(loss.shape, LOSS_SCALE, dtype=torch.float64)
+    if reduction == "none":
+        grad_out = grad_out * (torch.rand(n, generator=g, dtype=torch.float64) + 0.5)
+    loss.backward(grad_out.to(loss.dtype))
+    rdx, rdw = _reference_grads(x, w, t, grad_out, reduction, objective=objective)
+    assert torch.isfinite(xs.grad).all() and torch.isfinite(ws.grad).all()
+    assert rel_err(xs.grad, rdx) <= TOL[torch.float16], f"input grad {rel_err(xs.grad, rdx):.2e}"
+    assert rel_err(ws.grad, rdw) <= TOL[torch.float16], f"weight grad {rel_err(ws.grad, rdw):.2e}"
