@@ -22,6 +22,7 @@ call, before any work).  A gradient output that is not computed is an empty tens
 and the registered backward only scales them; for ``none`` the backward op recomputes.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -60,9 +61,24 @@ def _per_token_loss(rows: Tensor, options: str) -> Tensor:
     return rows.new_empty((rows.shape[0],) if decode(options).reduction == "none" else (), dtype=out_dtype)
 
 
+def _autocast_off(impl):
+    """Run an op's implementation with ``torch.autocast`` off: the ops compute in the dtypes of
+    their inputs (the precision policy of :mod:`dft_kernels.gemm_policy`), which an enclosing
+    autocast would otherwise silently change (e.g. float32 GEMMs run in bfloat16).  The entry
+    points cast the inputs to the autocast dtype instead (:mod:`dft_kernels.functional`)."""
+
+    @functools.wraps(impl)
+    def run(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return impl(*args)
+
+    return run
+
+
 # ---------------------------------------------------------------- linear + loss
 
 
+@_autocast_off
 def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                       token_weights: Optional[Tensor], divisor: Optional[Tensor], options: str,
                       need_dx: bool, need_dw: bool, need_db: bool) -> _T8:
@@ -88,6 +104,7 @@ def _(x, weight, bias, target, token_weights, divisor, options, need_dx, need_dw
     return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options))
 
 
+@_autocast_off
 def _lce_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                             token_weights: Optional[Tensor], grad_loss: Tensor, options: str,
                             need_dx: bool, need_dw: bool, need_db: bool) -> _T3:
@@ -147,6 +164,7 @@ torch.library.register_autograd("dft_kernels::lce_forward", _lce_backward, setup
 # ---------------------------------------------------------------- loss on given logits
 
 
+@_autocast_off
 def _ce_forward_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
                      options: str, need_grad: bool) -> _T6:
     opts = decode(options)
@@ -165,6 +183,7 @@ def _(logits, target, token_weights, divisor, options, need_grad):
     return (_per_token_loss(logits, options), grad, *_stats_fake(logits.device, options))
 
 
+@_autocast_off
 def _ce_backward_none_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
                            options: str) -> Tensor:
     opts = decode(options)

@@ -65,3 +65,55 @@ def test_fp16_gradients_under_a_loss_scale_cuda_policy(cuda_gemm_policy, reducti
     assert torch.isfinite(xs.grad).all() and torch.isfinite(ws.grad).all()
     assert rel_err(xs.grad, rdx) <= TOL[torch.float16], f"input grad {rel_err(xs.grad, rdx):.2e}"
     assert rel_err(ws.grad, rdw) <= TOL[torch.float16], f"weight grad {rel_err(ws.grad, rdw):.2e}"
+
+
+def _loss_and_grads(x, w, b, t, reduction, **kw):
+    x, w, b = (a.detach().clone().requires_grad_() for a in (x, w, b))
+    loss = dk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, backend="torch", chunk_size=8, **kw)
+    loss.backward(torch.rand(loss.shape, generator=torch.Generator().manual_seed(3)).to(loss.dtype) + 0.5)
+    return loss.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("policy", ["cpu", "cuda-emulated"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_equals_the_loss_on_cast_inputs(request, policy, reduction):
+    """Under torch.autocast, float32 inputs give the loss (and gradients) of the same inputs cast to
+    the autocast dtype, with the bf16 precision policy; gradients come back in float32.  Before the
+    fix the ops fell through autocast and their float32 GEMMs silently ran in bfloat16."""
+    if policy == "cuda-emulated":
+        request.getfixturevalue("cuda_gemm_policy")
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 24, 32, 300
+    x, w, b = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / h ** 0.5, torch.randn(v, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    expected = _loss_and_grads(x.bfloat16(), w.bfloat16(), b.bfloat16(), t, reduction)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _loss_and_grads(x, w, b, t, reduction)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], expected[0])
+    for gg, eg in zip(got[1:], expected[1:]):
+        assert gg.dtype == torch.float32
+        assert torch.equal(gg, eg.float())
+
+
+def test_autocast_compiles_fullgraph():
+    """A training step with autocast around the loss compiles with fullgraph=True (no graph break)."""
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(16, 32, generator=g), torch.randn(200, 32, generator=g) / 32 ** 0.5
+    t = torch.randint(0, 200, (16,), generator=g)
+
+    def step(x, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = dk.linear_cross_entropy(x, w, t, backend="torch", validate=False, chunk_size=8)
+        loss.backward()
+        return loss.detach()
+
+    torch._dynamo.reset()
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        loss = torch.compile(step, fullgraph=True, backend="aot_eager")(xs, ws)
+    xe, we = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    expected = dk.linear_cross_entropy(xe, we, t, backend="torch", chunk_size=8)
+    expected.backward()
+    assert rel_err(loss, expected) <= 1e-6
+    assert xs.grad.dtype == torch.float32 and rel_err(xs.grad, xe.grad) <= 1e-2 and rel_err(ws.grad, we.grad) <= 1e-2
