@@ -46,8 +46,8 @@ class Prepared(NamedTuple):
     """Flattened, checked per-batch arguments."""
 
     target: Tensor                  # [N] int64 (already shifted when shift=True)
-    token_weights: Optional[Tensor]  # [N] float32 or None
-    divisor: Optional[Tensor]       # float32 0-d: mean count or num_items_in_batch; None for sum/none
+    token_weights: Optional[Tensor]  # [N] float32 (float64 for float64 pred) or None
+    divisor: Optional[Tensor]       # 0-d, same dtype: mean count or num_items_in_batch; None for sum/none
     out_shape: tuple                # per-token shape before the shift slice
 
 
@@ -118,16 +118,18 @@ def prepare(pred: Tensor, pred_name: str, target, vocab_size: int, opts: LossOpt
             token_weights = F.pad(token_weights[..., 1:], (0, 1), value=0.0)
     out_shape = tuple(target.shape)
     target = target.reshape(-1).to(torch.int64)
+    wide = torch.promote_types(pred.dtype, torch.float32)  # float64 inputs stay float64-exact
     if token_weights is not None:
-        token_weights = token_weights.reshape(-1).to(torch.float32).contiguous()
+        token_weights = token_weights.reshape(-1).to(wide).contiguous()
 
-    divisor = _divisor(opts, num_items_in_batch, target, vocab_size, pred.device)
+    divisor = _divisor(opts, num_items_in_batch, target, vocab_size, pred.device, wide)
     if opts.validate:
         _validate_values(target, opts.ignore_index, vocab_size, num_items_in_batch)
     return Prepared(target, token_weights, divisor, out_shape)
 
 
-def _divisor(opts: LossOptions, num_items: NumItems, target: Tensor, vocab_size: int, device) -> Optional[Tensor]:
+def _divisor(opts: LossOptions, num_items: NumItems, target: Tensor, vocab_size: int, device,
+             dtype: torch.dtype) -> Optional[Tensor]:
     if num_items is not None:
         if opts.reduction == "none":
             raise ValueError("num_items_in_batch cannot be combined with reduction='none' "
@@ -135,14 +137,16 @@ def _divisor(opts: LossOptions, num_items: NumItems, target: Tensor, vocab_size:
         if isinstance(num_items, Tensor):
             if num_items.numel() != 1:
                 raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items.shape)}")
-            return num_items.detach().to(device=device, dtype=torch.float32).reshape(())
+            return num_items.detach().to(device=device, dtype=dtype).reshape(())
         if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
             raise TypeError(f"num_items_in_batch must be an int, float or tensor, got {type(num_items).__name__}")
         if not num_items > 0:
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
-        return torch.tensor(float(num_items), dtype=torch.float32, device=device)
+        # a fill kernel with the value as its argument: no blocking host-to-device copy
+        # (torch.tensor(value, device=...) would be one per call)
+        return torch.full((), float(num_items), dtype=dtype, device=device)
     if opts.reduction == "mean":
-        return count_valid(target, opts.ignore_index, vocab_size).clamp_min(1.0)
+        return count_valid(target, opts.ignore_index, vocab_size).to(dtype).clamp_min(1.0)
     return None
 
 

@@ -61,10 +61,10 @@ def default_chunk_size(num_tokens: int, vocab_size: int, element_size: int,
 
 
 class _Accumulators:
-    """float32 running sums of the per-token outputs over valid tokens."""
+    """Running sums of the per-token outputs over valid tokens, in ``dtype`` (:func:`wide_dtype`)."""
 
-    def __init__(self, device, with_stats: bool, with_entropy: bool):
-        z = lambda: torch.zeros((), dtype=torch.float32, device=device)  # noqa: E731
+    def __init__(self, device, dtype: torch.dtype, with_stats: bool, with_entropy: bool):
+        z = lambda: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
         self.loss = z()
         self.with_stats = with_stats
         if with_stats:
@@ -86,6 +86,11 @@ class _Accumulators:
             return tuple(torch.empty(0, device=device) for _ in range(4))
         ent = self.entropy if self.entropy is not None else torch.empty(0, device=device)
         return self.nll, self.prob, self.correct, ent
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the losses, sums and scales for inputs of ``dtype``: float32, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def stash_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,12 +171,12 @@ def _forward(chunks, target: Tensor, token_weights: Optional[Tensor], divisor: O
     """The loss (0-d, or ``[N]`` for ``none``) and the stats outputs; for ``mean``/``sum`` the
     chunks also receive the gradients for ``grad_output = 1``."""
     params = opts.row_params
-    acc = _Accumulators(device, params.with_stats, params.needs_entropy)
+    acc = _Accumulators(device, out_dtype, params.with_stats, params.needs_entropy)
     if opts.reduction == "none":
-        per_token = torch.empty(chunks.num_rows, dtype=torch.float32, device=device)
+        per_token = torch.empty(chunks.num_rows, dtype=out_dtype, device=device)
         run_chunks(chunks, target, token_weights, params, backend, opts.chunk_size, None, per_token, acc)
-        return per_token.to(out_dtype), acc.stats_outputs(device)
-    grad_scale = torch.ones((), dtype=torch.float32, device=device)
+        return per_token, acc.stats_outputs(device)
+    grad_scale = torch.ones((), dtype=out_dtype, device=device)
     if divisor is not None:
         grad_scale = grad_scale / divisor
     run_chunks(chunks, target, token_weights, params, backend, opts.chunk_size, grad_scale, acc=acc)
@@ -187,7 +192,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
                    need_dx: bool, need_dw: bool, need_db: bool):
     """Forward of the chunked loss.  Inputs are already flattened and checked by
     :mod:`dft_kernels.functional`: ``x`` ``[N, H]`` contiguous, ``target`` ``[N]`` int64,
-    ``token_weights`` ``[N]`` float32 or None, ``divisor`` a float32 0-d tensor (``mean``:
+    ``token_weights`` ``[N]`` and ``divisor`` a 0-d tensor in :func:`wide_dtype` (or None; (``mean``:
     the valid count, or ``num_items_in_batch``) or None (``sum``/``none``).
 
     Returns ``(loss, dx, dw, db, stats)``: the loss (0-d, or ``[N]`` for ``none``); for
@@ -198,8 +203,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     grads = opts.reduction != "none"
     chunks = LinearChunks(x, weight, bias, opts.accum_dtype, grads and need_dx, grads and need_dw,
                           grads and need_db)
-    loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, x.device,
-                           torch.promote_types(x.dtype, torch.float32))
+    loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, x.device, wide_dtype(x.dtype))
     # one cast of the accumulators to the parameter dtype, at the end
     dw = _cast(chunks.dw, stash_dtype(weight.dtype))
     db = _cast(chunks.db, stash_dtype(weight.dtype if bias is None else bias.dtype))
@@ -214,7 +218,7 @@ def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
     chunks = LinearChunks(x, weight, bias, opts.accum_dtype, need_dx, need_dw, need_db)
     run_chunks(chunks, target, token_weights, opts.row_params, backend, opts.chunk_size,
-               grad_loss.to(torch.float32).contiguous())
+               grad_loss.to(wide_dtype(x.dtype)).contiguous())
     db = _cast(chunks.db, weight.dtype if bias is None else bias.dtype)
     return _cast(chunks.dx, x.dtype), _cast(chunks.dw, weight.dtype), db
 
@@ -226,7 +230,7 @@ def logits_forward(logits: Tensor, target: Tensor, token_weights: Optional[Tenso
     ``need_grad``; else None) in :func:`stash_dtype`."""
     chunks = GivenChunks(logits, need_grad and opts.reduction != "none")
     loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, logits.device,
-                           torch.promote_types(logits.dtype, torch.float32))
+                           wide_dtype(logits.dtype))
     return loss, chunks.grad, stats
 
 
@@ -235,5 +239,5 @@ def logits_backward_none(logits: Tensor, target: Tensor, token_weights: Optional
     """Backward of ``reduction="none"`` on given logits; the gradient in the logits dtype."""
     chunks = GivenChunks(logits, True)
     run_chunks(chunks, target, token_weights, opts.row_params, backend, opts.chunk_size,
-               grad_loss.to(torch.float32).contiguous())
+               grad_loss.to(wide_dtype(logits.dtype)).contiguous())
     return chunks.grad.to(logits.dtype)

@@ -37,6 +37,21 @@ def finish(loss: Tensor, stats_sums, prep: Prepared, opts: LossOptions, vocab_si
     return loss, stats
 
 
+def _autocast_cast(*tensors):
+    """Inside ``torch.autocast``, the 16/32-bit float tensors cast once to the autocast dtype (a
+    differentiable cast: gradients come back in the callers' dtypes), so that the loss is the
+    one on inputs of that dtype, with its precision policy.  The ops themselves run with
+    autocast off (:func:`dft_kernels.ops._autocast_off`)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # as autocast: float64 stays
+
+
 def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -79,7 +94,7 @@ def linear_cross_entropy(
         from .vocab_parallel.functional import vocab_parallel_linear
 
         return vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
-    input, weight, bias = check_linear_args(input, weight, bias)
+    input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     vocab_size, hidden = weight.shape
     prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
     x = _contiguous(input.reshape(-1, hidden))

@@ -22,6 +22,7 @@ call, before any work).  A gradient output that is not computed is an empty tens
 and the registered backward only scales them; for ``none`` the backward op recomputes.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -46,9 +47,9 @@ def _or_none(t: Tensor, wanted: bool) -> Optional[Tensor]:
     return t if wanted else None
 
 
-def _stats_fake(device, options: str) -> tuple[Tensor, ...]:
+def _stats_fake(device, options: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
     opts = decode(options)
-    f32 = torch.float32
+    f32 = chunked.wide_dtype(dtype)
     shape = () if opts.return_stats else (0,)
     ent_shape = () if opts.return_stats and opts.objective.needs_entropy else (0,)
     return (torch.empty(shape, dtype=f32, device=device), torch.empty(shape, dtype=f32, device=device),
@@ -56,13 +57,28 @@ def _stats_fake(device, options: str) -> tuple[Tensor, ...]:
 
 
 def _per_token_loss(rows: Tensor, options: str) -> Tensor:
-    out_dtype = torch.promote_types(rows.dtype, torch.float32)
+    out_dtype = chunked.wide_dtype(rows.dtype)
     return rows.new_empty((rows.shape[0],) if decode(options).reduction == "none" else (), dtype=out_dtype)
+
+
+def _autocast_off(impl):
+    """Run an op's implementation with ``torch.autocast`` off: the ops compute in the dtypes of
+    their inputs (the precision policy of :mod:`dft_kernels.gemm_policy`), which an enclosing
+    autocast would otherwise silently change (e.g. float32 GEMMs run in bfloat16).  The entry
+    points cast the inputs to the autocast dtype instead (:mod:`dft_kernels.functional`)."""
+
+    @functools.wraps(impl)
+    def run(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return impl(*args)
+
+    return run
 
 
 # ---------------------------------------------------------------- linear + loss
 
 
+@_autocast_off
 def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                       token_weights: Optional[Tensor], divisor: Optional[Tensor], options: str,
                       need_dx: bool, need_dw: bool, need_db: bool) -> _T8:
@@ -85,9 +101,10 @@ def _(x, weight, bias, target, token_weights, divisor, options, need_dx, need_dw
     dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=chunked.stash_dtype(weight.dtype))
     has_db = grads and need_db and bias is not None
     db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=chunked.stash_dtype(weight.dtype))
-    return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options))
+    return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options, x.dtype))
 
 
+@_autocast_off
 def _lce_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                             token_weights: Optional[Tensor], grad_loss: Tensor, options: str,
                             need_dx: bool, need_dw: bool, need_db: bool) -> _T3:
@@ -129,13 +146,15 @@ def _lce_setup_context(ctx, inputs, output):
 
 def _lce_backward(ctx, grad_loss, *_unused):
     need_dx, need_dw, need_db = ctx.need
+    if grad_loss is None:  # no gradient reached the loss (set_materialize_grads(False))
+        return (None,) * ctx.num_inputs
     if ctx.reduction == "none":
         x, weight, bias, target, token_weights = ctx.saved_tensors
         dx, dw, db = torch.ops.dft_kernels.lce_backward_none(
             x, weight, bias, target, token_weights, grad_loss, ctx.options, need_dx, need_dw, need_db)
         grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
     else:
-        g = grad_loss.to(torch.float32)
+        g = grad_loss.to(chunked.wide_dtype(grad_loss.dtype))
         grads = tuple(None if not wanted else (t * g).to(dt)
                       for t, dt, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.need))
     return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; nothing else
@@ -147,6 +166,7 @@ torch.library.register_autograd("dft_kernels::lce_forward", _lce_backward, setup
 # ---------------------------------------------------------------- loss on given logits
 
 
+@_autocast_off
 def _ce_forward_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
                      options: str, need_grad: bool) -> _T6:
     opts = decode(options)
@@ -162,9 +182,10 @@ ce_forward = torch.library.custom_op("dft_kernels::ce_forward", mutates_args=())
 def _(logits, target, token_weights, divisor, options, need_grad):
     has_grad = decode(options).reduction != "none" and need_grad
     grad = logits.new_empty(logits.shape if has_grad else (0,), dtype=chunked.stash_dtype(logits.dtype))
-    return (_per_token_loss(logits, options), grad, *_stats_fake(logits.device, options))
+    return (_per_token_loss(logits, options), grad, *_stats_fake(logits.device, options, logits.dtype))
 
 
+@_autocast_off
 def _ce_backward_none_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
                            options: str) -> Tensor:
     opts = decode(options)
@@ -197,13 +218,13 @@ def _ce_setup_context(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, *_unused):
     grad = None
-    if ctx.need_grad:
+    if ctx.need_grad and grad_loss is not None:  # None: no gradient reached the loss
         if ctx.reduction == "none":
             logits, target, token_weights = ctx.saved_tensors
             grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, ctx.options)
         else:
             (stash,) = ctx.saved_tensors
-            grad = (stash * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
+            grad = (stash * grad_loss.to(chunked.wide_dtype(grad_loss.dtype))).to(ctx.logits_dtype)
     return (grad, *(None,) * (ctx.num_inputs - 1))  # logits only
 
 

@@ -100,7 +100,8 @@ def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_ite
     with torch.no_grad():
         denom = n_valid.clamp_min(1).to(torch.float32)
         vf = valid.to(torch.float64)
-        mean = lambda v: ((v.double() * vf).sum() / denom.double()).to(torch.float32)  # noqa: E731
+        stats_dtype = torch.promote_types(z.dtype, torch.float32)  # float32; float64 for float64 inputs
+        mean = lambda v: ((v.double() * vf).sum() / denom.double()).to(stats_dtype)  # noqa: E731
         stats = LossStats(
             num_tokens=n_valid.to(torch.float32),
             nll=mean(-logp),

@@ -12,7 +12,8 @@ __all__ = ["LossStats"]
 
 @dataclass
 class LossStats:
-    """0-d float32 tensors over the valid (non-ignored) tokens; no host sync.
+    """0-d float32 tensors (float64 for float64 inputs; ``num_tokens`` always float32) over the valid
+    (non-ignored) tokens; no host sync.
 
     ``num_tokens``: number of valid tokens; ``nll``: mean ``-logp``; ``mean_prob``:
     mean target probability; ``accuracy``: fraction with ``argmax == target``;

@@ -136,3 +136,25 @@ def test_fullgraph_detects_the_validation_host_sync():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="(?i)graph break|unsupported|data-dependent|tolist|item"):
         torch.compile(fn, fullgraph=True, backend="aot_eager")(x, t)
+
+
+@pytest.mark.parametrize("num_items", [23, 23.0])
+def test_python_num_items_is_not_a_host_to_device_copy(monkeypatch, num_items):
+    """``torch.tensor(python_number, device=cuda)`` is a blocking host-to-device copy; a python
+    ``num_items_in_batch`` (what Hugging Face passes) must become a device tensor without one
+    (``torch.full`` is a fill kernel).  Traced here on CPU by recording ``torch.tensor`` calls."""
+    x, w, b, t = make_inputs(N, H, V)
+    calls = []
+    real_tensor = torch.tensor
+
+    def recording_tensor(data, *args, **kwargs):
+        if isinstance(data, (int, float)) and "device" in kwargs:
+            calls.append((data, kwargs["device"]))
+        return real_tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", recording_tensor)
+    loss = dk.linear_cross_entropy(x, w, t, bias=b, backend="torch", num_items_in_batch=num_items)
+    monkeypatch.undo()
+    assert calls == [], f"python scalar copied to the device with torch.tensor: {calls}"
+    ref = dk.reference.linear_cross_entropy(x.double(), w.double(), t, bias=b.double(), num_items_in_batch=num_items)
+    assert rel_err(loss, ref) <= 1e-5

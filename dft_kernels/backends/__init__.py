@@ -22,7 +22,7 @@ In-place rule
     ``a = -g + 2 z_loss lse``, ``b = -g (1 - eps)``, ``c = -g eps / V`` (docs/design.md, Math).
     When ``grad_scale`` is None, ``logits`` is left untouched.
 
-Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, zero at invalid rows)
+Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, float64 for float64 logits; zero at invalid rows)
     ``loss`` (times token weight), ``nll`` (``-logp``), ``prob`` (``p``),
     ``entropy`` (None unless the objective needs it), ``correct`` (1.0 where
     ``argmax == target``; None unless ``params.with_stats``).

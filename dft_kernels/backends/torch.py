@@ -118,7 +118,7 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         if grad is not logits:
             logits.copy_(grad)
 
-    f32 = torch.float32
+    f32 = compute_dtype  # the contract's float32, float64 for float64 logits
     return RowOutputs(
         loss=loss.to(f32),
         nll=torch.where(valid, -logp, zero).to(f32),
