@@ -42,11 +42,11 @@ def test_flags_types_and_booleans():
     (dict(objective="dtf"), "objective", "unknown objective 'dtf'"),
     (dict(objective="dft", objective_args={"alpha": 2}), "objective_args", "do not fit objective"),
     (dict(objective="dft", objective_args={"min_weight": 2.0}), "objective_args", "min_weight"),
-    (dict(loss_kwargs={"z_los": 1e-4}), "loss_kwargs", "unknown option(s) ['z_los']"),
+    (dict(loss_kwargs={"z_los": 1e-4}), "loss_kwargs", "unexpected keyword argument 'z_los'"),
     (dict(loss_kwargs={"z_loss": -1.0}), "loss_kwargs", "z_loss must be >= 0"),
     (dict(loss_kwargs={"label_smoothing": "0.1"}), "loss_kwargs", "label_smoothing must be a real number"),
     (dict(objective="focal", loss_kwargs={"label_smoothing": 0.1}), "loss_kwargs", "not defined for objective"),
-    (dict(loss_kwargs={"backend": "trition"}), "loss_kwargs", "backend must be one of"),
+    (dict(loss_kwargs={"backend": "trition"}), "loss_kwargs", "unknown backend 'trition'"),
     (dict(loss_kwargs={"reduction": "avg"}), "loss_kwargs", "reduction must be"),
     (dict(loss_kwargs={"ignore_index": -1}), "loss_kwargs", "must not set 'ignore_index'"),
 ])
