@@ -72,6 +72,20 @@ def test_merge_samples_skips_setting_b_below_one_batch(tmp_path):
     assert "fewer than one batch" in _merge_samples([str(p) for p in parts], out, 4)()
 
 
+def test_target_kinds_marks_the_result_digits(tmp_path):
+    from dft_kernels.train.demo_data import target_kinds
+
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"problem": "Compute 7+5+6.", "answer": "18",
+                                "solution": "7+5=12\n12+6=18\nThe answer is \\boxed{18}."}) + "\n")
+    tok = build_tokenizer()
+    rows = single_rows(load_train_examples(str(path), tok, max_length=96))
+    kinds = target_kinds(tok, rows)
+    targets = [t for t in rows[0].labels[1:] if t != -100]
+    assert len(kinds) == len(targets) == rows[0].num_targets
+    assert "".join(tok.convert_ids_to_tokens([t for t, k in zip(targets, kinds) if k == "r"])) == "1218"
+
+
 def _tiny_model(seed=0):
     from transformers import AutoModelForCausalLM
 
@@ -133,7 +147,7 @@ def test_demo_pipeline_small(tmp_path, capsys):
     when the random warm start solves too little), tables, figure and docs block."""
     from dft_kernels.train.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(warm_steps=3, steps=4, lr=1e-2, eval_every=2, n_heldout=4, rft_problems=24, num_samples=2,
+    opts = DemoOptions(warm_steps=2, steps=2, lr=1e-2, eval_every=1, n_heldout=4, rft_problems=16, num_samples=2,
                        probs_examples=6, eval_batch_size=16, max_new_tokens=12, jobs=2, out_dir=str(tmp_path),
                        overrides=dict(per_device_batch_size=2, **TINY))
     doc = tmp_path / "demo.md"
@@ -144,15 +158,16 @@ def test_demo_pipeline_small(tmp_path, capsys):
     seed = out["results"]["seeds"][0]
     for label, objective in (("SFT", "ce"), ("DFT", "dft")):
         run = seed["A"][label]
-        assert run["objective"] == objective and run["steps"] == 4
-        assert [p["step"] for p in run["curve"]] == [0, 2, 4]          # 0 = the warm start
+        assert run["objective"] == objective and run["steps"] == 2
+        assert [p["step"] for p in run["curve"]] == [0, 1, 2]          # 0 = the warm start
         assert all(0 <= p["hard"] <= 1 and 0 <= p["easy"] <= 1 for p in run["curve"])
-        assert len(run["probs"]) == len(seed["warm"]["probs"]) > 0
+        assert len(run["probs"]) == len(seed["warm"]["probs"]) == len(run["kinds"]) > 0
+        assert run["kinds"] == seed["warm"]["kinds"] and "r" in run["kinds"]
     # the same tokens scored before and after: fine-tuning changed their probabilities
     assert seed["A"]["SFT"]["probs"] != seed["warm"]["probs"]
     b = seed["B"]
     assert set(b) == {"RFT", "DFT"} or "fewer than one batch" in b["skipped"]
-    assert seed["sampling"]["samples"] == 48
+    assert seed["sampling"]["samples"] == 32
     assert os.path.getsize(out["plot"]) > 20_000
     md = doc.read_text()
     assert md.startswith("# Demo\n\nhand-written text") and "--test" in md and "| SFT (ce) |" in md

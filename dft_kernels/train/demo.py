@@ -46,7 +46,7 @@ DEMO_SETTINGS = dict(
 class DemoOptions:
     """What the demo runs.  Defaults: one seed in about 5 minutes on 2 idle CPU cores."""
     seeds: int = 1                  # seeds 0..seeds-1: model init, data order and sampling of every run
-    warm_steps: int = 300           # stage 1 steps (SFT of the random model)
+    warm_steps: int = 450           # stage 1 steps (SFT of the random model)
     warm_lr: float = 1e-3           # stage 1 peak learning rate (training from scratch)
     steps: int = 100                # fine-tuning steps of every run in settings A and B
     lr: float = 1e-4                # fine-tuning peak learning rate: 10x below the warm start's
@@ -56,7 +56,7 @@ class DemoOptions:
     num_samples: int = 4            # setting B: samples per problem
     temperature: float = 1.0        # setting B: sampling temperature
     probs_examples: int = 500       # fine-tuning examples whose target-token probabilities are recorded
-    eval_batch_size: int = 100
+    eval_batch_size: int = 200
     max_new_tokens: int = 64
     jobs: int = 0                   # processes side by side (0: one per CPU core)
     out_dir: str = "runs/demo"
@@ -176,7 +176,7 @@ def _merge_samples(parts: list, out: str, min_rows: int) -> Callable[[], Optiona
             f.writelines(rows)
         os.replace(tmp, out)
         if len(rows) < min_rows:
-            return f"the warm start's samples had {len(rows)} correct answers, fewer than one batch ({min_rows})"
+            return f"only {len(rows)} of the warm start's samples were correct, fewer than one batch ({min_rows})"
         return None
     return go
 

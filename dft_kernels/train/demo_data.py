@@ -25,7 +25,7 @@ import string
 from typing import Iterable
 
 __all__ = ["make_problem", "make_split", "make_split_by_terms", "write_demo_data", "write_demo_suite", "SUITE",
-           "build_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
+           "target_kinds", "build_tokenizer", "CHAT_TEMPLATE", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
@@ -157,6 +157,22 @@ def write_demo_suite(out_dir: str, *, seed: int = 0, n_heldout: int = 200) -> di
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
         _write_jsonl(paths[name], rows)
     return paths
+
+
+def target_kinds(tokenizer, rows) -> str:
+    """One letter per learned target token of ``rows`` (``data.Row``, in the order of
+    ``evaluate.target_token_probs``): ``r`` for a digit of a step's result (``12`` in
+    ``7+5=12``, the arithmetic the model has to get right), ``o`` for every other token (operands
+    copied from the problem or the previous line, operators, the answer sentence, end of turn)."""
+    kinds = []
+    for r in rows:
+        toks = tokenizer.convert_ids_to_tokens(r.input_ids)
+        line = ""
+        for t, tok in enumerate(toks):
+            if t > 0 and r.labels[t] != -100:
+                kinds.append("r" if tok.isdigit() and "=" in line and "boxed" not in line else "o")
+            line = "" if tok == "\n" else line + tok
+    return "".join(kinds)
 
 
 def build_tokenizer(save_dir: str | None = None):

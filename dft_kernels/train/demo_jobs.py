@@ -48,6 +48,7 @@ def score_model(model_dir: str, eval_sets: dict, *, max_new_tokens: int, batch_s
     """Greedy exact match on each held-out set ``{name: path}``, and (with ``probs_file``) the
     probability of every target token of its first ``probs_limit`` examples (0 = all)."""
     from .data import load_eval_examples, load_train_examples, single_rows
+    from .demo_data import target_kinds
     from .evaluate import evaluate, target_token_probs
 
     model, tokenizer = _load(model_dir)
@@ -62,6 +63,7 @@ def score_model(model_dir: str, eval_sets: dict, *, max_new_tokens: int, batch_s
         rows = rows[:probs_limit] if probs_limit else rows
         probs = target_token_probs(model, rows, pad_token_id=tokenizer.pad_token_id)
         out["probs"] = [round(p, 5) for p in probs.tolist()]
+        out["kinds"] = target_kinds(tokenizer, rows)
     return out
 
 
@@ -131,13 +133,13 @@ def _train_and_score(job: dict) -> dict:
                              probs_file=job.get("probs_file") if last else None,
                              probs_limit=job.get("probs_limit", 0))
         if last:
-            summary["probs"] = scores.pop("probs", None)
+            summary["probs"], summary["kinds"] = scores.pop("probs", None), scores.pop("kinds", None)
         curve.append(dict(step=step, **scores))
         if not last:
             shutil.rmtree(path)  # only the final checkpoint is kept
     keep = ("objective", "steps", "final_loss", "final_nll", "tokens_per_s", "wall_s", "checkpoint", "metrics")
     out = {k: summary.get(k) for k in keep}
-    out["probs"] = summary.get("probs")
+    out["probs"], out["kinds"] = summary.get("probs"), summary.get("kinds")
     out["curve"] = curve
     out["train_examples"] = sum(1 for line in open(cfg.train_file, encoding="utf-8") if line.strip())
     return out

@@ -28,8 +28,8 @@ def collect(jobs, opts) -> dict:
         entry = {"warm": warm, "sampling": {"problems": 0, "samples": 0, "kept": 0}}
         for name in res:
             if name.startswith(f"seed{s}/sample"):
-                for k, v in res[name].items():
-                    entry["sampling"][k] += v
+                for k in entry["sampling"]:
+                    entry["sampling"][k] += res[name][k]
         for setting, (_, labels) in SETTINGS.items():
             entry[setting] = {}
             for label in labels:
@@ -72,12 +72,25 @@ def _share(probs: list, low: bool) -> float:
     return sum((p < LOW) if low else (p > HIGH) for p in probs) / len(probs)
 
 
+def _result_digits(run: dict) -> list:
+    """The probabilities of the result digits among a run's recorded target tokens."""
+    return [p for p, k in zip(run["probs"], run.get("kinds") or "") if k == "r"]
+
+
+def _token_cells(runs: list) -> list:
+    digits = [_result_digits(r) for r in runs]
+    return [_fmt([_share(r["probs"], True) for r in runs]), _fmt([_share(r["probs"], False) for r in runs]),
+            _fmt([sum(d) / len(d) if d else float("nan") for d in digits], 1.0, 3),
+            _fmt([_share(d, True) for d in digits])]
+
+
 def format_tables(results: dict, opts) -> dict:
     """Both settings' tables as aligned text and as markdown."""
     seeds = results["seeds"]
     n = len(seeds)
     text, md = [], []
-    cols = ["run", "hard EM %", "easy EM %", "train NLL", f"targets p<{LOW}", f"targets p>{HIGH}"]
+    cols = ["run", "hard EM %", "easy EM %", "train NLL", f"tokens p<{LOW} %", f"tokens p>{HIGH} %",
+            "result digits mean p", f"result digits p<{LOW} %"]
     for setting, (title, labels) in SETTINGS.items():
         skipped = [s[setting]["skipped"] for s in seeds if "skipped" in s[setting]]
         if skipped:
@@ -85,14 +98,12 @@ def format_tables(results: dict, opts) -> dict:
             md += [f"**{title}**: skipped: {skipped[0]}", ""]
             continue
         rows = [["warm start", _fmt([s["warm"]["hard"] for s in seeds]), _fmt([s["warm"]["easy"] for s in seeds]),
-                 "-", _fmt([_share(s["warm"]["probs"], True) for s in seeds]),
-                 _fmt([_share(s["warm"]["probs"], False) for s in seeds])]]
+                 "-", *_token_cells([s["warm"] for s in seeds])]]
         for label in labels:
             runs = [s[setting][label] for s in seeds]
             rows.append([f"{label} ({runs[0]['objective']})", _fmt([r["hard"] for r in runs]),
                          _fmt([r["easy"] for r in runs]), _fmt([r["final_nll"] for r in runs], 1.0, 4),
-                         _fmt([_share(r["probs"], True) for r in runs]),
-                         _fmt([_share(r["probs"], False) for r in runs])])
+                         *_token_cells(runs)])
         a, b = labels
         diffs = {k: [s[setting][b][k] - s[setting][a][k] for s in seeds] for k in ("hard", "easy")}
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
@@ -123,9 +134,11 @@ def format_tables(results: dict, opts) -> dict:
     foot = (f"hard/easy EM: greedy exact match of the \\boxed answer on {opts.n_heldout} unseen 4-term / 3-term "
             f"problems, after {opts.steps} fine-tuning steps (chance, always answering the most frequent "
             f"fine-tuning answer: {chance.get('hard', float('nan')):.1%} / {chance.get('easy', float('nan')):.1%}).\n"
-            f"train NLL: mean over the last 10 steps of the run's own training data.  targets p<{LOW} / p>{HIGH}: "
-            f"share of the target tokens of the first {opts.probs_examples} fine-tuning demonstrations to which "
-            f"the model gives probability below {LOW} / above {HIGH}.\n"
+            f"train NLL: mean over the last 10 steps of the run's own training data.\n"
+            f"tokens p<{LOW} / p>{HIGH}: share of the target tokens of the first {opts.probs_examples} fine-tuning "
+            f"demonstrations to which the model gives probability below {LOW} / above {HIGH}; result digits: the "
+            "same for the digits of each step's result (12 in 7+5=12), the only tokens the warm start is unsure "
+            "of.\n"
             "X - Y: per-seed difference, mean ± std over seeds; a tie unless |mean| > std.")
     text.append(foot)
     md.append(foot.replace("\n", "  \n"))
