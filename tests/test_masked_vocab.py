@@ -10,6 +10,7 @@ the middle and at the end, and rows whose only finite logit is the target.  Chec
 
 import pytest
 import torch
+from conftest import triton_cpu_unavailable_reason
 from test_csrc_emulation import emulator, make_op  # noqa: F401  (emulator: the fixture building it)
 
 import dft_kernels as dk
@@ -47,8 +48,8 @@ def masked_backend(request, monkeypatch):
             pytest.skip("triton is not installed")
         if config == "default":
             return "triton", tb.MAX_BLOCK  # V > MAX_BLOCK below: the default launch uses MAX_BLOCK
-        if not tb.is_available(torch.device(DEVICE))[0]:
-            pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 before import (conftest sets it)")
+        if DEVICE == "cpu" and triton_cpu_unavailable_reason():
+            pytest.skip(f"triton backend on CPU tensors: {triton_cpu_unavailable_reason()}")
         monkeypatch.setattr(tb, "block_config", lambda vocab_size: config)
         return "triton", SMALL_BLOCK
     if name == "cuda":

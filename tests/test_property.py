@@ -1,8 +1,11 @@
 """Property test: random shapes, objectives, options and chunk sizes against the reference."""
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis, or the [dev] extra)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import dft_kernels as dk
 from helpers import OBJECTIVES, WEIGHTED_NLL, check_linear_against_reference, make_inputs
