@@ -7,7 +7,7 @@ On a CUDA machine with no network, in under 10 minutes, from the repository root
    when nvcc is there);
 2. ``cuda-extension``: loads the cuda backend's op (prebuilt, else built now) and checks one
    loss and gradient against the float64 reference;
-3. ``gpu-tests``: ``pytest -m gpu`` (JUnit XML kept for the counts);
+3. ``gpu-tests``: ``pytest -m "gpu and not slow"`` (JUnit XML kept for the counts);
 4. ``bench``: ``python -m bench`` at the Llama-3-8B head (H 4096, V 128256, N 4096 and 16384,
    bf16) for every provider installed (the others are listed as skipped, with the reason).
 
@@ -104,7 +104,8 @@ def plan(paths: Paths, *, python: str = sys.executable, arch: Optional[str] = No
                          *pip_args, "-e", "."], build_env, cap_s=180),
         Step("cuda-extension", [python, "-m", "bench.gpu_check", "--step", "cuda-extension"], build_env,
              cap_s=120, reserve_s=20),
-        Step("gpu-tests", [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+        # "not slow": -m replaces the default deselection of the slow (minutes, ~10 GB) tests
+        Step("gpu-tests", [python, "-m", "pytest", "-m", "gpu and not slow", "-q", "-p", "no:cacheprovider",
                            f"--junitxml={paths.junit}", "tests"], cap_s=240, reserve_s=120),
         Step("bench", bench, cap_s=300, reserve_s=180),
     ]

@@ -45,7 +45,8 @@ def test_dry_run_prints_the_exact_commands(tmp_path, capsys, monkeypatch):
                                 "--break-system-packages -e .")
     assert install[0] == "TORCH_CUDA_ARCH_LIST=<major.minor>"
     assert ext[-3:] == ["bench.gpu_check", "--step", "cuda-extension"]
-    assert tests[1:5] == ["-m", "pytest", "-m", "gpu"] and f"--junitxml={out}/gpu-check-<gpu>-tests.xml" in tests
+    assert tests[1:5] == ["-m", "pytest", "-m", "gpu and not slow"]
+    assert f"--junitxml={out}/gpu-check-<gpu>-tests.xml" in tests
     shapes = [bench[i + 1] for i, a in enumerate(bench) if a == "--shape"]
     assert shapes == ["4096,4096,128256,bf16", "16384,4096,128256,bf16"]
     assert bench[bench.index("--out-dir") + 1] == str(out) and bench[bench.index("--name") + 1] == "<gpu>"
