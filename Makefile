@@ -49,3 +49,10 @@ clean:
 .PHONY: integration
 integration:
 	$(PYTHON) -m integration.run $(INTEGRATION_ARGS)
+
+# The GPU verdict on a CUDA machine without network, in under 10 minutes (docs/benchmarks.md,
+# "GPU check"): offline editable install, gpu tests, CUDA extension, Llama-3-8B head benchmark.
+# Uses $(PYTHON) as is (no venv: nothing to download).  GPU_CHECK_ARGS="--out DIR" or "--dry-run".
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
