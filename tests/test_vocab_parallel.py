@@ -12,7 +12,7 @@ per world size runs all of its cases (starting one costs seconds).
 import pytest
 import torch.distributed as dist
 from process_group import RankFailure, run_ranks
-from vocab_parallel_ranks import cases, run_cases
+from vocab_parallel_ranks import FIRST_ERROR, cases, run_cases
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
@@ -53,7 +53,9 @@ def test_vocab_parallel_matches_reference(group_results, selected, world, name):
     results, failure = group_results(world, selected[world])
     for rank, per_case in enumerate(results):
         if per_case is None or name not in per_case:
-            pytest.fail(f"rank {rank} did not run this case; the group failed: {failure}")
+            earlier = None if per_case is None else per_case.get(FIRST_ERROR)
+            why = f"an earlier case raised on this rank: {earlier}" if earlier else f"the group failed: {failure}"
+            pytest.fail(f"rank {rank} did not run this case; {why}")
         result = per_case[name]
         if "error" in result:
             pytest.fail(f"rank {rank} raised:\n{result['error']}")
