@@ -9,16 +9,29 @@ TRITON_INTERPRET=1, DTensor operands, a transformers ``tp_plan="auto"`` model un
 per world size runs all of its cases (starting one costs seconds).
 """
 
+import importlib.util
+
 import pytest
 import torch.distributed as dist
+from conftest import triton_cpu_unavailable_reason
 from process_group import RankFailure, run_ranks
-from vocab_parallel_ranks import cases, run_cases
+from vocab_parallel_ranks import FIRST_ERROR, cases, run_cases
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 WORLD_SIZES = (2, 3)
-CASES = [pytest.param(world, case.name, id=f"{world}ranks-{case.name}")
-         for world in WORLD_SIZES for case in cases(world)]
+
+
+def _param(world: int, case):
+    marks = []
+    if case.backend == "triton" and triton_cpu_unavailable_reason():
+        marks.append(pytest.mark.skip(reason=f"triton backend on CPU tensors: {triton_cpu_unavailable_reason()}"))
+    if case.kind == "hf" and importlib.util.find_spec("transformers") is None:
+        marks.append(pytest.mark.skip(reason="transformers is not installed"))
+    return pytest.param(world, case.name, id=f"{world}ranks-{case.name}", marks=marks)
+
+
+CASES = [_param(world, case) for world in WORLD_SIZES for case in cases(world)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +56,7 @@ def selected(request):
     names = {}
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
-        if item.module is request.module and callspec is not None:
+        if item.module is request.module and callspec is not None and item.get_closest_marker("skip") is None:
             names.setdefault(callspec.params["world"], []).append(callspec.params["name"])
     return names
 
@@ -53,7 +66,9 @@ def test_vocab_parallel_matches_reference(group_results, selected, world, name):
     results, failure = group_results(world, selected[world])
     for rank, per_case in enumerate(results):
         if per_case is None or name not in per_case:
-            pytest.fail(f"rank {rank} did not run this case; the group failed: {failure}")
+            earlier = None if per_case is None else per_case.get(FIRST_ERROR)
+            why = f"an earlier case raised on this rank: {earlier}" if earlier else f"the group failed: {failure}"
+            pytest.fail(f"rank {rank} did not run this case; {why}")
         result = per_case[name]
         if "error" in result:
             pytest.fail(f"rank {rank} raised:\n{result['error']}")

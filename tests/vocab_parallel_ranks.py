@@ -26,12 +26,13 @@ H = 16
 VOCAB = {2: 257, 3: 1001}  # 1001 over 3 ranks: 334/334/333; the "skewed" split is ~1:2(:3)
 REDUCTIONS = ("mean", "sum", "none")
 STATS = ("num_tokens", "nll", "mean_prob", "accuracy", "entropy")
+FIRST_ERROR = "first case that raised"  # a results key: the cases after it were not run
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str = "linear"     # linear | logits | ties | dtensor | dtensor_logits | hf | memory | collectives | error
+    kind: str = "linear"  # linear logits ties dtensor dtensor_logits hf memory collectives autocast error
     objective: Any = "dft"
     reduction: str = "mean"
     bias: bool = True
@@ -99,8 +100,7 @@ def _options(world: int) -> list[Case]:
         if opt.startswith("num_items") and red == "none":
             continue
         cases.append(Case(name=f"option-{opt}-{obj}-{red}", objective=obj, reduction=red, seed=2000 + j, **kw))
-    # float64 runs the split kernels in float64, but the chunk driver (dft_kernels.chunked, shared with the
-    # single-rank path) sums the per-row losses and scales mean gradients in float32: float32 accuracy
+    # float64 end to end: the split kernels, the combine and the chunk driver (tolerance 1e-10)
     cases.append(Case(name="option-float64-dft-mean", dtype=torch.float64, seed=2900,
                       options=dict(softcap=4.0, label_smoothing=0.1, z_loss=1e-3)))
     cases.append(Case(name="option-float64-entropy-none", objective="entropy", reduction="none",
@@ -112,7 +112,17 @@ def _logits(world: int) -> list[Case]:
     base = [("dft", "mean", {}), ("entropy", "none", dict(label_smoothing=0.1, softcap=3.0)),
             ("focal", "sum", {}), ("ce", "mean", dict(z_loss=1e-3, shift=True)), ("prob", "none", {}),
             (dk.Power(alpha=0.5), "mean", dict(label_smoothing=0.1))]
-    return [Case(name=f"logits-{obj_id(o)}-{r}", kind="logits", objective=o, reduction=r, options=opts,
+    masked = [Case(name=f"masked-bias-{obj_id(o)}-{r}", objective=o, reduction=r, options=dict(opts, mask=True),
+                   backend=backend, seed=3100 + k)
+              for k, (o, r, opts, backend) in enumerate([
+                  ("ce", "mean", {}, "torch"), ("entropy", "none", dict(softcap=3.0), "torch"),
+                  ("focal", "sum", {}, "torch"), ("dft", "mean", dict(z_loss=1e-3), "triton")])]
+    masked += [Case(name=f"masked-logits-{obj_id(o)}-{r}", kind="logits", objective=o, reduction=r,
+                    options=dict(opts, mask=True), backend=backend, seed=3200 + k)
+               for k, (o, r, opts, backend) in enumerate([
+                   ("entropy", "mean", {}, "torch"), ("chord", "none", dict(softcap=2.0), "torch"),
+                   ("prob", "sum", {}, "triton")])]
+    return masked + [Case(name=f"logits-{obj_id(o)}-{r}", kind="logits", objective=o, reduction=r, options=opts,
                  lead=(4, 6) if opts.get("shift") else None, token_weights=k == 4, split=("even", "skewed")[k % 2],
                  seed=3000 + k) for k, (o, r, opts) in enumerate(base)]
 
@@ -148,6 +158,7 @@ def _special(world: int) -> list[Case]:
                    options=opts, seed=4500 + i)
               for i, (red, obj, opts) in enumerate([("mean", "dft", {}), ("none", "entropy", dict(label_smoothing=0.1)),
                                                     ("sum", "ce", {})])]
+    cases += [Case(name="autocast-bf16-entropy", kind="autocast", objective="entropy", seed=4600)]
     cases += [Case(name=f"error-{what}", kind="error", options=dict(what=what))
               for what in ("chunk_size", "tokens", "empty_slice", "dtensor_shard1")]
     return cases
@@ -178,8 +189,23 @@ def _aim_targets(logits: torch.Tensor, t: torch.Tensor) -> None:
     flat[rows] = z[rows].argmax(-1)
 
 
+def _masked_columns(vocab: int, world: int) -> slice:
+    """The masked (-inf) vocabulary of the "mask" cases: the last rank's whole slice (even split) and a
+    few columns of the rank before, as a padded vocabulary with -inf bias would be."""
+    return slice(vocab - vocab // world - 5, vocab)
+
+
+def _mask(case: Case, world: int, logits_or_bias: torch.Tensor, t: torch.Tensor) -> None:
+    """Set the masked columns to -inf and move the targets off them (in place)."""
+    cols = _masked_columns(logits_or_bias.shape[-1], world)
+    logits_or_bias[..., cols] = float("-inf")
+    valid = t != -100
+    t[valid] = t[valid] % cols.start
+
+
 def _loss_kwargs(case: Case, t: torch.Tensor) -> dict:
     kw = dict(case.options, objective=case.objective, reduction=case.reduction, return_stats=case.stats)
+    kw.pop("mask", None)
     if case.token_weights:
         kw["token_weights"] = torch.rand(t.shape, dtype=torch.float32) * 2
     if case.num_items_tensor:
@@ -244,6 +270,8 @@ def _run_linear(case: Case, rank: int, world: int, group) -> Metrics:
     vocab = VOCAB[world]
     x, w, b, t = make_inputs(case.n, H, vocab, torch.float64, bias=case.bias, ignore=case.ignore, seed=case.seed,
                              lead=case.lead)
+    if case.options.get("mask"):
+        _mask(case, world, b, t)
     _aim_targets(torch.nn.functional.linear(x, w, b), t)
     kw = _loss_kwargs(case, t)
     lo, hi = _slices(case.split, vocab, world)[rank]
@@ -254,7 +282,7 @@ def _run_linear(case: Case, rank: int, world: int, group) -> Metrics:
     xr, wr = leaf(x.to(case.dtype).double()), leaf(w.to(case.dtype).double())
     br = None if b is None else leaf(b.to(case.dtype).double())
     ref = dk.reference.linear_cross_entropy(xr, wr, t, bias=br, **kw)
-    m, tol = Metrics(), TOL[torch.float32]  # float64 too (see _options)
+    m, tol = Metrics(), TOL[case.dtype]
     out, ref = m.compare_loss_and_stats(out, ref, case.stats, tol, group)
     grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5  # same on every rank (seeded per case)
     out.backward(grad_out.to(out.dtype))
@@ -278,6 +306,10 @@ def _run_logits(case: Case, rank: int, world: int, group) -> Metrics:
     g = torch.Generator().manual_seed(case.seed)
     z = torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * 2
     _, _, _, t = make_inputs(case.n, 2, vocab, seed=case.seed, lead=case.lead, ignore=case.ignore)
+    if case.options.get("mask"):
+        _mask(case, world, z, t)
+        z[..., :: 7] = float("-inf")  # and scattered columns on every rank
+        t[(t != -100) & (t % 7 == 0)] += 1
     _aim_targets(z, t)
     kw = _loss_kwargs(case, t)
     lo, hi = _slices(case.split, vocab, world)[rank]
@@ -385,6 +417,33 @@ def _run_memory(case: Case, rank: int, world: int, group) -> Metrics:
     return m
 
 
+def _run_autocast(case: Case, rank: int, world: int, group) -> Metrics:
+    """Under torch.autocast the operands are cast once to its dtype, as on one process: the same loss and
+    gradients as a call on bfloat16 operands, within the 16-bit tolerance of the float64 reference."""
+    vocab = VOCAB[world]
+    x, w, b, t = make_inputs(case.n, H, vocab, seed=case.seed)
+    lo, hi = _slices("even", vocab, world)[rank]
+    kw = dict(process_group=group, chunk_size=case.chunk_size, objective=case.objective)
+    xs, ws, bs = leaf(x), leaf(w[lo:hi]), leaf(b[lo:hi])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dk.linear_cross_entropy(xs, ws, t, bias=bs, **kw)
+    out.backward()
+    x16, w16, b16 = leaf(x.bfloat16()), leaf(w[lo:hi].bfloat16()), leaf(b[lo:hi].bfloat16())
+    want = dk.linear_cross_entropy(x16, w16, t, bias=b16, **kw)
+    want.backward()
+    xr, wr, br = leaf(x.bfloat16().double()), leaf(w.bfloat16().double()), leaf(b.bfloat16().double())
+    ref = dk.reference.linear_cross_entropy(xr, wr, t, bias=br, objective=case.objective)
+    ref.backward()
+    m = Metrics()
+    m.add("loss vs bfloat16 operands", rel_err(out, want), 0.0)
+    for name, a, c in (("dX", xs, x16), ("dW slice", ws, w16), ("db slice", bs, b16)):
+        assert a.grad.dtype == torch.float32  # the gradient comes back in the caller's dtype
+        m.add(f"{name} vs bfloat16 operands", rel_err(a.grad, c.grad.float()), 0.0)
+    m.add("loss vs reference", rel_err(out, ref), TOL[torch.bfloat16])
+    m.add("dX vs reference", rel_err(xs.grad, xr.grad), TOL[torch.bfloat16])
+    return m
+
+
 class CollectiveRecorder(TorchDispatchMode):
     """``(op, [shapes of its tensor arguments])`` of every c10d collective run under it."""
 
@@ -463,6 +522,7 @@ def _run_error(case: Case, rank: int, world: int, group) -> Metrics:
 
 RUNNERS = {"linear": _run_linear, "logits": _run_logits, "ties": _run_ties, "dtensor": _run_dtensor,
            "dtensor_logits": _run_dtensor, "memory": _run_memory, "collectives": _run_collectives,
+           "autocast": _run_autocast,
            "error": _run_error}
 
 
@@ -483,6 +543,7 @@ def run_cases(rank: int, world: int, payload) -> dict:
             results[case.name] = {"metrics": dict(runners[case.kind](case, rank, world, group))}
         except Exception:  # noqa: BLE001 - reported per case by the test module
             results[case.name] = {"error": traceback.format_exc()}
+            results[FIRST_ERROR] = case.name
             break
     return results
 

@@ -10,8 +10,9 @@ pass 2, over the slice again, in place in the logits dtype::
 
     dz0_j = scale * (j == y ? target_grad : a e^{z_j - M} inv_sum - c) * sech^2(z0_j / softcap)
 
-Both reuse the fused kernel's device helpers (block loads with softcap, per-block statistics,
-``expm1``/``log1p``/``sech^2``) and its launch configuration.
+Both reuse the fused kernel's device helpers (block loads with softcap, per-block statistics and
+their online merge, ``tanh``/``sech^2``) and its launch configuration; row offsets are int64,
+column offsets int32 (slices below ``MAX_VOCAB``), as there.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from .split import PartialRowStats, RowGradCoefficients
 from .triton import (
     _SUPPORTED_DTYPES,
     LOG2E,
+    MAX_VOCAB,
     _block_stats,
-    _device_fn,
     _load_block,
+    _merge,
     _sech2,
     _tanh,
     block_config,
@@ -39,22 +41,6 @@ from .triton import (
 
 NAME = "triton"
 __all__ = ["NAME", "is_available", "partial_row_stats", "row_grad"]
-
-
-@_device_fn
-def _merge_block(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
-    """Fold one block's ``(bm, r_b, t_b, b_arg)`` (relative to its own max) into the running
-    ``(m, r, t, arg)``; on a tie the earlier (smaller) argmax stays."""
-    new_max = bm > m
-    # e^{-|m - bm|}: rescales the side with the smaller max onto the larger one
-    a = tl.exp2(-tl.abs(m - bm) * LOG2E)
-    if NEEDS_ENTROPY:
-        # t is relative to the max: moving from max m to m' > m adds (m' - m) per unit of mass
-        t = tl.where(new_max, t_b + a * (t + (bm - m) * (1.0 + r)), t + a * (t_b + (m - bm) * (1.0 + r_b)))
-    r = tl.where(new_max, r_b + a * (1.0 + r), r + a * (1.0 + r_b))
-    if WITH_STATS:
-        arg = tl.where(new_max, b_arg, arg)
-    return tl.maximum(m, bm), r, t, arg
 
 
 @triton.jit
@@ -75,17 +61,18 @@ def _partial_row_stats_kernel(
     owned = row_ok & (y + vocab_start != ignore_index) & (y >= 0) & (y < V_local)
     y = tl.where(owned, y, 0)
 
+    # the fused kernel's online pass 1 (masked -inf columns and all -inf blocks carry no mass)
     cols = tl.arange(0, BLOCK)
-    z, col_ok = _load_block(row_ptrs, row_ok, cols, V_local, softcap, HAS_SOFTCAP)
-    m, r, t, arg = _block_stats(z, col_ok, cols, NEEDS_ENTROPY, WITH_STATS)
-    zsum = tl.zeros_like(r)
-    if HAS_SMOOTHING:
-        zsum = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-    for start in range(BLOCK, V_local, BLOCK):
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    r = tl.zeros([ROWS], dtype=tl.float32)
+    t = tl.zeros([ROWS], dtype=tl.float32)
+    zsum = tl.zeros([ROWS], dtype=tl.float32)
+    arg = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, V_local, BLOCK):
         bcols = start + cols
         z, col_ok = _load_block(row_ptrs, row_ok, bcols, V_local, softcap, HAS_SOFTCAP)
-        bm, r_b, t_b, b_arg = _block_stats(z, col_ok, bcols, NEEDS_ENTROPY, WITH_STATS)
-        m, r, t, arg = _merge_block(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
+        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
+        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
         if HAS_SMOOTHING:
             zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
@@ -149,6 +136,9 @@ def _check_logits(logits: Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be a [n, V] tensor with unit stride along V, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
+    if logits.shape[1] > MAX_VOCAB:  # column offsets are int32, as in the fused kernel
+        raise ValueError(f"logits: the triton backend takes slices of at most {MAX_VOCAB} entries, "
+                         f"got {logits.shape[1]}")
 
 
 def _launch(kernel, logits: Tensor, args: tuple, flags: dict) -> None:

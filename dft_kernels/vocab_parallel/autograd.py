@@ -11,6 +11,7 @@ group is not a custom-op argument, and ``torch.compile`` of the vocab-parallel p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,18 @@ class ParallelRun:
     need_db: bool = False
 
 
+def _autocast_off(method):
+    """Forward/backward with ``torch.autocast`` off: the chunk driver computes in its inputs' dtypes
+    (the precision policy), which the entry point has already cast to the autocast dtype."""
+
+    @functools.wraps(method)
+    def run(ctx, first, *args):
+        with torch.autocast(first.device.type if first is not None else "cpu", enabled=False):
+            return method(ctx, first, *args)
+
+    return run
+
+
 def _allreduce_dgrad(dx: Optional[Tensor], run: ParallelRun) -> None:
     if dx is not None and run.opts.allreduce_dgrad:
         dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=run.group)
@@ -45,6 +58,7 @@ def _allreduce_dgrad(dx: Optional[Tensor], run: ParallelRun) -> None:
 
 class _LinearLoss(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, weight, bias, target, token_weights, divisor, run: ParallelRun):
         loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, run.opts,
                                                          run.kernel, run.need_dx, run.need_dw, run.need_db)
@@ -60,6 +74,7 @@ class _LinearLoss(torch.autograd.Function):
         return (loss, *stats)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, *_stats):
         run: ParallelRun = ctx.run
         if grad_loss is None:
@@ -70,13 +85,14 @@ class _LinearLoss(torch.autograd.Function):
                                                       run.kernel, run.need_dx, run.need_dw, run.need_db)
             _allreduce_dgrad(dx, run)
         else:
-            g = grad_loss.to(torch.float32)
+            g = grad_loss.to(chunked.wide_dtype(grad_loss.dtype))
             dx, dw, db = (None if t is None else (t * g).to(dt) for t, dt in zip(ctx.saved_tensors, ctx.dtypes))
         return dx, dw, db, None, None, None, None
 
 
 class _LogitsLoss(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, logits, target, token_weights, divisor, run: ParallelRun):
         loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, run.opts, run.kernel,
                                                    run.need_dx)
@@ -91,6 +107,7 @@ class _LogitsLoss(torch.autograd.Function):
         return (loss, *stats)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, *_stats):
         run: ParallelRun = ctx.run
         if grad_loss is None or not run.need_dx:
@@ -100,7 +117,7 @@ class _LogitsLoss(torch.autograd.Function):
             grad = chunked.logits_backward_none(logits, target, token_weights, grad_loss, run.opts, run.kernel)
         else:
             (stash,) = ctx.saved_tensors
-            grad = (stash * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
+            grad = (stash * grad_loss.to(chunked.wide_dtype(grad_loss.dtype))).to(ctx.logits_dtype)
         return grad, None, None, None, None
 
 

@@ -44,14 +44,15 @@ def _single_process_options(opts: LossOptions) -> dict:
 
 def vocab_parallel_linear(input, weight, target, bias, opts: LossOptions, num_items_in_batch: NumItems,
                           token_weights: Optional[Tensor]):
-    from ..functional import finish, linear_cross_entropy
+    from ..functional import _autocast_cast, finish, linear_cross_entropy
 
     weight, bias, group = unwrap_head(weight, bias, opts.process_group)
     input = unwrap_replicated("input", input, partial_grad=_sharded(group) and not opts.allreduce_dgrad)
     if not _sharded(group):
         return linear_cross_entropy(input, weight, target, bias=bias, num_items_in_batch=num_items_in_batch,
                                     token_weights=token_weights, **_single_process_options(opts))
-    input, weight, bias = check_linear_args(input, weight, bias)
+    # under torch.autocast: one cast to its dtype, as on one process (the Functions run with autocast off)
+    input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     local_vocab, hidden = weight.shape
     x = _contiguous(input.reshape(-1, hidden))
     split = resolve_split_backend(opts.backend, input.device)

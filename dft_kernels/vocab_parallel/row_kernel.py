@@ -105,9 +105,12 @@ def epilogue(stats: GlobalRowStats, target: Tensor, params: LossParams, vocab_si
              token_weights: Optional[Tensor], grad_scale: Optional[Tensor]):
     """``(RowOutputs, RowGradCoefficients or None)`` from the global statistics: the objective's loss and
     ``w = -g``, label smoothing and z-loss as in the single-rank kernels (``dft_kernels.backends.torch``)."""
-    logp, lse, entropy = stats.logp, stats.lse, stats.entropy
-    dtype = logp.dtype
+    lse, entropy = stats.lse, stats.entropy
     valid = valid_rows(target, params.ignore_index, vocab_size)
+    # rows without a valid target have no z_y (0 stands in): logp = 0 keeps their zero-weighted
+    # terms finite whatever the row holds (masked -inf columns), as in the single-process kernels
+    logp = stats.logp.masked_fill(~valid, 0.0)
+    dtype = logp.dtype
     obj = params.objective
     eps, lam = params.label_smoothing, params.z_loss
     w = -obj.coefficient(logp, entropy)
@@ -120,13 +123,13 @@ def epilogue(stats: GlobalRowStats, target: Tensor, params: LossParams, vocab_si
     if token_weights is not None:
         row_weight = row_weight * token_weights.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
-    f32 = torch.float32
+    # the row contract's outputs: float32, float64 for float64 logits (the compute dtype)
     outputs = RowOutputs(
-        loss=torch.where(valid, loss * row_weight, zero).to(f32),
-        nll=torch.where(valid, -logp, zero).to(f32),
-        prob=torch.where(valid, torch.exp(logp), zero).to(f32),
-        entropy=None if entropy is None else torch.where(valid, entropy, zero).to(f32),
-        correct=None if stats.correct is None else (stats.correct & valid).to(f32),
+        loss=torch.where(valid, loss * row_weight, zero),
+        nll=torch.where(valid, -logp, zero),
+        prob=torch.where(valid, torch.exp(logp), zero),
+        entropy=None if entropy is None else torch.where(valid, entropy, zero),
+        correct=None if stats.correct is None else (stats.correct & valid).to(dtype),
     )
     if grad_scale is None:
         return outputs, None
