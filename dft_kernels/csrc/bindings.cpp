@@ -31,7 +31,7 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Te
 
 // Returns (loss, nll, prob, entropy, correct), float32 [n]; entropy is [0] unless with_entropy,
 // correct is [0] unless with_stats.  With grad_scale, logits is overwritten in place by the
-// scaled gradient (DESIGN §5 contract).  softcap 0 disables the cap.
+// scaled gradient (docs/design.md, Backend contract).  softcap 0 disables the cap.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_loss_grad(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& token_weights,
     const std::optional<at::Tensor>& grad_scale, int64_t kernel_id, double param0, double param1,

@@ -3,7 +3,7 @@
 // every function is __host__ __device__ and sees the row through (tid, nthreads), so the
 // same code runs as one CUDA block per row or as a serial loop over "threads" on a CPU.
 //
-// For one row of raw logits z0 (length V) and target y (DESIGN §2, backends/__init__.py):
+// For one row of raw logits z0 (length V) and target y (docs/design.md, Math; backends/__init__.py):
 //
 //   z      = c * tanh(z0 / c)                       (softcap c; else z = z0)
 //   pass 1 (online, per thread, then merged across the block):
