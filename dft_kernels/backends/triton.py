@@ -175,6 +175,27 @@ def _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY: tl.constexpr, WITH_
     return tl.maximum(m, bm), r, t, arg
 
 
+@_device_fn
+def _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+               NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 over columns ``[0, V)`` of ``ROWS`` rows, online from the empty state ``m = -inf``:
+    ``(m, r, t, sum z, first argmax)`` with ``m = max z``, ``r = sum_{j != one argmax} e^{z_j - m}``,
+    ``t = sum_j e^{z_j - m} (m - z_j)`` (``sum z`` only with ``HAS_SMOOTHING``, else 0)."""
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    r = tl.zeros([ROWS], dtype=tl.float32)
+    t = tl.zeros([ROWS], dtype=tl.float32)
+    zsum = tl.zeros([ROWS], dtype=tl.float32)
+    arg = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        z, col_ok = _load_block(row_ptrs, row_ok, start + cols, V, softcap, HAS_SOFTCAP)
+        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
+        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
+        if HAS_SMOOTHING:
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    return m, r, t, zsum, arg
+
+
 @triton.jit
 def _row_loss_grad_kernel(
     logits_ptr, stride_row, n_rows, target_ptr, weights_ptr, scale_ptr,
@@ -205,20 +226,9 @@ def _row_loss_grad_kernel(
     valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
     y = tl.where(valid, y, 0)
 
-    # ---- pass 1: online max / r / t / sum z / argmax, from the empty state (m = -inf) ----
-    cols = tl.arange(0, BLOCK)
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    r = tl.zeros([ROWS], dtype=tl.float32)
-    t = tl.zeros([ROWS], dtype=tl.float32)
-    zsum = tl.zeros([ROWS], dtype=tl.float32)
-    arg = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, V, BLOCK):
-        bcols = start + cols
-        z, col_ok = _load_block(row_ptrs, row_ok, bcols, V, softcap, HAS_SOFTCAP)
-        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
-        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
-        if HAS_SMOOTHING:
-            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    # ---- pass 1: online max / r / t / sum z / argmax ----
+    m, r, t, zsum, arg = _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP, HAS_SMOOTHING, NEEDS_ENTROPY,
+                                    WITH_STATS, ROWS, BLOCK)
 
     z_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
@@ -294,6 +304,7 @@ def _row_loss_grad_kernel(
             coef_c = w * (eps / V)
             target_grad += w * (eps * (1.0 - 1.0 / V))
         inv_s = 1.0 / (1.0 + r)
+        cols = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):
             bcols = start + cols
             ptrs = row_ptrs[:, None] + bcols[None, :]

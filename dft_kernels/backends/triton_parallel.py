@@ -30,9 +30,7 @@ from .triton import (
     _SUPPORTED_DTYPES,
     LOG2E,
     MAX_VOCAB,
-    _block_stats,
-    _load_block,
-    _merge,
+    _row_stats,
     _sech2,
     _tanh,
     block_config,
@@ -61,20 +59,9 @@ def _partial_row_stats_kernel(
     owned = row_ok & (y + vocab_start != ignore_index) & (y >= 0) & (y < V_local)
     y = tl.where(owned, y, 0)
 
-    # the fused kernel's online pass 1 (masked -inf columns and all -inf blocks carry no mass)
-    cols = tl.arange(0, BLOCK)
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    r = tl.zeros([ROWS], dtype=tl.float32)
-    t = tl.zeros([ROWS], dtype=tl.float32)
-    zsum = tl.zeros([ROWS], dtype=tl.float32)
-    arg = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, V_local, BLOCK):
-        bcols = start + cols
-        z, col_ok = _load_block(row_ptrs, row_ok, bcols, V_local, softcap, HAS_SOFTCAP)
-        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
-        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
-        if HAS_SMOOTHING:
-            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    # the fused kernel's pass 1 on the slice (masked -inf columns and all -inf blocks carry no mass)
+    m, r, t, zsum, arg = _row_stats(row_ptrs, row_ok, V_local, softcap, HAS_SOFTCAP, HAS_SMOOTHING,
+                                    NEEDS_ENTROPY, WITH_STATS, ROWS, BLOCK)
 
     z_y = tl.load(row_ptrs + y, mask=owned, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
