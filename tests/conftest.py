@@ -118,3 +118,21 @@ def _seed():
     print(f"torch seed {seed}")  # shown by pytest on failure, to reproduce
     torch.manual_seed(seed)
     yield
+
+
+# ---- trainer tests (test_train_loop.py, test_train_faults.py)
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small demo data set (train + held-out JSONL files)."""
+    from dft_kernels.train.demo_data import write_demo_data
+
+    return write_demo_data(str(tmp_path_factory.mktemp("data")), n_train=48, n_heldout=6, train_terms=(2, 3))
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses run with one thread too: same summation order
+    yield
+    torch.set_num_threads(n)

@@ -30,7 +30,6 @@ from dft_kernels.train.checkpoint import (  # noqa: E402
     verify_checkpoint,
 )
 from dft_kernels.train.cli import main as cli_main  # noqa: E402
-from dft_kernels.train.demo_data import write_demo_data  # noqa: E402
 from dft_kernels.train.metrics import read_metrics  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,19 +38,6 @@ TINY = dict(model="tiny", tiny_hidden_size=32, tiny_num_layers=2, tiny_num_heads
 # the reference run: 6 steps, a checkpoint every 2 (checkpoint-2, -4, -6 all kept)
 RUN = dict(TINY, max_steps=6, per_device_batch_size=4, save_steps=2, save_total_limit=0)
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_demo_data(str(tmp_path_factory.mktemp("data")), n_train=48, n_heldout=6, train_terms=(2, 3))
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with one thread too: same summation order
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

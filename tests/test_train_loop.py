@@ -15,25 +15,11 @@ pytest.importorskip("datasets")
 
 from dft_kernels.train import TrainConfig, train  # noqa: E402
 from dft_kernels.train.checkpoint import list_checkpoints  # noqa: E402
-from dft_kernels.train.demo_data import write_demo_data  # noqa: E402
 from dft_kernels.train.metrics import read_metrics  # noqa: E402
 
 TINY = dict(model="tiny", tiny_hidden_size=32, tiny_num_layers=2, tiny_num_heads=2, tiny_num_kv_heads=1,
             tiny_intermediate_size=64, max_length=96, lr=2e-3, seed=1, progress_bar=False, plot=False,
             save_final=False)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_demo_data(str(tmp_path_factory.mktemp("data")), n_train=48, n_heldout=6, train_terms=(2, 3))
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with one thread too: same summation order
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg(data, out, **kw):
