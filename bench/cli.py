@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def print_providers(providers) -> None:
+    for p in providers:
+        print(f"{p.name:28s} {p.kind:9s} {p.note}")
+
+
+def selection(args, providers) -> tuple[list, list]:
+    """The providers named by ``--providers`` (all by default) and the shapes of ``--shape``,
+    ``--cpu``, ``--quick`` or the GPU default; ValueError for an unknown name or a bad shape."""
+    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+    if args.shape:
+        shapes = [parse_shape(s) for s in args.shape]
+    else:
+        shapes = CPU_SHAPES if args.cpu else QUICK_SHAPES if args.quick else GPU_SHAPES
+    return select(providers, names), shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cpu or (args.list and not torch.cuda.is_available()):
@@ -71,16 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     providers = default_providers(device)
     if args.list:
-        for p in providers:
-            print(f"{p.name:28s} {p.kind:9s} {p.note}")
+        print_providers(providers)
         return 0
     try:
-        names = [n.strip() for n in args.providers.split(",")] if args.providers else None
-        providers = select(providers, names)
-        if args.shape:
-            shapes = [parse_shape(s) for s in args.shape]
-        else:
-            shapes = CPU_SHAPES if args.cpu else QUICK_SHAPES if args.quick else GPU_SHAPES
+        providers, shapes = selection(args, providers)
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2

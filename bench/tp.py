@@ -23,12 +23,11 @@ import dft_kernels as dk
 
 from . import env
 from .check import Result, capture
-from .cli import DEFAULT_OUT, build_parser
+from .cli import DEFAULT_OUT, build_parser, print_providers, selection
 from .harness import run_shape
 from .inputs import IGNORE_INDEX, Inputs
-from .providers import FLOOR, Provider, Runner, Skip, _require_backend, ours, select
+from .providers import FLOOR, Provider, Runner, Skip, _require_backend, ours
 from .report import markdown_table, write_csv
-from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, parse_shape
 from .timing import TimingConfig
 
 __all__ = ["VocabParallelRunner", "ours_tp", "tp_providers", "main"]
@@ -113,15 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         providers = tp_providers(device)
         if args.list:
             if rank == 0:
-                for p in providers:
-                    print(f"{p.name:28s} {p.kind:9s} {p.note}")
+                print_providers(providers)
             return 0
-        names = [n.strip() for n in args.providers.split(",")] if args.providers else None
-        providers = select(providers, names)
-        if args.shape:
-            shapes = [parse_shape(s) for s in args.shape]
-        else:
-            shapes = CPU_SHAPES if args.cpu else QUICK_SHAPES if args.quick else GPU_SHAPES
+        providers, shapes = selection(args, providers)
         cfg = TimingConfig(warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
         name = env.device_name(device)
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
