@@ -147,8 +147,8 @@ class HeadGemms:
         subnormal (6e-8) and flush to zero, while a loss scale in ``grad_output`` (``none``)
         can push them past its largest value (65504).  So the gradient is multiplied by
         ``2^k`` (exact, computed on the device: no host sync) bringing the largest entry to
-        ``[2^13, 2^14)`` before the cast, and the float32 products by ``2^-k`` after; for
-        ``dW`` the accumulator is scaled by ``2^k`` around the in-place accumulation (exact).
+        ``[2^13, 2^14)`` before the cast, and the float32 products by ``2^-k`` after; a float32
+        ``dW`` accumulator is scaled by ``2^k`` around the in-place accumulation (exact).
         """
         low, high = torch.aminmax(grad)  # the largest |entry|, without an |grad| temporary
         _, exponent = torch.frexp(torch.maximum(-low, high))
@@ -161,17 +161,30 @@ class HeadGemms:
         if dx_c is not None:
             prod = self.mm(g, self.weight, torch.float32)
             dx_c.copy_(prod.mul_(unscale))
-        if dw is not None:
+        if dw is None:
+            return
+        if dw.dtype == torch.float32:
             if first:
                 self.mm(g.t(), x_c, torch.float32, out=dw)
             else:
                 dw.mul_(scale)
                 self.mm(g.t(), x_c, torch.float32, out=dw, accumulate=True)
             dw.mul_(unscale)
+            return
+        # a float16 accumulator (accum_dtype=None): float32 products of row blocks of dW, unscaled
+        # and added (or written) block by block, so no [V, H] float32 temporary exists
+        gt = g.t()
+        for s in range(0, dw.shape[0], _DW_BLOCK_ROWS):
+            prod = self.mm(gt[s:s + _DW_BLOCK_ROWS], x_c, torch.float32).mul_(unscale)
+            if first:
+                dw[s:s + _DW_BLOCK_ROWS].copy_(prod)
+            else:
+                dw[s:s + _DW_BLOCK_ROWS].add_(prod)
 
 
 _FP16_TOP_EXPONENT = 14  # float16 gradients are scaled to a largest entry in [2^13, 2^14)
 _MAX_SHIFT = 100  # 2^+-100 stays finite in float32 (all-zero or subnormal gradients)
+_DW_BLOCK_ROWS = 8192  # rows of dW per float32 product when dW accumulates in float16
 
 
 def _product_into(acc: Tensor, a: Tensor, b: Tensor, mm: Optional[MmOutDtype], first: bool) -> None:

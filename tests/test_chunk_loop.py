@@ -132,3 +132,17 @@ def test_grad_out_is_checked():
         be.row_loss_grad(logits, target, params, None, torch.tensor(1.0), grad_out=torch.empty(4, 11))
     with pytest.raises(TypeError, match="grad_out"):
         be.row_loss_grad(logits, target, params, None, torch.tensor(1.0), grad_out=torch.empty(4, 10).long())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("accum_dtype", [None, torch.float32, torch.float64])
+def test_accumulator_dtypes_under_the_cuda_policy(monkeypatch, dtype, accum_dtype):
+    """dW written by the first chunk and accumulated in place in every accumulator dtype, with the
+    CUDA GEMM policy emulated (16-bit operands, float32 products)."""
+    from dft_kernels import gemm_policy
+    from helpers import cublas_mm_out_dtype
+
+    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
+    monkeypatch.setattr(gemm_policy, "_DW_BLOCK_ROWS", 64)  # several row blocks of dW
+    x, w, b, t = make_inputs(48, 16, 200)
+    check_linear_against_reference(x, w, b, t, dtype, chunk_size=16, accum_dtype=accum_dtype)
