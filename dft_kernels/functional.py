@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import ops
 from .checks import NumItems, Prepared, check_linear_args, check_logits, count_valid, prepare
-from .chunked import default_chunk_size
+from .chunked import chunk_row_bytes, default_chunk_size
 from .objectives import ObjectiveLike
 from .options import LossOptions, document_options
 from .stats import LossStats
@@ -76,6 +76,7 @@ def linear_cross_entropy(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     accum_dtype: Optional[torch.dtype] = torch.float32,
+    logits_dtype: Optional[torch.dtype] = None,
     process_group=None,
     allreduce_dgrad: bool = True,
     validate: bool = True,
@@ -98,8 +99,14 @@ def linear_cross_entropy(
     vocab_size, hidden = weight.shape
     prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
     x = _contiguous(input.reshape(-1, hidden))
-    # chunk logits are float32 (float64 for float64 input), see chunked.HeadGemms
-    chunk = opts.chunk_size or default_chunk_size(x.shape[0], vocab_size, max(4, input.element_size()))
+    if opts.logits_dtype is not None and opts.logits_dtype != input.dtype:
+        raise ValueError(f"logits_dtype={opts.logits_dtype} (the fast mode) needs input and weight of that dtype, "
+                         f"got {input.dtype}")
+    # chunk buffers: float32 logits (float64 for float64 input; 16-bit in the fast mode) and,
+    # where the GEMMs read it in another dtype, the gradient (chunked.HeadGemms)
+    chunk = opts.chunk_size or default_chunk_size(x.shape[0], vocab_size,
+                                                  chunk_row_bytes(input.dtype, opts.logits_dtype, input.device),
+                                                  device_type=input.device.type)
     accum = weight.dtype if opts.accum_dtype is None else torch.promote_types(opts.accum_dtype, weight.dtype)
     grad_on = torch.is_grad_enabled()
     loss, _dx, _dw, _db, *stats_sums = ops.lce_forward(
@@ -144,7 +151,9 @@ def cross_entropy(
     vocab_size = logits.shape[-1]
     prep = prepare(logits, "logits", target, vocab_size, opts, num_items_in_batch, token_weights)
     flat = _contiguous(logits.reshape(-1, vocab_size))
-    chunk = opts.chunk_size or default_chunk_size(flat.shape[0], vocab_size, logits.element_size())
+    # the gradient buffer (in its stash dtype) is the only chunk-sized buffer
+    chunk = opts.chunk_size or default_chunk_size(flat.shape[0], vocab_size, max(4, logits.element_size()),
+                                                  device_type=logits.device.type)
     loss, _grad, *stats_sums = ops.ce_forward(
         flat, prep.target, prep.token_weights, prep.divisor, opts.encode(chunk_size=chunk),
         torch.is_grad_enabled() and flat.requires_grad)

@@ -1,42 +1,64 @@
 """The GEMM precision policy of the chunk loop (docs/design.md, Precision policy).
 
 :class:`HeadGemms` runs the three GEMMs of one chunk (logits, ``dX``, ``dW``) in the dtypes the
-policy fixes; :func:`_add_product` accumulates ``dW`` in place in a possibly wider dtype; :data:`MM_OUT_DTYPE`
-holds the device's ``mm`` that writes float32 from 16-bit operands (probed; injectable for tests).
+policy fixes, each writing into a buffer the chunk loop owns (``out=``): the chunk's logits
+buffer, the ``dX`` rows, and the ``dW`` accumulator, which the first chunk writes and the
+others accumulate into in place, so no ``[V, H]`` temporary exists.  :data:`MM_OUT_DTYPE`
+holds the device's GEMM that writes (or accumulates into) float32 from 16-bit operands
+(probed; injectable for tests).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["HeadGemms"]
+__all__ = ["HeadGemms", "MM_OUT_DTYPE", "MmOutDtype"]
 
 
-def _cuda_mm_out_dtype(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    return torch.mm(a, b, out_dtype=out_dtype)
+class MmOutDtype(Protocol):
+    def __call__(self, a: Tensor, b: Tensor, out_dtype: torch.dtype, *, out: Optional[Tensor] = None,
+                 accumulate: bool = False) -> Tensor:
+        """``a @ b`` of 16-bit ``a``, ``b`` written in ``out_dtype`` (float32) from a float32
+        accumulator: into ``out`` when given, and added to ``out`` in place with ``accumulate``."""
 
 
-# device type -> ``mm(a, b, out_dtype)``: the product of 16-bit ``a``, ``b`` written in
-# ``out_dtype`` (float32) from a float32 accumulator, or None where the device has none.
-# Probed once per device type; tests put an exact emulation of cuBLAS here for "cpu", to run
-# the CUDA policy on CPU.
-MM_OUT_DTYPE: dict[str, Optional[Callable[[Tensor, Tensor, torch.dtype], Tensor]]] = {}
+def _cuda_mm_out_dtype(a: Tensor, b: Tensor, out_dtype: torch.dtype, *, out: Optional[Tensor] = None,
+                       accumulate: bool = False) -> Tensor:
+    if accumulate:  # cuBLAS with beta = 1: out += a @ b, in place
+        return torch.addmm(out, a, b, out_dtype=out_dtype, out=out)
+    if out is None:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return torch.mm(a, b, out_dtype=out_dtype, out=out)
 
 
-def _mm_out_dtype(device: torch.device) -> Optional[Callable[[Tensor, Tensor, torch.dtype], Tensor]]:
-    """The device's ``mm`` with ``out_dtype=float32`` for 16-bit operands (cuBLAS: yes on recent
-    torch; CPU: no), or None."""
+# device type -> the device's :class:`MmOutDtype`, or None where it has none.  Probed once per
+# device type (CUDA: ``mm``/``addmm`` with ``out_dtype``, torch >= 2.8; CPU: none); tests put an
+# exact emulation of cuBLAS here for "cpu", to run the CUDA policy on CPU.
+MM_OUT_DTYPE: dict[str, Optional[MmOutDtype]] = {}
+
+
+def _probe_cuda(device: torch.device) -> bool:
+    for dt in (torch.bfloat16, torch.float16):
+        a = torch.ones(2, 2, dtype=dt, device=device)
+        acc = _cuda_mm_out_dtype(a, a, torch.float32)
+        _cuda_mm_out_dtype(a, a, torch.float32, out=acc, accumulate=True)
+        if acc.dtype != torch.float32 or not bool((acc == 4.0).all()):
+            return False
+    return True
+
+
+def _mm_out_dtype(device: torch.device) -> Optional[MmOutDtype]:
+    """The device's :class:`MmOutDtype` for 16-bit operands (cuBLAS: yes on recent torch;
+    CPU: no), or None."""
     dev = device.type
     if dev not in MM_OUT_DTYPE:
         mm = None
         if dev == "cuda":
             try:
-                if all(_cuda_mm_out_dtype(a, a, torch.float32).dtype == torch.float32
-                       for a in (torch.ones(2, 2, dtype=dt, device=device) for dt in (torch.bfloat16, torch.float16))):
-                    mm = _cuda_mm_out_dtype
+                mm = _cuda_mm_out_dtype if _probe_cuda(device) else None
             except (RuntimeError, TypeError, NotImplementedError):
                 mm = None
         MM_OUT_DTYPE[dev] = mm
@@ -44,100 +66,137 @@ def _mm_out_dtype(device: torch.device) -> Optional[Callable[[Tensor, Tensor, to
 
 
 class HeadGemms:
-    """The three GEMMs of a chunk, with the precision policy of ``docs/api.md``:
+    """The three GEMMs of a chunk, with the precision policy of docs/design.md:
 
     * logits are computed in float32 (float64 for float64 inputs) even for 16-bit
       inputs: rounding logits to bfloat16 alone costs ~1% relative error on DFT-type
-      losses, which a fused kernel must not add;
+      losses, which a fused kernel must not add.  The fast mode (``logits_dtype`` equal to the
+      16-bit input dtype) writes them in 16 bits instead, as the input-dtype GEMM does;
     * where the device has an ``mm`` that writes float32 from 16-bit operands
-      (:data:`MM_OUT_DTYPE`; CUDA), the 16-bit GEMMs use it and the gradient is cast back
-      to the input dtype for the ``dX``/``dW`` GEMMs (float16 with a power-of-two scale,
-      see :meth:`backward_16bit`); elsewhere the weight is upcast once per call and every
-      GEMM runs in float32;
-    * ``dW``/``db`` accumulate in ``accum_dtype``.
+      (:data:`MM_OUT_DTYPE`; CUDA), the 16-bit GEMMs use it, and the row kernel writes the
+      gradient once in :attr:`grad_dtype`, the dtype the ``dX``/``dW`` GEMMs read: the input
+      dtype for bfloat16, float32 for float16 (cast with a power-of-two scale, see
+      :meth:`_backward_fp16`); elsewhere (CPU) a 16-bit weight is upcast once per call and
+      every GEMM but the fast mode's logits runs in float32;
+    * ``dW`` accumulates in ``accum_dtype`` in place; ``db`` likewise.
     """
 
-    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], logits_dtype: Optional[torch.dtype] = None):
         self.x_dtype = x.dtype
-        self.logits_dtype = torch.promote_types(x.dtype, torch.float32)
+        self.compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        self.logits_dtype, self.grad_dtype = self.dtypes(x.dtype, logits_dtype, x.device)
         self.weight, self.bias = weight, bias
-        self.native = x.dtype == self.logits_dtype
+        self.native = x.dtype == self.compute_dtype
         self.mm = None if self.native else _mm_out_dtype(x.device)
-        up = not self.native and self.mm is None
-        self.w_up = weight.to(self.logits_dtype) if up else None
-        self.b_up = None if bias is None or bias.dtype == self.logits_dtype else bias.to(self.logits_dtype)
+        self.w_up = weight.to(self.compute_dtype) if not self.native and self.mm is None else None
+        self._fp16: Optional[Tensor] = None  # float16 copy of the gradient (_backward_fp16), reused
+        # bias in the dtype of the logits it is added to
+        self.bias_l = None if bias is None or bias.dtype == self.logits_dtype else bias.to(self.logits_dtype)
 
-    def logits(self, x_c: Tensor) -> Tensor:
-        bias = self.bias if self.b_up is None else self.b_up
-        if self.native:
+    @staticmethod
+    def dtypes(x_dtype: torch.dtype, logits_dtype: Optional[torch.dtype],
+               device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+        """``(logits dtype, gradient dtype)`` of the chunk buffers for inputs of ``x_dtype``:
+        the gradient in the dtype the ``dX``/``dW`` GEMMs read."""
+        compute = torch.promote_types(x_dtype, torch.float32)
+        logits = compute if logits_dtype is None else logits_dtype
+        if x_dtype == compute or _mm_out_dtype(device) is None:
+            return logits, compute
+        return logits, x_dtype if x_dtype == torch.bfloat16 else torch.float32
+
+    def logits_into(self, x_c: Tensor, out: Tensor) -> Tensor:
+        """``out = x_c @ W^T (+ b)`` in ``out``'s dtype (:attr:`logits_dtype`)."""
+        bias = self.bias if self.bias_l is None else self.bias_l
+        if self.logits_dtype == self.x_dtype:  # float32/64 inputs, or the 16-bit fast mode
             w = self.weight
         elif self.mm is not None:
-            out = self.mm(x_c, self.weight.t(), self.logits_dtype)
+            self.mm(x_c, self.weight.t(), self.logits_dtype, out=out)
             return out if bias is None else out.add_(bias)
         else:
             x_c, w = x_c.to(self.logits_dtype), self.w_up
-        return x_c @ w.t() if bias is None else torch.addmm(bias, x_c, w.t())
+        if bias is None:
+            return torch.mm(x_c, w.t(), out=out)
+        return torch.addmm(bias, x_c, w.t(), out=out)
 
-    def backward(self, dlogits: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
-                 db: Optional[Tensor]) -> None:
-        """``dx_c = dlogits @ W``; ``dw += dlogits^T x_c``; ``db += sum(dlogits)``.  ``dlogits``
-        (the chunk's float32 logits buffer) may be overwritten."""
+    def backward(self, grad: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
+                 db: Optional[Tensor], first: bool) -> None:
+        """``dx_c = grad @ W``; ``dw (+)= grad^T x_c`` (written by the ``first`` chunk,
+        accumulated after); ``db += sum(grad)``.  ``grad`` (in :attr:`grad_dtype`, the row
+        kernel's gradient buffer) may be overwritten."""
         if db is not None:
-            db += dlogits.sum(dim=0, dtype=db.dtype)
-        if self.mm is not None:
-            self.backward_16bit(dlogits, x_c, dx_c, dw)
+            db += grad.sum(dim=0, dtype=db.dtype)
+        if self.mm is not None and self.x_dtype == torch.float16:
+            self._backward_fp16(grad, x_c, dx_c, dw, first)
             return
-        if self.native:
-            g, w, xc = dlogits, self.weight, x_c
-        else:
-            g, w, xc = dlogits, self.w_up, x_c.to(self.logits_dtype)
+        w = self.weight if self.w_up is None else self.w_up
         if dx_c is not None:
-            if g.dtype == dx_c.dtype:
-                torch.mm(g, w, out=dx_c)
+            if grad.dtype == dx_c.dtype:
+                torch.mm(grad, w, out=dx_c)
             else:
-                dx_c.copy_(g @ w)
+                dx_c.copy_(grad @ w)
         if dw is not None:
-            _add_product(dw, g.t(), xc, None, None)
+            xc = x_c if x_c.dtype == grad.dtype else x_c.to(grad.dtype)
+            _product_into(dw, grad.t(), xc, self.mm, first)
 
-    def backward_16bit(self, dlogits: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor]) -> None:
-        """The ``dX``/``dW`` GEMMs on 16-bit operands with float32 products (``self.mm``).
+    def _backward_fp16(self, grad: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
+                       first: bool) -> None:
+        """The ``dX``/``dW`` GEMMs on float16 operands with float32 products (``self.mm``).
 
         float16 has too little range for the float32 gradient: scaled by the reduction's
         ``1/N`` (and a DFT weight ``p``) its entries are often below float16's smallest
         subnormal (6e-8) and flush to zero, while a loss scale in ``grad_output`` (``none``)
-        can push them past its largest value (65504).  So float16 gradients are multiplied by
+        can push them past its largest value (65504).  So the gradient is multiplied by
         ``2^k`` (exact, computed on the device: no host sync) bringing the largest entry to
-        ``[2^13, 2^14)`` before the cast, and the float32 products by ``2^-k`` after.
+        ``[2^13, 2^14)`` before the cast, and the float32 products by ``2^-k`` after; a float32
+        ``dW`` accumulator is scaled by ``2^k`` around the in-place accumulation (exact).
         """
-        unscale = None
-        if self.x_dtype == torch.float16:
-            _, exponent = torch.frexp(dlogits.abs().amax())
-            shift = (_FP16_TOP_EXPONENT - exponent).clamp(-_MAX_SHIFT, _MAX_SHIFT)
-            scale = torch.ldexp(torch.ones((), dtype=dlogits.dtype, device=dlogits.device), shift)
-            dlogits.mul_(scale)
-            unscale = scale.reciprocal()  # a power of two: exact
-        g = dlogits.to(self.x_dtype)
+        low, high = torch.aminmax(grad)  # the largest |entry|, without an |grad| temporary
+        _, exponent = torch.frexp(torch.maximum(-low, high))
+        shift = (_FP16_TOP_EXPONENT - exponent).clamp(-_MAX_SHIFT, _MAX_SHIFT)
+        scale = torch.ldexp(torch.ones((), dtype=grad.dtype, device=grad.device), shift)
+        unscale = scale.reciprocal()  # a power of two: exact
+        if self._fp16 is None or self._fp16.shape[0] < grad.shape[0]:
+            self._fp16 = torch.empty(grad.shape, dtype=torch.float16, device=grad.device)  # once per call
+        g = self._fp16[:grad.shape[0]].copy_(grad.mul_(scale))
         if dx_c is not None:
-            if unscale is None and g.dtype == dx_c.dtype:
-                torch.mm(g, self.weight, out=dx_c)  # float32 accumulation, one rounding to 16 bits
+            prod = self.mm(g, self.weight, torch.float32)
+            dx_c.copy_(prod.mul_(unscale))
+        if dw is None:
+            return
+        if dw.dtype == torch.float32:
+            if first:
+                self.mm(g.t(), x_c, torch.float32, out=dw)
             else:
-                prod = self.mm(g, self.weight, torch.float32)
-                dx_c.copy_(prod if unscale is None else prod.mul_(unscale))
-        if dw is not None:
-            _add_product(dw, g.t(), x_c, self.mm, unscale)
+                dw.mul_(scale)
+                self.mm(g.t(), x_c, torch.float32, out=dw, accumulate=True)
+            dw.mul_(unscale)
+            return
+        # a float16 accumulator (accum_dtype=None): float32 products of row blocks of dW, unscaled
+        # and added (or written) block by block, so no [V, H] float32 temporary exists
+        gt = g.t()
+        for s in range(0, dw.shape[0], _DW_BLOCK_ROWS):
+            prod = self.mm(gt[s:s + _DW_BLOCK_ROWS], x_c, torch.float32).mul_(unscale)
+            if first:
+                dw[s:s + _DW_BLOCK_ROWS].copy_(prod)
+            else:
+                dw[s:s + _DW_BLOCK_ROWS].add_(prod)
 
 
 _FP16_TOP_EXPONENT = 14  # float16 gradients are scaled to a largest entry in [2^13, 2^14)
 _MAX_SHIFT = 100  # 2^+-100 stays finite in float32 (all-zero or subnormal gradients)
+_DW_BLOCK_ROWS = 8192  # rows of dW per float32 product when dW accumulates in float16
 
 
-def _add_product(acc: Tensor, a: Tensor, b: Tensor, mm, unscale: Optional[Tensor]) -> None:
-    """``acc += (a @ b) * unscale``; ``acc`` may be wider than ``a``/``b`` (fp32 accumulation of
-    16-bit operands through ``mm``, the device's ``mm`` with ``out_dtype``)."""
-    if unscale is None and a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif mm is not None:
-        prod = mm(a, b, torch.float32)
-        acc.add_(prod if unscale is None else prod.mul_(unscale))
+def _product_into(acc: Tensor, a: Tensor, b: Tensor, mm: Optional[MmOutDtype], first: bool) -> None:
+    """``acc = a @ b`` (``first``) or ``acc += a @ b``, in place; ``acc`` may be wider than
+    ``a``/``b``: 16-bit operands through the device's ``mm`` with float32 output, else the
+    operands (chunk-sized) are cast to ``acc``'s dtype, never the ``[V, H]`` product."""
+    if a.dtype != acc.dtype and mm is not None and acc.dtype == torch.float32:
+        mm(a, b, torch.float32, out=acc, accumulate=not first)
+        return
+    if a.dtype != acc.dtype:
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    if first:
+        torch.mm(a, b, out=acc)
     else:
-        acc.add_(a.to(acc.dtype) @ b.to(acc.dtype))
+        acc.addmm_(a, b)

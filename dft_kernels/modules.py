@@ -27,6 +27,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  softcap: Optional[float] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  shift: bool = False, return_stats: bool = False, backend: str = "auto",
                  chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
+                 logits_dtype: Optional[torch.dtype] = None,
                  process_group=None, allreduce_dgrad: bool = True, validate: bool = True):
         super().__init__()
         self.loss_options = LossOptions.from_arguments(locals())

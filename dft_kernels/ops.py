@@ -19,7 +19,9 @@ Ops (namespace ``dft_kernels``)::
 call, before any work).  A gradient output that is not computed is an empty tensor
 (custom ops cannot return None); so is a stats sum that is not computed.  For
 ``mean``/``sum`` the forward op already returns the gradients for ``grad_output = 1``
-and the registered backward only scales them; for ``none`` the backward op recomputes.
+and the registered backward scales them in place (:func:`dft_kernels.chunked.scale_stash`;
+a second backward through the same graph gets a scaled copy); for ``none`` the backward op
+recomputes.
 """
 
 import functools
@@ -85,8 +87,8 @@ def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     opts = decode(options)
     be = resolve_backend(opts.backend, x.device)
     loss, dx, dw, db, stats = chunked.linear_forward(
-        x, weight, bias, target, token_weights, divisor, opts, be, need_dx, need_dw, need_db)
-    stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(weight.dtype)
+        x, weight, bias, target, token_weights, divisor, opts, be, need_dx, need_dw, need_db, compact=True)
+    stash_x, stash_w = chunked.stash_dtype(x.dtype), opts.accum_dtype
     return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
             *stats)
 
@@ -96,11 +98,12 @@ lce_forward = torch.library.custom_op("dft_kernels::lce_forward", mutates_args=(
 
 @lce_forward.register_fake
 def _(x, weight, bias, target, token_weights, divisor, options, need_dx, need_dw, need_db):
-    grads = decode(options).reduction != "none"
+    opts = decode(options)
+    grads = opts.reduction != "none"
     dx = x.new_empty(x.shape if grads and need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
-    dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=chunked.stash_dtype(weight.dtype))
+    dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=opts.accum_dtype)
     has_db = grads and need_db and bias is not None
-    db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=chunked.stash_dtype(weight.dtype))
+    db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=opts.accum_dtype)
     return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options, x.dtype))
 
 
@@ -111,7 +114,7 @@ def _lce_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], t
     opts = decode(options)
     be = resolve_backend(opts.backend, x.device)
     dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, opts, be,
-                                              need_dx, need_dw, need_db)
+                                              need_dx, need_dw, need_db, compact=True)
     return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
 
 
@@ -154,9 +157,10 @@ def _lce_backward(ctx, grad_loss, *_unused):
             x, weight, bias, target, token_weights, grad_loss, ctx.options, need_dx, need_dw, need_db)
         grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
     else:
-        g = grad_loss.to(chunked.wide_dtype(grad_loss.dtype))
-        grads = tuple(None if not wanted else (t * g).to(dt)
+        applied = getattr(ctx, "applied", None)
+        grads = tuple(chunked.scale_stash(t, grad_loss, dt, applied) if wanted else None
                       for t, dt, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.need))
+        ctx.applied = grad_loss.to(chunked.wide_dtype(grad_loss.dtype)) if applied is None else applied
     return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; nothing else
 
 
@@ -224,7 +228,10 @@ def _ce_backward(ctx, grad_loss, *_unused):
             grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, ctx.options)
         else:
             (stash,) = ctx.saved_tensors
-            grad = (stash * grad_loss.to(chunked.wide_dtype(grad_loss.dtype))).to(ctx.logits_dtype)
+            applied = getattr(ctx, "applied", None)
+            grad = chunked.scale_stash(stash, grad_loss, ctx.logits_dtype, applied)
+            if applied is None:
+                ctx.applied = grad_loss.to(chunked.wide_dtype(grad_loss.dtype))
     return (grad, *(None,) * (ctx.num_inputs - 1))  # logits only
 
 

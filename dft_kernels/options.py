@@ -33,6 +33,7 @@ from .params import LossParams
 __all__ = ["LossOptions", "OPTION_NAMES", "LINEAR_ONLY_OPTIONS", "REDUCTIONS", "decode", "document_options"]
 
 REDUCTIONS = ("mean", "sum", "none")
+LOGITS_DTYPES = (torch.bfloat16, torch.float16)  # the fast mode's; None is the accurate default
 
 
 def _option(default, doc: str, *, linear_only: bool = False):
@@ -83,10 +84,16 @@ class LossOptions:
         "auto", "row-kernel backend: ``auto``, ``triton``, ``cuda`` or ``torch``; an unavailable one raises "
                 "with the reason.")
     chunk_size: Optional[int] = _option(
-        None, "token rows per chunk; None: the largest power of two whose chunk logits fit "
-              "``DFT_KERNELS_CHUNK_BYTES`` (1 GiB).")
+        None, "token rows per chunk; None: the most rows, a multiple of 256, whose chunk buffers fit the "
+              "device's byte budget (1.5 GiB on CUDA, ``DFT_KERNELS_CHUNK_BYTES`` overrides it), capped by the "
+              "number of tokens; docs/design.md, Chunk size.")
     accum_dtype: Optional[torch.dtype] = _option(
         torch.float32, "dtype of the ``dW``/``db`` accumulators; None: the weight's dtype.", linear_only=True)
+    logits_dtype: Optional[torch.dtype] = _option(
+        None, "dtype of the chunk logits.  None: float32 (float64 for float64 input), the accurate default. "
+              "``torch.bfloat16``/``torch.float16`` (equal to the input's dtype): the fast mode, where the GEMM "
+              "writes 16-bit logits and the row kernel reads them with float32 math (docs/api.md lists its "
+              "error per objective).", linear_only=True)
     process_group: Optional[object] = _option(
         None, "vocab-parallel head: a ``torch.distributed`` ProcessGroup whose ranks each hold a contiguous "
               "slice of the vocabulary (``weight``/``bias`` rows, or ``logits`` columns); the loss and stats "
@@ -140,6 +147,8 @@ class LossOptions:
         if self.accum_dtype is not None and (not isinstance(self.accum_dtype, torch.dtype)
                                              or not self.accum_dtype.is_floating_point):
             raise TypeError(f"accum_dtype must be a floating torch.dtype or None, got {self.accum_dtype!r}")
+        if self.logits_dtype is not None and self.logits_dtype not in LOGITS_DTYPES:
+            raise TypeError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got {self.logits_dtype!r}")
 
     @classmethod
     def from_arguments(cls, arguments: dict) -> "LossOptions":

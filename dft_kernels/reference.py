@@ -5,7 +5,8 @@ Same signature as :func:`dft_kernels.linear_cross_entropy`; works in any dtype
 (:mod:`dft_kernels.options`, :mod:`dft_kernels.checks`) with the fast path: shift, the
 per-token losses (written here straight from docs/design.md, Math and Objectives, with
 ``detach`` as the stop-gradient), reductions and stats are computed independently.
-``backend``, ``chunk_size``, ``accum_dtype``, ``allreduce_dgrad`` are checked and otherwise ignored;
+``backend``, ``chunk_size``, ``accum_dtype``, ``logits_dtype``, ``allreduce_dgrad`` are checked and otherwise
+ignored (the oracle is exact whatever dtype the fast path rounds its logits to);
 ``process_group`` must be None (the oracle of the vocab-parallel path is this one on the whole head).
 """
 
@@ -137,7 +138,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias:
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
                          token_weights: Optional[Tensor] = None, shift: bool = False,
                          return_stats: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
-                         accum_dtype: Optional[torch.dtype] = torch.float32, process_group=None,
+                         accum_dtype: Optional[torch.dtype] = torch.float32,
+                         logits_dtype: Optional[torch.dtype] = None, process_group=None,
                          allreduce_dgrad: bool = True, validate: bool = True):
     """Materialising reference for :func:`dft_kernels.linear_cross_entropy`."""
     opts = _one_process(LossOptions.from_arguments(locals()))

@@ -148,3 +148,26 @@ def _eager_grad_err(name, x, w, b, t, grad_out, rg, **kwargs) -> float:
     ins = {"input": xe, "weight": we, "bias": be}
     g32 = torch.autograd.grad(ref32, [ins[name]], grad_out.to(ref32.dtype))[0]
     return rel_err(g32, rg)
+
+
+def cublas_mm_out_dtype(a, b, out_dtype, *, out=None, accumulate=False):
+    """``torch.mm``/``torch.addmm`` with ``out_dtype=float32`` (``gemm_policy.MmOutDtype``) for
+    16-bit ``a``, ``b`` as cuBLAS computes them: the products of 16-bit numbers are exact in
+    float32 and are summed in float32.  Computed in 128 x 128 blocks so that the
+    emulation itself makes no temporary the size of an operand or of ``out`` (the recorder of
+    tests/test_memory.py sees them)."""
+    assert a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype and out_dtype == torch.float32
+    if out is None:
+        out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+    step = 128
+    for s in range(0, a.shape[0], step):
+        for c in range(0, b.shape[1], step):
+            block = torch.zeros((a[s:s + step].shape[0], b[:, c:c + step].shape[1]), dtype=torch.float32,
+                                device=a.device)
+            for k in range(0, a.shape[1], step):
+                block += a[s:s + step, k:k + step].to(torch.float32) @ b[k:k + step, c:c + step].to(torch.float32)
+            if accumulate:
+                out[s:s + step, c:c + step] += block
+            else:
+                out[s:s + step, c:c + step] = block
+    return out

@@ -174,6 +174,21 @@ def test_scalar_grad_scale_and_no_token_weights(emulator):
     assert rel_err(grad, ref_logits) <= 1e-5
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_grad_out_through_the_in_place_kernel(emulated_cuda_backend, grad_dtype):
+    """The contract's grad_out on the cuda backend (backends.via_in_place): the gradient of the
+    in-place kernel, rounded once to grad_out's dtype; the logits untouched."""
+    params = make_loss_params("dft")
+    logits = torch.randn(6, 400) * 2
+    target = torch.randint(0, 400, (6,))
+    expected = logits.clone()
+    cuda_backend.row_loss_grad(expected, target, params, None, torch.tensor(0.5))
+    before = logits.clone()
+    grad_out = torch.empty(6, 400, dtype=grad_dtype)
+    cuda_backend.row_loss_grad(logits, target, params, None, torch.tensor(0.5), grad_out=grad_out)
+    assert torch.equal(logits, before) and torch.equal(grad_out, expected.to(grad_dtype))
+
+
 def test_confident_rows_keep_precision(emulator):
     """p ~ 1: logp and the target gradient come from log1p/expm1, not from 1 - p."""
     params = make_loss_params("ce")

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from dispatch_recorder import LargestOutput
-from helpers import make_inputs
+from dft_kernels import gemm_policy
+from dispatch_recorder import FreshTensors, LargestOutput
+from helpers import cublas_mm_out_dtype, leaf, make_inputs
 
 N, H, V, CHUNK = 256, 32, 1000, 64  # N * V = 256000 > V * H (dW) = 32000
 
@@ -55,3 +56,46 @@ def test_cross_entropy_backward_allocates_one_logits_sized_gradient():
     with LargestOutput() as rec:
         loss.backward()
     assert len({ptr for size, ptr in rec.sizes if size == 64 * V}) == 1, rec.sizes
+
+
+# ---- the chunk loop's allocations (docs/design.md, Data path) ----
+# N * H (8192) and N * V (256000) differ from V * H (32000) and from C * V (64000): a tensor
+# of V * H elements is weight-sized, one of >= C * V elements chunk-logits-sized.
+POLICIES = {
+    # name: (dtype, emulate the CUDA policy, logits_dtype, chunk buffers: logits (+ gradient))
+    "fp32": (torch.float32, False, None, 1),
+    "bf16-cuda-policy": (torch.bfloat16, True, None, 2),
+    "fp16-cuda-policy": (torch.float16, True, None, 2),  # float32 logits/gradient + its float16 copy
+    "bf16-fast-cuda-policy": (torch.bfloat16, True, torch.bfloat16, 1),
+    "fp16-fast-cuda-policy": (torch.float16, True, torch.float16, 3),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_chunk_loop_allocations(backend, policy, reduction, monkeypatch):
+    """Forward and backward together allocate: no tensor of V * H elements but the one ``dW``
+    accumulator and the returned ``dW`` (two at most: one when they share a dtype); the
+    chunk buffers once per call, not once per chunk (4 chunks here), so at most one chunk of
+    logits (plus its gradient buffer) is alive at a time, besides the torch backend's working
+    buffer and mask; and nothing of N * V elements."""
+    dtype, emulate, logits_dtype, buffers = POLICIES[policy]
+    if emulate:
+        monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
+    x, w, b, t = make_inputs(N, H, V, dtype=dtype, bias=False, ignore="none")
+    x, w = leaf(x), leaf(w)
+    with FreshTensors(watch_numel=CHUNK * V) as rec:
+        loss = dk.linear_cross_entropy(x, w, t, backend=backend, chunk_size=CHUNK, reduction=reduction,
+                                       logits_dtype=logits_dtype)
+        loss.sum().backward()
+    weight_sized = rec.count(V * H)
+    assert 1 <= weight_sized <= 2, [f for f in rec.fresh if f[0] == V * H]
+    assert w.grad.shape == (V, H) and torch.isfinite(w.grad).all()
+    chunk_sized = [f for f in rec.fresh if f[0] >= CHUNK * V]
+    assert all(f[0] < N * V for f in rec.fresh), max(rec.fresh)[:3]
+    if backend == "triton":  # no working buffers: only the chunk loop's own
+        # mean: the buffers once; none: the forward's logits buffer, then the backward's buffers
+        assert len(chunk_sized) == (buffers if reduction == "mean" else 1 + buffers), chunk_sized
+        assert rec.peak_alive <= buffers
+    else:  # plus the torch backend's working buffer and boolean mask (backends/torch.py)
+        assert rec.peak_alive <= buffers + 2, chunk_sized

@@ -49,7 +49,8 @@ def test_patch_and_compute_loss_func_options_are_derived():
 def test_encode_decode_round_trip(objective):
     obj = OBJECTIVES[objective]()
     opts = LossOptions(obj, ignore_index=7, reduction="sum", softcap=12.5, shift=True, return_stats=True,
-                       backend="torch", chunk_size=3, accum_dtype=torch.bfloat16, validate=False,
+                       backend="torch", chunk_size=3, accum_dtype=torch.bfloat16, logits_dtype=torch.bfloat16,
+                       validate=False,
                        **({"label_smoothing": 0.1, "z_loss": 1e-4} if obj.is_weighted_nll else {}))
     assert decode(opts.encode()) == opts
     resolved = decode(opts.encode(chunk_size=64, accum_dtype=torch.float64))
@@ -68,6 +69,7 @@ def test_unregistered_objective_subclass_is_refused_by_the_ops():
 @pytest.mark.parametrize("kwargs,exc,name", [
     (dict(backend=3), TypeError, "backend"), (dict(backend="cudnn"), ValueError, "backend"),
     (dict(chunk_size=0), ValueError, "chunk_size"), (dict(accum_dtype=torch.int8), TypeError, "accum_dtype"),
+    (dict(logits_dtype=torch.float32), TypeError, "logits_dtype"),
     (dict(objective="prob", label_smoothing=0.2), ValueError, "label_smoothing"),
 ])
 def test_options_are_checked_on_construction(kwargs, exc, name):

@@ -7,22 +7,15 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels import gemm_policy
-from helpers import OBJECTIVES, TOL, leaf, make_inputs, obj_id, rel_err
+from helpers import OBJECTIVES, TOL, cublas_mm_out_dtype, leaf, make_inputs, obj_id, rel_err
 
 LOSS_SCALE = 65536.0  # torch.amp.GradScaler's initial scale
-
-
-def _cublas_mm_out_dtype(a, b, out_dtype):
-    """``torch.mm(a, b, out_dtype=float32)`` for 16-bit ``a``, ``b`` as cuBLAS computes it: the
-    products of 16-bit numbers are exact in float32 and are summed in float32."""
-    assert a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
-    return (a.to(torch.float32) @ b.to(torch.float32)).to(out_dtype)
 
 
 @pytest.fixture
 def cuda_gemm_policy(monkeypatch):
     """Run the CUDA branch of the GEMM policy (16-bit operands, float32 products) on CPU."""
-    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", _cublas_mm_out_dtype)
+    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
 
 
 def _reference_grads(x, w, t, grad_out, reduction, chunk=256, **kw):

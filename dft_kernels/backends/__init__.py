@@ -2,7 +2,7 @@
 
 The contract (every backend module exposes ``row_loss_grad`` with exactly this behaviour)::
 
-    row_loss_grad(logits, target, params, token_weights=None, grad_scale=None) -> RowOutputs
+    row_loss_grad(logits, target, params, token_weights=None, grad_scale=None, grad_out=None) -> RowOutputs
 
 Inputs
     ``logits``: ``[n, V]`` contiguous float tensor (float32, bfloat16, float16; the torch
@@ -15,12 +15,19 @@ Inputs
     ``grad_scale``: ``None`` for a forward-only call, else a float32 tensor of shape
     ``[]`` or ``[n]`` (the reduction's normaliser, or the incoming per-token gradient).
 
-In-place rule
-    When ``grad_scale`` is given, ``logits`` is overwritten, in its own dtype, with
-    ``grad_scale * token_weight * dL/dz0`` where ``z0`` are the raw logits, i.e.
-    ``(a * softmax - b * onehot - c) * (1 - (z / softcap)^2)`` with
-    ``a = -g + 2 z_loss lse``, ``b = -g (1 - eps)``, ``c = -g eps / V`` (docs/design.md, Math).
-    When ``grad_scale`` is None, ``logits`` is left untouched.
+Gradient output
+    When ``grad_scale`` is given, the gradient ``grad_scale * token_weight * dL/dz0`` where
+    ``z0`` are the raw logits, i.e. ``(a * softmax - b * onehot - c) * (1 - (z / softcap)^2)``
+    with ``a = -g + 2 z_loss lse``, ``b = -g (1 - eps)``, ``c = -g eps / V`` (docs/design.md,
+    Math), is written once, from float32 math, either
+    - into ``grad_out`` when it is given: an ``[n, V]`` float tensor with unit stride along
+      V (any row stride; float32, bfloat16, float16, and float64 on the torch backend), in
+      *its* dtype, which may differ from the logits' (the chunk loop passes the dtype its
+      ``dX``/``dW`` GEMMs read, so no cast pass follows); ``logits`` is then left untouched;
+    - or, with ``grad_out=None``, over ``logits`` in place, in the logits' dtype.
+    When ``grad_scale`` is None, ``grad_out`` is ignored and ``logits`` is left untouched.
+    (The triton and torch backends write ``grad_out`` directly; the cuda backend computes in
+    a copy of the row and converts, see :func:`via_in_place`.)
 
 Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, float64 for float64 logits; zero at invalid rows)
     ``loss`` (times token weight), ``nll`` (``-logp``), ``prob`` (``p``),
@@ -49,7 +56,7 @@ from torch.cuda import OutOfMemoryError
 # No module-level name 'torch' here: it would shadow the backends.torch submodule.
 
 __all__ = ["RowOutputs", "BACKENDS", "BACKEND_NAMES", "FallbackBackend", "get_backend", "resolve_backend",
-           "valid_rows"]
+           "valid_rows", "check_grad_out", "via_in_place"]
 
 logger = logging.getLogger("dft_kernels")
 
@@ -78,6 +85,27 @@ DEFAULT_AUTO_ORDER: tuple[str, ...] = ("torch",)
 def valid_rows(target: Tensor, ignore_index: int, vocab_size: int) -> Tensor:
     """Boolean mask of the rows whose target is a real class (docs/design.md, Public API)."""
     return (target != ignore_index) & (target >= 0) & (target < vocab_size)
+
+
+def check_grad_out(grad_out: Optional[Tensor], logits: Tensor, dtypes: tuple) -> None:
+    """The contract's checks of ``grad_out`` (TypeError/ValueError naming it)."""
+    if grad_out.dtype not in dtypes:
+        raise TypeError(f"grad_out: expected one of {[str(d) for d in dtypes]}, got {grad_out.dtype}")
+    if grad_out.shape != logits.shape or (grad_out.shape[1] > 1 and grad_out.stride(1) != 1):
+        raise ValueError(f"grad_out must have the logits' shape {tuple(logits.shape)} and unit stride along V, got "
+                         f"shape {tuple(grad_out.shape)} and strides {grad_out.stride()}")
+    if grad_out.device != logits.device:
+        raise ValueError(f"grad_out must be on {logits.device} like logits, got {grad_out.device}")
+
+
+def via_in_place(row_loss_grad_in_place, logits: Tensor, grad_out: Tensor, *args) -> RowOutputs:
+    """``grad_out`` for a kernel that only writes its gradient in place: run it on a copy of the
+    logits (in place on ``grad_out`` itself when it has the logits' dtype), then convert."""
+    work = grad_out.copy_(logits) if grad_out.dtype == logits.dtype else logits.clone()
+    out = row_loss_grad_in_place(work, *args)
+    if work is not grad_out:
+        grad_out.copy_(work)
+    return out
 
 
 def get_backend(name: str):
@@ -142,13 +170,14 @@ class FallbackBackend:
         raise ValueError(f"backend: no backend is available on device {self.device}"
                          + ("" if failed is None else f"; last: {failed}"))
 
-    def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None):
+    def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None, grad_out=None):
+        kw = {} if grad_out is None else {"grad_out": grad_out}
         while True:
             module, name = self._module, self.name
             if not self._names:  # the last candidate: its errors are the user's
-                return module.row_loss_grad(logits, target, params, token_weights, grad_scale)
+                return module.row_loss_grad(logits, target, params, token_weights, grad_scale, **kw)
             try:
-                return module.row_loss_grad(logits, target, params, token_weights, grad_scale)
+                return module.row_loss_grad(logits, target, params, token_weights, grad_scale, **kw)
             except OutOfMemoryError:
                 raise
             except Exception as exc:

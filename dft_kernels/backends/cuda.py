@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..params import LossParams
-from . import RowOutputs
+from . import RowOutputs, check_grad_out, via_in_place
 from . import _cuda_build as build
 
 NAME = "cuda"
@@ -134,9 +134,15 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
-                  grad_scale: Optional[Tensor] = None) -> RowOutputs:
+                  grad_scale: Optional[Tensor] = None, grad_out: Optional[Tensor] = None) -> RowOutputs:
+    """The contract; a ``grad_out`` is served by :func:`~dft_kernels.backends.via_in_place` (the
+    kernel writes in place only: one copy of the chunk and, across dtypes, one conversion more
+    than the triton backend, whose kernel stores into ``grad_out`` directly)."""
     if logits.dtype not in DTYPES:
         raise TypeError(f"logits: the cuda backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    if grad_scale is not None and grad_out is not None and grad_out is not logits:
+        check_grad_out(grad_out, logits, DTYPES)
+        return via_in_place(row_loss_grad, logits, grad_out, target, params, token_weights, grad_scale)
     obj = params.objective
     param0, param1 = obj.kernel_params
     tw = None if token_weights is None else token_weights.to(torch.float32).contiguous()

@@ -12,10 +12,10 @@ Implements the contract in ``dft_kernels.backends`` with whole-row tensor ops::
 with the target entry written as ``a expm1(logp) + 2 lam lse + w eps (1 - 1/V)`` and the cap factor as
 ``1 / cosh(z0 / softcap)^2`` so that neither cancels.
 
-Math is done in float32 (float64 for float64 logits); the gradient is written back
-into ``logits`` in its own dtype.  One chunk-sized working buffer (none for float32
-logits without softcap, which are turned into their gradient in place) plus a boolean
-mask; the chunk loop in ``dft_kernels.chunked`` bounds them.
+Math is done in float32 (float64 for float64 logits); the gradient is written into
+``grad_out`` (or back into ``logits``) in its dtype.  One chunk-sized working buffer (none
+when the gradient's destination has the math dtype: it becomes the working buffer) plus a
+boolean mask; the chunk loop in ``dft_kernels.chunked`` bounds them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..params import LossParams
-from . import RowOutputs, valid_rows
+from . import RowOutputs, check_grad_out, valid_rows
 
 NAME = "torch"
 
@@ -37,7 +37,7 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
-                  grad_scale: Optional[Tensor] = None) -> RowOutputs:
+                  grad_scale: Optional[Tensor] = None, grad_out: Optional[Tensor] = None) -> RowOutputs:
     n, vocab = logits.shape
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     valid = valid_rows(target, params.ignore_index, vocab)
@@ -47,8 +47,17 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     # One working buffer that becomes z, then exp(z - m), then softmax, then the gradient.
     # It is the logits themselves when they are to be overwritten anyway and nothing
     # later needs the raw values; otherwise a copy.
-    in_place = grad_scale is not None and logits.dtype == compute_dtype and cap is None
-    work = logits if in_place else logits.to(compute_dtype, copy=True)
+    if grad_scale is None:
+        grad_out = None
+    elif grad_out is not None:
+        check_grad_out(grad_out, logits, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    dest = logits if grad_out is None else grad_out  # where the gradient goes
+    if grad_out is not None and grad_out.dtype == compute_dtype:
+        work = grad_out.copy_(logits)
+    elif grad_scale is not None and grad_out is None and logits.dtype == compute_dtype and cap is None:
+        work = logits  # the cap factor below reads the raw logits: not in place with a cap
+    else:
+        work = logits.to(compute_dtype, copy=True)
     if cap is not None:
         work.div_(cap).tanh_().mul_(cap)
 
@@ -112,11 +121,11 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         grad.scatter_(1, safe_target, target_grad.unsqueeze(1))
         if cap is not None:
             # chain factor of the cap, 1 - (z / c)^2 = 1 / cosh(z0 / c)^2 (no cancellation
-            # near the cap), from the raw logits, which are still untouched here.
-            grad.mul_(logits.to(compute_dtype).div_(cap).cosh_().square_().reciprocal_())
+            # near the cap), from the raw logits (a copy: they stay untouched).
+            grad.mul_(logits.to(compute_dtype, copy=True).div_(cap).cosh_().square_().reciprocal_())
         grad.mul_((row_weight * grad_scale.to(compute_dtype)).unsqueeze(1))
-        if grad is not logits:
-            logits.copy_(grad)
+        if grad is not dest:
+            dest.copy_(grad)
 
     f32 = compute_dtype  # the contract's float32, float64 for float64 logits
     return RowOutputs(

@@ -12,7 +12,8 @@ epilogue (objective selected by a constexpr id, see ``objectives.py``)::
 
     L = (1 - eps) L_obj(logp, H) + eps * w * (lse - mean_j z_j) + lam * lse^2,  w = -g
 
-pass 2, over the row again, overwriting it in place in its own dtype::
+pass 2, over the row again, writing the gradient once into ``grad_out`` in its dtype (or over
+the row in place, in the logits' dtype)::
 
     dz0_j = scale * ((a softmax_j - b [j == y] - c) * sech(z0_j / softcap)^2)
     a = w + 2 lam lse,  b = w (1 - eps),  c = w eps / V,  scale = token_weight * grad_scale
@@ -41,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..params import LossParams
-from . import RowOutputs
+from . import RowOutputs, check_grad_out
 
 NAME = "triton"
 AUTOTUNE_ENV = "DFT_KERNELS_AUTOTUNE"
@@ -198,7 +199,7 @@ def _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOO
 
 @triton.jit
 def _row_loss_grad_kernel(
-    logits_ptr, stride_row, n_rows, target_ptr, weights_ptr, scale_ptr,
+    logits_ptr, stride_row, grad_ptr, stride_grad, n_rows, target_ptr, weights_ptr, scale_ptr,
     loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
     V, ignore_index, softcap, eps, lam, param0, param1,
     OBJECTIVE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -206,7 +207,8 @@ def _row_loss_grad_kernel(
     SCALE_PER_ROW: tl.constexpr, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Loss, stats and (``HAS_GRAD``) the in-place scaled gradient of ``ROWS`` logits rows.
+    """Loss, stats and (``HAS_GRAD``) the scaled gradient of ``ROWS`` logits rows, stored once at
+    ``grad_ptr`` (rows ``stride_grad`` apart, in its element type; ``logits_ptr`` itself for in place).
 
     ``L = (1 - eps) L_obj(logp, H) + eps w (lse - mean z) + lam lse^2`` and
     ``dL/dz0 = ((w + 2 lam lse) softmax - w (1 - eps) onehot - w eps / V) sech^2(z0 / softcap)``
@@ -214,7 +216,7 @@ def _row_loss_grad_kernel(
     ``ROWS`` is 1 on GPUs (one program per row); the interpreter takes several rows per
     program, since its cost is per op, not per element.
     """
-    # Offsets past int32: the row offset ``rows * stride_row`` (``stride_row`` comes in as an
+    # Offsets past int32: the row offsets ``rows * stride_row`` and ``rows * stride_grad`` (each comes in as an
     # int32 whenever it fits) exceeds 2^31 elements as soon as N * V does, so ``rows`` is int64
     # and so is every row pointer and ``row_ptrs + y``.  Column offsets ``start + cols`` stay
     # int32: they are below V + BLOCK, which ``row_loss_grad`` keeps under 2^31 (MAX_VOCAB).
@@ -222,6 +224,7 @@ def _row_loss_grad_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     row_ptrs = logits_ptr + rows * stride_row
+    grad_row_ptrs = grad_ptr + rows * stride_grad
     y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
     y = tl.where(valid, y, 0)
@@ -284,7 +287,7 @@ def _row_loss_grad_kernel(
     if WITH_STATS:
         tl.store(correct_ptr + rows, tl.where(valid & (arg == y), 1.0, 0.0), mask=row_ok)
 
-    # ---- pass 2: the scaled gradient, in place ----
+    # ---- pass 2: the scaled gradient, written once ----
     if HAS_GRAD:
         if SCALE_PER_ROW:
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -319,7 +322,7 @@ def _row_loss_grad_kernel(
             if HAS_SOFTCAP:
                 grad = grad * _sech2(z0 / softcap)
             grad = tl.where(valid[:, None], grad * scale[:, None], 0.0)
-            tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(grad_row_ptrs[:, None] + bcols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=io_mask)
 
 
 def _autotune_configs():
@@ -382,7 +385,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
-                  grad_scale: Optional[Tensor] = None) -> RowOutputs:
+                  grad_scale: Optional[Tensor] = None, grad_out: Optional[Tensor] = None) -> RowOutputs:
     if logits.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -405,6 +408,10 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     if token_weights is not None:
         token_weights = token_weights.to(f32).contiguous()
     per_row = False
+    if grad_scale is None or grad_out is None:
+        grad_out = logits
+    else:
+        check_grad_out(grad_out, logits, _SUPPORTED_DTYPES)
     if grad_scale is not None:
         grad_scale = grad_scale.to(f32).contiguous()
         per_row = grad_scale.dim() == 1
@@ -414,7 +421,7 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     # a placeholder pointer for absent optional tensors (never read: its flag is off)
     dummy = loss
     args = (
-        logits, logits.stride(0), n, target,
+        logits, logits.stride(0), grad_out, grad_out.stride(0), n, target,
         dummy if token_weights is None else token_weights,
         dummy if grad_scale is None else grad_scale,
         loss, nll, prob,

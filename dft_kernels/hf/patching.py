@@ -30,7 +30,8 @@ def patch(model, objective: ObjectiveLike = "dft", *, liger: bool = False,
     ``model``: a Hugging Face causal LM (``*ForCausalLM`` or a model with the same structure;
     a PEFT model is unwrapped to its base model).  ``objective``: as in
     :func:`dft_kernels.linear_cross_entropy`.  ``loss_kwargs``: ``ignore_index``, ``reduction``,
-    ``label_smoothing``, ``z_loss``, ``backend``, ``chunk_size``, ``accum_dtype``, ``validate``.
+    ``label_smoothing``, ``z_loss``, ``backend``, ``chunk_size``, ``accum_dtype``, ``logits_dtype``,
+    ``validate``.
     ``liger``: also apply Liger-Kernel's RMSNorm/RoPE/SwiGLU kernels (CUDA only; its losses stay
     off).  ``verify``: ``"auto"`` (default) checks the decomposition numerically when the
     parameters are materialised and warns when they are not; ``True`` requires the check;

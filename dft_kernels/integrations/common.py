@@ -14,7 +14,7 @@ from dft_kernels.objectives import OBJECTIVES, Objective, get_objective
 
 __all__ = ["LossOptions", "FusedLossCheck", "patched_model", "refuse_trainer_loss"]
 
-# Values of accum_dtype a YAML config can give (dk.patch takes a torch.dtype or None).
+# Values of accum_dtype and logits_dtype a YAML config can give (dk.patch takes a torch.dtype or None).
 _ACCUM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "none": None}
 
@@ -29,7 +29,7 @@ class LossOptions:
           objective: dft          # any dk objective name: ce, dft, power, focal, chord, prob, entropy
           min_weight: 0.1         # the objective's own parameters (DFT: min_weight, Power: alpha, ...)
           chunk_size: 4096        # dk.patch options: ignore_index, label_smoothing, z_loss, backend,
-                                  # chunk_size, accum_dtype, validate
+                                  # chunk_size, accum_dtype, logits_dtype (the fast mode), validate
     """
 
     objective: Objective = field(default_factory=dk.DFT)
@@ -58,12 +58,13 @@ class LossOptions:
         if "reduction" in config and config["reduction"] != "mean":
             raise ValueError(f"{where}.reduction: a trainer needs a scalar loss normalised as its own (mean with "
                              f"num_items_in_batch); got {config['reduction']!r}")
-        if "accum_dtype" in config and not isinstance(config["accum_dtype"], torch.dtype):
-            key = str(config["accum_dtype"]).lower()
-            if key not in _ACCUM_DTYPES:
-                raise ValueError(f"{where}.accum_dtype: expected one of {sorted(_ACCUM_DTYPES)}, "
-                                 f"got {config['accum_dtype']!r}")
-            config["accum_dtype"] = _ACCUM_DTYPES[key]
+        for key_name in ("accum_dtype", "logits_dtype"):  # dtypes as YAML strings
+            if key_name in config and config[key_name] is not None and not isinstance(config[key_name], torch.dtype):
+                key = str(config[key_name]).lower()
+                if key not in _ACCUM_DTYPES:
+                    raise ValueError(f"{where}.{key_name}: expected one of {sorted(_ACCUM_DTYPES)}, "
+                                     f"got {config[key_name]!r}")
+                config[key_name] = _ACCUM_DTYPES[key]
         misplaced = sorted(set(config) & {f.name for c in OBJECTIVES.values() for f in fields(c)})
         if misplaced:
             raise ValueError(f"{where}: {', '.join(misplaced)} not a parameter of objective {objective!r}")

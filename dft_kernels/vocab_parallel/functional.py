@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backends.split import resolve_split_backend
 from ..checks import NumItems, check_linear_args, check_logits, prepare
 from ..chunked import default_chunk_size
-from ..options import LossOptions
+from ..options import LINEAR_ONLY_OPTIONS, LossOptions
 from .autograd import ParallelRun, linear_loss, logits_loss
 from .row_kernel import VocabParallelRowKernel
 from .shard import gather_layout, unwrap_head, unwrap_logits, unwrap_replicated
@@ -51,6 +51,9 @@ def vocab_parallel_linear(input, weight, target, bias, opts: LossOptions, num_it
     if not _sharded(group):
         return linear_cross_entropy(input, weight, target, bias=bias, num_items_in_batch=num_items_in_batch,
                                     token_weights=token_weights, **_single_process_options(opts))
+    if opts.logits_dtype is not None:
+        raise ValueError("logits_dtype: the fast mode (16-bit chunk logits) is not supported on the vocab-parallel "
+                         "path; leave it None")
     # under torch.autocast: one cast to its dtype, as on one process (the Functions run with autocast off)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     local_vocab, hidden = weight.shape
@@ -80,7 +83,8 @@ def vocab_parallel_logits(logits, target, opts: LossOptions, num_items_in_batch:
     logits, group = unwrap_logits(logits, opts.process_group)
     if not _sharded(group):
         options = _single_process_options(opts)
-        del options["accum_dtype"], options["allreduce_dgrad"]  # not options of cross_entropy
+        for name in LINEAR_ONLY_OPTIONS:  # not options of cross_entropy
+            del options[name]
         return cross_entropy(logits, target, num_items_in_batch=num_items_in_batch, token_weights=token_weights,
                              **options)
     logits = check_logits(logits)

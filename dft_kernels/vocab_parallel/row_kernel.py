@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import RowOutputs, valid_rows
+from ..backends import RowOutputs, valid_rows, via_in_place
 from ..backends.split import PartialRowStats, RowGradCoefficients
 from ..params import LossParams
 from .shard import VocabShard
@@ -161,7 +161,11 @@ class VocabParallelRowKernel:
         self.name = f"{split_backend.NAME} (vocab-parallel)"
 
     def row_loss_grad(self, logits: Tensor, target: Tensor, params: LossParams,
-                      token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None) -> RowOutputs:
+                      token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
+                      grad_out: Optional[Tensor] = None) -> RowOutputs:
+        if grad_scale is not None and grad_out is not None and grad_out is not logits:
+            # the split kernels write in place: through a copy (backends.via_in_place)
+            return via_in_place(self.row_loss_grad, logits, grad_out, target, params, token_weights, grad_scale)
         shard = self.shard
         partial = self.split.partial_row_stats(logits, target, shard.vocab_start, params)
         stats = combine_row_stats(partial, target, params, shard, shard.vocab_size)
