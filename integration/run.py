@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                          f"trl {v.get('trl')}; ref. float64 step 1 {result.get('reference_step1'):.9f}; "
                          f"steps 1-3 ours {result.get('ours')} theirs {result.get('theirs')}; largest tensor ours "
                          f"{result.get('ours_largest')} elements (theirs {result.get('theirs_largest')}, "
-                         f"tokens x vocab {result.get('tokens_x_vocab')}); fused calls "
+                         f"supervised tokens x vocab {result.get('tokens_x_vocab')}); fused calls "
                          f"{result.get('fused_calls')}, micro-batches checked {result.get('checked_micro_batches')}")
         rows.append(row)
 
