@@ -133,6 +133,14 @@ def smoke(trainer: Trainer, timeout: float) -> dict:
     return json.loads(out.read_text())
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _load(avg) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
+
+
 def _fmt_loss(x) -> str:
     return "—" if x is None else f"{x:.9f}"
 
@@ -166,6 +174,7 @@ def main(argv=None) -> int:
             parser.error(f"--only: unknown trainers {unknown}")
         chosen = [t for t in TRAINERS if t.name in names]
 
+    started, load_start = _now(), os.getloadavg()
     rows, failed, notes = [], False, []
     for trainer in chosen:
         pinned = _pins(trainer.requirements).get(trainer.dist, "?") if trainer.requirements.is_file() else "?"
@@ -199,7 +208,10 @@ def main(argv=None) -> int:
                          f"{result.get('fused_calls')}, micro-batches checked {result.get('checked_micro_batches')}")
         rows.append(row)
 
-    text = table(rows) + "\n\n" + "\n".join(notes) + "\n"
+    command = " ".join(["python3 -m integration.run", *(sys.argv[1:] if argv is None else argv)])
+    header = (f"`{command}`, {started} to {_now()}, {os.cpu_count()} CPUs, load average (1/5/15 min) "
+              f"{_load(load_start)} at the start, {_load(os.getloadavg())} at the end (wall times grow with the load)")
+    text = header + "\n\n" + table(rows) + "\n\n" + "\n".join(notes) + "\n"
     CACHE.mkdir(exist_ok=True)
     (CACHE / "results.md").write_text(text)
     print()
