@@ -110,13 +110,19 @@ def install(trainer: Trainer, reinstall: bool) -> tuple[bool, str, float]:
     return True, "", time.perf_counter() - t0
 
 
-def smoke(trainer: Trainer, timeout: float) -> dict:
-    out = trainer.folder / "result.json"
-    out.unlink(missing_ok=True)
+def smoke_env() -> dict:
+    """The smoke tests' environment: this checkout on the path, offline, no trackers."""
     env = dict(os.environ)
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                WANDB_MODE="disabled", WANDB_DISABLED="true", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false",
                AXOLOTL_DO_NOT_TRACK="1", HF_HUB_DISABLE_TELEMETRY="1")
+    return env
+
+
+def smoke(trainer: Trainer, timeout: float) -> dict:
+    out = trainer.folder / "result.json"
+    out.unlink(missing_ok=True)
+    env = smoke_env()
     cmd = [str(trainer.python), "-m", trainer.smoke_module, "--out", str(out)]
     t0 = time.perf_counter()
     with open(trainer.folder / "smoke.log", "w") as log:

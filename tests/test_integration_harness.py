@@ -70,3 +70,23 @@ def test_table_lists_losses_relative_error_and_not_installable():
 def test_pip_error_quotes_the_error_lines():
     log = "Collecting foo\n  Downloading foo.whl\nERROR: Could not find a version that satisfies foo==9\nmore\n"
     assert run._pip_error(log).startswith("ERROR: Could not find a version that satisfies foo==9")
+
+
+def test_trl_smoke_test_in_the_test_environment(tmp_path):
+    """The TRL smoke test (integration/smoke_trl.py: DFTSFTTrainer vs SFTTrainer(loss_type="dft"),
+    3 steps x 2 micro-batches, and the bypass refusal) with the test environment's TRL, as
+    `make integration --only trl` runs it in its pinned environment (~40 s on an idle CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("trl")
+    env = run.smoke_env()
+    env.pop("TRITON_INTERPRET", None)  # as `make integration` runs it: dk's default CPU backend
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "integration.smoke_trl", "--out", str(out)], cwd=str(run.ROOT),
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert out.is_file(), f"exit code {proc.returncode} without a result:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert result["status"] == "pass", "\n".join(result["reasons"]) + "\n" + json.dumps(result.get("tracebacks"))
+    assert proc.returncode == 0
