@@ -18,7 +18,9 @@ configuration bypassing the dft_kernels loss raises.
    mode, the largest tensor any op produced in each micro-batch's forward and backward;
 3. checks: the same first-step batches and parameters in both runs; the logged step-1 loss of
    ours equals theirs and the float64 reference (``dk.reference``) within ``TOL``; ours never
-   produced a tensor of ``tokens x vocab`` elements (and the recorder did see the chunk logits);
+   produced a tensor of ``supervised tokens x vocab`` elements in any micro-batch (the smallest
+   logits tensor a loss on the full vocabulary could make, smaller than ``positions x vocab``;
+   and the recorder did see the chunk logits);
    every micro-batch of ours ran through the fused loss (the patch's call counter, and the
    integration's ``FusedLossCheck``);
 4. writes the result (``status`` "pass" or "fail" with the reasons, the losses, the versions,
@@ -124,6 +126,7 @@ class StepRecorder:
         self.largest = []           # per micro-batch: largest tensor (elements) produced in forward + backward
         self.largest_op = []
         self.tokens = []            # per micro-batch: batch x sequence positions
+        self.supervised = []        # per micro-batch: positions with a (next-token) label != -100
         self.chunk_logits_seen = [] # per micro-batch: a tensor of CHUNK x V elements was produced
 
     def install(self) -> None:
@@ -147,6 +150,9 @@ class StepRecorder:
                                if isinstance(v, torch.Tensor)},
                     "num_items_in_batch": None if nib is None else int(nib)})
             rec.tokens.append(int(inputs["input_ids"].numel()))
+            labels = inputs.get("labels")
+            rec.supervised.append(int((labels[..., 1:] != -100).sum()) if isinstance(labels, torch.Tensor)
+                                  else rec.tokens[-1])
             mode = LargestOutput()
             with mode:
                 out = original(trainer, model, inputs, *args, **kwargs)
@@ -206,6 +212,7 @@ class StepRecorder:
                             "num_items_in_batch": mb["num_items_in_batch"]} for mb in self.first_step],
             "params_sha256": self.params_digest(),
             "largest": self.largest, "largest_op": self.largest_op, "tokens": self.tokens,
+            "supervised": self.supervised,
             "chunk_logits_seen": self.chunk_logits_seen,
         }
 
@@ -254,11 +261,11 @@ def check(ours: dict, theirs: dict) -> list[str]:
         bad.append(f"step-1 loss ours {o!r} vs theirs {t!r}: relative error {rel_err(o, t):.2e} > {TOL:g}")
     if not rel_err(o, ref) <= TOL:
         bad.append(f"step-1 loss ours {o!r} vs float64 reference {ref!r}: relative error {rel_err(o, ref):.2e}")
-    n_by_v = min(ours["tokens"]) * V
+    n_by_v = min(ours["supervised"]) * V
     if not max(ours["largest"]) < n_by_v:
         i = ours["largest"].index(max(ours["largest"]))
         bad.append(f"ours produced a tensor of {max(ours['largest'])} elements ({ours['largest_op'][i]}) >= "
-                   f"tokens x vocab = {n_by_v}")
+                   f"supervised tokens x vocab = {n_by_v}")
     if not all(ours["chunk_logits_seen"]):
         bad.append(f"the recorder did not see the chunk logits ({CHUNK} x {V} elements) in every micro-batch")
     later = [rel_err(a, b) for a, b in zip(ours["logged_losses"][1:], theirs["logged_losses"][1:])]
@@ -342,7 +349,7 @@ def main(module) -> None:
             "ours": ours.get("logged_losses"), "theirs": theirs.get("logged_losses"),
             "reference_step1": ours.get("reference_step1"),
             "ours_largest": max(ours.get("largest") or [0]), "theirs_largest": max(theirs.get("largest") or [0]),
-            "tokens_x_vocab": min(ours.get("tokens") or [0]) * V,
+            "tokens_x_vocab": min(ours.get("supervised") or [0]) * V,
             "fused_calls": ours.get("fused_calls"), "checked_micro_batches": ours.get("checked_micro_batches"),
             "run_wall_s": {"ours": ours.get("wall_s"), "theirs": theirs.get("wall_s")},
             "extra_runs": {k: r.get("detail") for k, r in extra.items()},

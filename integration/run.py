@@ -110,13 +110,19 @@ def install(trainer: Trainer, reinstall: bool) -> tuple[bool, str, float]:
     return True, "", time.perf_counter() - t0
 
 
-def smoke(trainer: Trainer, timeout: float) -> dict:
-    out = trainer.folder / "result.json"
-    out.unlink(missing_ok=True)
+def smoke_env() -> dict:
+    """The smoke tests' environment: this checkout on the path, offline, no trackers."""
     env = dict(os.environ)
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                WANDB_MODE="disabled", WANDB_DISABLED="true", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false",
                AXOLOTL_DO_NOT_TRACK="1", HF_HUB_DISABLE_TELEMETRY="1")
+    return env
+
+
+def smoke(trainer: Trainer, timeout: float) -> dict:
+    out = trainer.folder / "result.json"
+    out.unlink(missing_ok=True)
+    env = smoke_env()
     cmd = [str(trainer.python), "-m", trainer.smoke_module, "--out", str(out)]
     t0 = time.perf_counter()
     with open(trainer.folder / "smoke.log", "w") as log:
@@ -131,6 +137,14 @@ def smoke(trainer: Trainer, timeout: float) -> dict:
         return {"status": "fail", "reasons": [f"exit code {rc} without a result:\n{tail}"],
                 "wall_s": time.perf_counter() - t0}
     return json.loads(out.read_text())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _load(avg) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
 
 
 def _fmt_loss(x) -> str:
@@ -166,6 +180,7 @@ def main(argv=None) -> int:
             parser.error(f"--only: unknown trainers {unknown}")
         chosen = [t for t in TRAINERS if t.name in names]
 
+    started, load_start = _now(), os.getloadavg()
     rows, failed, notes = [], False, []
     for trainer in chosen:
         pinned = _pins(trainer.requirements).get(trainer.dist, "?") if trainer.requirements.is_file() else "?"
@@ -195,11 +210,14 @@ def main(argv=None) -> int:
                          f"trl {v.get('trl')}; ref. float64 step 1 {result.get('reference_step1'):.9f}; "
                          f"steps 1-3 ours {result.get('ours')} theirs {result.get('theirs')}; largest tensor ours "
                          f"{result.get('ours_largest')} elements (theirs {result.get('theirs_largest')}, "
-                         f"tokens x vocab {result.get('tokens_x_vocab')}); fused calls "
+                         f"supervised tokens x vocab {result.get('tokens_x_vocab')}); fused calls "
                          f"{result.get('fused_calls')}, micro-batches checked {result.get('checked_micro_batches')}")
         rows.append(row)
 
-    text = table(rows) + "\n\n" + "\n".join(notes) + "\n"
+    command = " ".join(["python3 -m integration.run", *(sys.argv[1:] if argv is None else argv)])
+    header = (f"`{command}`, {started} to {_now()}, {os.cpu_count()} CPUs, load average (1/5/15 min) "
+              f"{_load(load_start)} at the start, {_load(os.getloadavg())} at the end (wall times grow with the load)")
+    text = header + "\n\n" + table(rows) + "\n\n" + "\n".join(notes) + "\n"
     CACHE.mkdir(exist_ok=True)
     (CACHE / "results.md").write_text(text)
     print()
