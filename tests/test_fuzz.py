@@ -39,7 +39,7 @@ EXAMPLES_ENV = "DFT_KERNELS_FUZZ_EXAMPLES"
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # layouts of a tensor whose last dim is the feature (H or V) dim
 MATRIX_LAYOUTS = ("contiguous", "transposed", "strided_rows", "strided_cols", "offset")
-VECTOR_LAYOUTS = ("contiguous", "strided", "offset")
+VECTOR_LAYOUTS = ("contiguous", "strided", "offset", "broadcast")
 
 
 def _examples(default: int) -> int:
@@ -76,7 +76,7 @@ class Case:
     grads: tuple                  # which of input/weight/bias (or logits) require grad
     layout_pred: str              # input (linear) or logits
     layout_weight: str
-    layout_vec: str               # bias, target and token weights
+    layout_vec: str               # bias, target and token weights (broadcast: not bias)
     seed: int
 
 
@@ -116,12 +116,12 @@ def cases(draw, backend: str):
     return Case(
         api=api, dtype=dtype, lead=lead, vocab=vocab,
         hidden=draw(st.integers(1, 24 if small else 48)),
-        scale=draw(st.sampled_from([0.5, 2.0, 8.0])),
+        scale=draw(st.sampled_from([0.5, 2.0, 8.0, 30.0])),
         objective=objective,
         reduction=reduction,
         ignore_index=ignore_index,
         ignored=draw(st.sampled_from(["none", "some", "all"])),
-        softcap=draw(st.one_of(st.none(), st.floats(0.5, 50.0))),
+        softcap=draw(st.one_of(st.none(), st.floats(0.1, 50.0))),
         label_smoothing=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))) if smoothing_ok else 0.0,
         z_loss=draw(st.one_of(st.just(0.0), st.floats(0.0, 0.1))) if smoothing_ok else 0.0,
         shift=draw(st.booleans()),
@@ -136,7 +136,8 @@ def cases(draw, backend: str):
         num_items=None if reduction == "none" else draw(st.sampled_from([None, None, 7, 2.5, "tensor"])),
         target_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
         grads=grads,
-        layout_pred=draw(st.sampled_from(MATRIX_LAYOUTS + (("batch_transposed",) if len(lead) == 2 else ()))),
+        layout_pred=draw(st.sampled_from(MATRIX_LAYOUTS + ("broadcast",)
+                                         + (("batch_transposed",) if len(lead) == 2 else ()))),
         layout_weight=draw(st.sampled_from(MATRIX_LAYOUTS)),
         layout_vec=draw(st.sampled_from(VECTOR_LAYOUTS)),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -159,6 +160,8 @@ def _lay_out(a: torch.Tensor, layout: str) -> torch.Tensor:
         big = torch.zeros(tuple(a.shape[:-1]) + (2 * a.shape[-1],), dtype=a.dtype)
         big[..., 1::2] = a
         return big[..., 1::2]
+    if layout == "broadcast":  # stride 0 over the first dim: every row (or entry) is the first one
+        return a[:1].expand(a.shape)
     if layout == "offset":  # a storage offset of one element: misaligned start
         buf = torch.zeros(a.numel() + 1, dtype=a.dtype)
         view = buf[1:].view(a.shape)
@@ -238,7 +241,7 @@ def _prepared(case: Case, dtype, x, w, b, logits, layouts: bool):
     if case.api == "linear":
         xs = make("input", x, case.layout_pred)
         ws = make("weight", w, case.layout_weight)
-        bs = make("bias", b, case.layout_vec)
+        bs = make("bias", b, "contiguous" if case.layout_vec == "broadcast" else case.layout_vec)
         return dict(args=(xs, ws), kwargs=dict(bias=bs), named=named)
     zs = make("logits", logits, case.layout_pred)
     return dict(args=(zs,), kwargs={}, named=named)
@@ -304,6 +307,9 @@ def run_case(case: Case, backend: str) -> None:
     # docs/api.md: the loss is float32 (float64 for float64 inputs)
     assert loss.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
 
+    # the reference sees the call's values (a broadcast layout repeats the first row or entry)
+    x, w, b, logits = (before.get(k) for k in ("input", "weight", "bias", "logits"))
+    t, tw = t_call.contiguous(), None if tw_call is None else tw_call.contiguous()
     ref_preds = _prepared(case, torch.float64, q(x), q(w), q(b), q(logits), layouts=False)
     ref_kw = {k: v for k, v in kw.items() if k != "backend"}
     ref_tw = None if tw is None else tw.double()
