@@ -325,7 +325,7 @@ def test_linear_cross_entropy_past_int32_torch_backend():
                                                   reduction="sum", return_stats=True)
         (r * (grad_out / count)).backward()  # wr.grad, br.grad accumulate in float64
         dx_ref[s:e] = xr.grad
-        ref_sum += float(r)
+        ref_sum += float(r.detach())
         nll_sum += float(st.nll.double()) * float(st.num_tokens)
     print(f"  float64 reference over every row: {time.perf_counter() - t0:.1f} s")
     past = (2**31 + vocab - 1) // vocab  # first row whose logits start past int32

@@ -1,0 +1,347 @@
+"""Fuzzing both entry points against the float64 reference (docs/design.md, Tests).
+
+Hypothesis draws, per example: ``dk.linear_cross_entropy`` or ``dk.cross_entropy``; the dtype
+(float32, float64, bfloat16, float16); token shapes ``[N]`` or ``[B, T]``; every option of
+:class:`dft_kernels.options.LossOptions` that a single process takes (objectives with drawn
+parameters, ``ignore_index`` in and out of ``[0, V)``, reductions, softcap, label smoothing,
+z-loss, shift, stats, chunk size, ``accum_dtype``, ``allreduce_dgrad``, ``validate`` with
+out-of-range targets); the per-batch arguments (bias, token weights, ``num_items_in_batch``,
+int32 or int64 targets); which inputs need gradients; and memory layouts (transposed,
+strided, offset views of the input, weight, bias, logits, targets and token weights).
+Each example runs on the ``backend`` fixture's backend (torch; triton under the interpreter
+at smaller sizes) and is checked against :mod:`dft_kernels.reference` in float64 on the same
+values: loss, every gradient, stats, and that the inputs are left unmodified.
+
+Tolerances: float32 relative error <= 1e-5 (or <= 3x eager PyTorch's own float32 error where
+float32 rounding of the inputs' GEMM already costs more); float64 <= 1e-10; bfloat16/float16
+<= 1e-2 and <= 3x eager PyTorch's error on the same 16-bit inputs + 1e-6.
+
+``DFT_KERNELS_FUZZ_EXAMPLES=400`` raises the example count (per backend) for a long bug hunt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis, or the [dev] extra)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import dft_kernels as dk  # noqa: E402
+from helpers import TOL, rel_err  # noqa: E402
+
+EXAMPLES_ENV = "DFT_KERNELS_FUZZ_EXAMPLES"
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# layouts of a tensor whose last dim is the feature (H or V) dim
+MATRIX_LAYOUTS = ("contiguous", "transposed", "strided_rows", "strided_cols", "offset")
+VECTOR_LAYOUTS = ("contiguous", "strided", "offset", "broadcast")
+
+
+def _examples(default: int) -> int:
+    value = os.environ.get(EXAMPLES_ENV, "")
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Case:
+    api: str                      # "linear" or "logits"
+    dtype: torch.dtype
+    lead: tuple                   # token dims
+    hidden: int
+    vocab: int
+    scale: float                  # logit std
+    objective: dk.Objective
+    reduction: str
+    ignore_index: int
+    ignored: str                  # none / some / all
+    softcap: Optional[float]
+    label_smoothing: float
+    z_loss: float
+    shift: bool
+    return_stats: bool
+    chunk_size: Optional[int]
+    accum_dtype: Optional[torch.dtype]
+    allreduce_dgrad: bool
+    validate: bool
+    out_of_range: bool            # targets outside [0, V) (with validate=False)
+    bias: bool
+    token_weights: Optional[torch.dtype]
+    num_items: object             # None, int, float or "tensor"
+    target_dtype: torch.dtype
+    grads: tuple                  # which of input/weight/bias (or logits) require grad
+    layout_pred: str              # input (linear) or logits
+    layout_weight: str
+    layout_vec: str               # bias, target and token weights (broadcast: not bias)
+    seed: int
+
+
+def _objectives():
+    unit = st.floats(0.0, 1.0)
+    return st.one_of(
+        st.just(dk.CE()),
+        st.builds(dk.DFT, min_weight=st.one_of(st.just(0.0), unit)),
+        st.builds(dk.Power, alpha=st.floats(0.0, 3.0)),
+        st.builds(dk.Focal, gamma=st.one_of(st.sampled_from([0.0, 0.5, 2.0]), st.floats(0.0, 4.0))),
+        st.just(dk.Chord()),
+        st.builds(dk.Prob, k=st.floats(0.05, 3.0)),
+        st.builds(dk.Entropy, scale=st.floats(0.0, 2.0)),
+    )
+
+
+@st.composite
+def cases(draw, backend: str):
+    small = backend == "triton"  # Triton's interpreter runs a program per row block in numpy
+    api = draw(st.sampled_from(["linear", "logits"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    max_tokens = 24 if small else 64
+    if draw(st.booleans()):
+        lead = (draw(st.integers(1, max_tokens)),)
+    else:
+        b = draw(st.integers(1, 4))
+        lead = (b, draw(st.integers(1, max_tokens // b)))
+    vocab = draw(st.integers(1, 300 if small else 700))
+    objective = draw(_objectives())
+    smoothing_ok = objective.is_weighted_nll
+    ignore_index = draw(st.one_of(st.just(-100), st.integers(-3, vocab + 3)))
+    validate = draw(st.booleans())
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    grads_pool = ("input", "weight", "bias") if api == "linear" else ("logits",)
+    bias = api == "linear" and draw(st.booleans())
+    grads = tuple(g for g in grads_pool if (g != "bias" or bias) and draw(st.booleans()))
+    return Case(
+        api=api, dtype=dtype, lead=lead, vocab=vocab,
+        hidden=draw(st.integers(1, 24 if small else 48)),
+        scale=draw(st.sampled_from([0.5, 2.0, 8.0, 30.0])),
+        objective=objective,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        ignored=draw(st.sampled_from(["none", "some", "all"])),
+        softcap=draw(st.one_of(st.none(), st.floats(0.1, 50.0))),
+        label_smoothing=draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))) if smoothing_ok else 0.0,
+        z_loss=draw(st.one_of(st.just(0.0), st.floats(0.0, 0.1))) if smoothing_ok else 0.0,
+        shift=draw(st.booleans()),
+        return_stats=draw(st.booleans()),
+        chunk_size=draw(st.one_of(st.none(), st.integers(1, 80))),
+        accum_dtype=draw(st.sampled_from([torch.float32, None, torch.float64, torch.bfloat16])),
+        allreduce_dgrad=draw(st.booleans()),
+        validate=validate,
+        out_of_range=not validate and draw(st.booleans()),
+        bias=bias,
+        token_weights=draw(st.sampled_from([None, torch.float32, torch.bfloat16, torch.float64])),
+        num_items=None if reduction == "none" else draw(st.sampled_from([None, None, 7, 2.5, "tensor"])),
+        target_dtype=draw(st.sampled_from([torch.int64, torch.int32])),
+        grads=grads,
+        layout_pred=draw(st.sampled_from(MATRIX_LAYOUTS + ("broadcast",)
+                                         + (("batch_transposed",) if len(lead) == 2 else ()))),
+        layout_weight=draw(st.sampled_from(MATRIX_LAYOUTS)),
+        layout_vec=draw(st.sampled_from(VECTOR_LAYOUTS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _lay_out(a: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of ``a`` in a tensor with the given memory layout (a view into a larger buffer)."""
+    if layout == "contiguous":
+        return a.contiguous()
+    if layout == "transposed":  # the feature dim is the slowest one in memory
+        return a.movedim(-1, 0).contiguous().movedim(0, -1)
+    if layout == "batch_transposed":
+        return a.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout in ("strided_rows", "strided"):
+        big = torch.zeros((2 * a.shape[0],) + tuple(a.shape[1:]), dtype=a.dtype)
+        big[::2] = a
+        return big[::2]
+    if layout == "strided_cols":
+        big = torch.zeros(tuple(a.shape[:-1]) + (2 * a.shape[-1],), dtype=a.dtype)
+        big[..., 1::2] = a
+        return big[..., 1::2]
+    if layout == "broadcast":  # stride 0 over the first dim: every row (or entry) is the first one
+        return a[:1].expand(a.shape)
+    if layout == "offset":  # a storage offset of one element: misaligned start
+        buf = torch.zeros(a.numel() + 1, dtype=a.dtype)
+        view = buf[1:].view(a.shape)
+        view.copy_(a)
+        return view
+    raise AssertionError(layout)
+
+
+def _inputs(case: Case):
+    """Fresh random float64 values (never zeros) for every tensor of the case, and the targets."""
+    g = torch.Generator().manual_seed(case.seed)
+    v, h = case.vocab, case.hidden
+    x = torch.randn(*case.lead, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (case.scale / h ** 0.5)
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if case.bias else None
+    logits = torch.randn(*case.lead, v, generator=g, dtype=torch.float64) * case.scale
+    t = torch.randint(0, v, case.lead, generator=g)
+    if case.ignored == "some":
+        t[torch.rand(case.lead, generator=g) < 0.25] = case.ignore_index
+    elif case.ignored == "all":
+        t.fill_(case.ignore_index)
+    if case.out_of_range:
+        bad = torch.tensor([v, v + 7, -5, -1, 10**6])
+        pick = torch.rand(case.lead, generator=g) < 0.3
+        t[pick] = bad[torch.randint(0, len(bad), (int(pick.sum()),), generator=g)]
+    tw = None
+    if case.token_weights is not None:
+        tw = (torch.rand(case.lead, generator=g, dtype=torch.float64) * 2 + 0.1).to(case.token_weights)
+    return x, w, b, logits, t.to(case.target_dtype), tw
+
+
+def _num_items(case: Case):
+    if case.num_items == "tensor":
+        return torch.tensor(11.0)
+    return case.num_items
+
+
+def _options(case: Case, backend: str) -> dict:
+    kw = dict(objective=case.objective, ignore_index=case.ignore_index, reduction=case.reduction,
+              softcap=case.softcap, label_smoothing=case.label_smoothing, z_loss=case.z_loss, shift=case.shift,
+              return_stats=case.return_stats, backend=backend, chunk_size=case.chunk_size,
+              validate=case.validate)
+    if case.api == "linear":
+        kw.update(accum_dtype=case.accum_dtype, allreduce_dgrad=case.allreduce_dgrad)
+    return kw
+
+
+def _run(fn, preds: dict, t, tw, case: Case, kw: dict, grad_out_seed: int):
+    """Loss (and stats) of ``fn`` and the gradients of the tensors in ``preds`` that require grad."""
+    out = fn(*preds["args"], t, token_weights=tw, num_items_in_batch=_num_items(case), **preds["kwargs"], **kw)
+    loss, stats = out if case.return_stats else (out, None)
+    leaves = [preds["named"][name] for name in case.grads if preds["named"].get(name) is not None]
+    grads = []
+    if leaves:
+        g = torch.Generator().manual_seed(grad_out_seed)
+        grad_out = torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5  # never all ones
+        if case.dtype == torch.float16:  # under a loss scale, as fp16 training runs (tests/helpers.py)
+            grad_out = grad_out * (2.0 ** 14 if case.reduction == "mean" and case.num_items is None else 2.0 ** 8)
+        grads = torch.autograd.grad(loss, leaves, grad_out.to(loss.dtype), allow_unused=True)
+    return loss, stats, dict(zip([n for n in case.grads if preds["named"].get(n) is not None], grads))
+
+
+def _prepared(case: Case, dtype, x, w, b, logits, layouts: bool):
+    """The call's tensors in ``dtype`` (in the case's layouts when ``layouts``) as leaves."""
+    lay = _lay_out if layouts else (lambda a, _layout: a.contiguous())
+    named = {}
+
+    def make(name, a, layout):
+        if a is None:
+            return None
+        leaf = lay(a.to(dtype), layout)
+        if name in case.grads:
+            leaf.requires_grad_(True)
+        named[name] = leaf
+        return leaf
+
+    if case.api == "linear":
+        xs = make("input", x, case.layout_pred)
+        ws = make("weight", w, case.layout_weight)
+        bs = make("bias", b, "contiguous" if case.layout_vec == "broadcast" else case.layout_vec)
+        return dict(args=(xs, ws), kwargs=dict(bias=bs), named=named)
+    zs = make("logits", logits, case.layout_pred)
+    return dict(args=(zs,), kwargs={}, named=named)
+
+
+def _near_ties(case: Case, logits64: torch.Tensor, t: torch.Tensor) -> int:
+    """Valid rows whose target logit is within float32 rounding of the best other logit (after the
+    softcap): there ``argmax == target`` may differ between precisions without an error."""
+    z = logits64.reshape(-1, case.vocab)
+    tt = t.reshape(-1).long()
+    if case.shift:
+        z, tt = logits64[..., :-1, :].reshape(-1, case.vocab), t[..., 1:].reshape(-1).long()
+    if case.softcap is not None:
+        z = case.softcap * torch.tanh(z / case.softcap)
+    valid = (tt != case.ignore_index) & (tt >= 0) & (tt < case.vocab)
+    if case.vocab < 2 or not valid.any():
+        return 0
+    z, tt = z[valid], tt[valid]
+    zt = z.gather(1, tt[:, None]).squeeze(1)
+    other = z.scatter(1, tt[:, None], float("-inf")).amax(1)
+    return int(((zt - other).abs() <= 1e-4 * (1 + zt.abs())).sum())
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor, eager: Optional[torch.Tensor], dtype) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    if want.norm() == 0:
+        assert got.abs().max() == 0 if got.numel() else True, f"{name} should be exactly zero"
+        return
+    err, tol = rel_err(got, want), TOL[dtype]
+    if dtype in LOW_PRECISION:
+        bound = min(tol, 3.0 * rel_err(eager, want) + 1e-6)
+        assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.3e} (3x eager {dtype} + 1e-6, <= {tol})"
+    elif err > tol and dtype == torch.float32:
+        # float32 rounding of the inputs' GEMM (or a long row) can cost more than the fixed bound
+        # whatever computes it: then the bar is eager PyTorch's own float32 error, times 3
+        e_eager = rel_err(eager, want)
+        assert err <= 3.0 * e_eager, f"{name}: rel err {err:.3e} > {tol} and > 3x eager float32 {e_eager:.3e}"
+    else:
+        assert err <= tol, f"{name}: rel err {err:.3e} > {tol}"
+
+
+def run_case(case: Case, backend: str) -> None:
+    x, w, b, logits, t, tw = _inputs(case)
+    kw = _options(case, backend)
+    fn = dk.linear_cross_entropy if case.api == "linear" else dk.cross_entropy
+    ref_fn = dk.reference.linear_cross_entropy if case.api == "linear" else dk.reference.cross_entropy
+    # the exact values the call sees, in float64, for the reference
+    q = lambda a: None if a is None else a.to(case.dtype).double()  # noqa: E731
+    if backend == "triton" and case.dtype == torch.float64:
+        preds = _prepared(case, case.dtype, x, w, b, logits, layouts=True)
+        with pytest.raises(TypeError, match="triton backend takes float32, bfloat16 or float16"):
+            _run(fn, preds, _lay_out(t, case.layout_vec), tw, case, kw, case.seed)
+        return
+
+    preds = _prepared(case, case.dtype, x, w, b, logits, layouts=True)
+    before = {k: v.detach().clone() for k, v in preds["named"].items()}
+    t_call = _lay_out(t, case.layout_vec)
+    tw_call = None if tw is None else _lay_out(tw, case.layout_vec)
+    loss, stats, grads = _run(fn, preds, t_call, tw_call, case, kw, case.seed + 1)
+    for k, v in preds["named"].items():
+        assert torch.equal(v.detach(), before[k]), f"{k} was modified by the call"
+    # docs/api.md: the loss is float32 (float64 for float64 inputs)
+    assert loss.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
+
+    # the reference sees the call's values (a broadcast layout repeats the first row or entry)
+    x, w, b, logits = (before.get(k) for k in ("input", "weight", "bias", "logits"))
+    t, tw = t_call.contiguous(), None if tw_call is None else tw_call.contiguous()
+    ref_preds = _prepared(case, torch.float64, q(x), q(w), q(b), q(logits), layouts=False)
+    ref_kw = {k: v for k, v in kw.items() if k != "backend"}
+    ref_tw = None if tw is None else tw.double()
+    ref_loss, ref_stats, ref_grads = _run(ref_fn, ref_preds, t, ref_tw, case, ref_kw, case.seed + 1)
+
+    eager_dtype = case.dtype if case.dtype in LOW_PRECISION else torch.float32
+    eager_preds = _prepared(case, eager_dtype, q(x), q(w), q(b), q(logits), layouts=False)
+    eager_loss, _, eager_grads = _run(ref_fn, eager_preds, t, tw, case, ref_kw, case.seed + 1)
+
+    _check("loss", loss, ref_loss, eager_loss, case.dtype)
+    for name, g in grads.items():
+        assert g is not None and g.dtype == case.dtype and g.shape == preds["named"][name].shape, name
+        _check(f"d {name}", g, ref_grads[name], eager_grads[name], case.dtype)
+
+    if case.return_stats:
+        assert float(stats.num_tokens) == float(ref_stats.num_tokens)
+        stats_tol = TOL[torch.float64] if case.dtype == torch.float64 else TOL[torch.float32]
+        for field in ("nll", "mean_prob", "entropy"):
+            got, want = getattr(stats, field), getattr(ref_stats, field)
+            assert (got is None) == (want is None), field
+            if want is not None:
+                assert rel_err(got, want) <= stats_tol, f"stats.{field}: rel err {rel_err(got, want):.3e}"
+        if case.api == "linear":
+            z64 = torch.nn.functional.linear(q(x), q(w), q(b))
+        else:
+            z64 = q(logits)
+        flips = abs(float(stats.accuracy) - float(ref_stats.accuracy)) * max(1.0, float(ref_stats.num_tokens))
+        assert flips <= _near_ties(case, z64, t) + 1e-3, "stats.accuracy"
+
+
+@settings(max_examples=_examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_against_reference(backend, data):
+    case = data.draw(cases(backend), label="case")
+    run_case(case, backend)
