@@ -273,8 +273,13 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, eager: Optional[tor
         return
     err, tol = rel_err(got, want), TOL[dtype]
     if dtype in LOW_PRECISION:
-        bound = min(tol, 3.0 * rel_err(eager, want) + 1e-6)
-        assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.3e} (3x eager {dtype} + 1e-6, <= {tol})"
+        # the fixed bound cannot hold where the true values are not representable in the output's
+        # dtype (float16 gradients below its smallest subnormal): then the bar is the error of the
+        # reference itself rounded to that dtype (found by this test: Prob(k=2), V 3, logit std 8)
+        rounding = rel_err(want.to(got.dtype), want)
+        bound = min(max(tol, 1.5 * rounding), 3.0 * rel_err(eager, want) + 1e-6)
+        assert err <= bound, (f"{name}: rel err {err:.3e} > {bound:.3e} (3x eager {dtype} + 1e-6, <= {tol} "
+                              f"or 1.5x rounding {rounding:.1e})")
     elif err > tol and dtype == torch.float32:
         # float32 rounding of the inputs' GEMM (or a long row) can cost more than the fixed bound
         # whatever computes it: then the bar is eager PyTorch's own float32 error, times 3
@@ -344,4 +349,17 @@ def run_case(case: Case, backend: str) -> None:
 @given(data=st.data())
 def test_fuzz_against_reference(backend, data):
     case = data.draw(cases(backend), label="case")
+    run_case(case, backend)
+
+
+def test_fp16_gradient_below_the_smallest_subnormal(backend):
+    """Found by the fuzz test (its fixed 1e-2 bound, not the library, was wrong here): the true
+    logits gradient (2.3e-8) is below float16's smallest subnormal, so every float16 result,
+    ours and eager PyTorch's, rounds it to zero (relative error 1)."""
+    case = Case(api="logits", dtype=torch.float16, lead=(1,), hidden=1, vocab=3, scale=8.0, objective=dk.Prob(k=2.0),
+                reduction="none", ignore_index=-100, ignored="none", softcap=None, label_smoothing=0.0, z_loss=0.0,
+                shift=False, return_stats=False, chunk_size=None, accum_dtype=torch.float32, allreduce_dgrad=False,
+                validate=True, out_of_range=False, bias=False, token_weights=None, num_items=None,
+                target_dtype=torch.int64, grads=("logits",), layout_pred="contiguous", layout_weight="contiguous",
+                layout_vec="contiguous", seed=0)
     run_case(case, backend)
