@@ -269,7 +269,8 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, eager: Optional[tor
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     if want.norm() == 0:
-        assert got.abs().max() == 0 if got.numel() else True, f"{name} should be exactly zero"
+        # 1e-12, not 0: the float64 reference rounds a loss of log1p(exp(-55)) = 1e-24 to 0, ours need not
+        assert got.abs().max() <= 1e-12 if got.numel() else True, f"{name} should be zero"
         return
     err, tol = rel_err(got, want), TOL[dtype]
     if dtype in LOW_PRECISION:
@@ -336,7 +337,9 @@ def run_case(case: Case, backend: str) -> None:
             got, want = getattr(stats, field), getattr(ref_stats, field)
             assert (got is None) == (want is None), field
             if want is not None:
-                assert rel_err(got, want) <= stats_tol, f"stats.{field}: rel err {rel_err(got, want):.3e}"
+                # + 1e-12: at p ~ 1 the float64 reference's nll (~1e-14) is itself only ~1e-3 accurate
+                e = abs(float(got) - float(want))
+                assert e <= stats_tol * abs(float(want)) + 1e-12, f"stats.{field}: abs err {e:.3e} vs {float(want)}"
         if case.api == "linear":
             z64 = torch.nn.functional.linear(q(x), q(w), q(b))
         else:
@@ -345,7 +348,7 @@ def run_case(case: Case, backend: str) -> None:
         assert flips <= _near_ties(case, z64, t) + 1e-3, "stats.accuracy"
 
 
-@settings(max_examples=_examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=_examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_against_reference(backend, data):
     case = data.draw(cases(backend), label="case")
