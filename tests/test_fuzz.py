@@ -269,12 +269,18 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, eager: Optional[tor
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     if want.norm() == 0:
-        assert got.abs().max() == 0 if got.numel() else True, f"{name} should be exactly zero"
+        # 1e-12, not 0: the float64 reference rounds a loss of log1p(exp(-55)) = 1e-24 to 0, ours need not
+        assert got.abs().max() <= 1e-12 if got.numel() else True, f"{name} should be zero"
         return
     err, tol = rel_err(got, want), TOL[dtype]
     if dtype in LOW_PRECISION:
-        bound = min(tol, 3.0 * rel_err(eager, want) + 1e-6)
-        assert err <= bound, f"{name}: rel err {err:.3e} > {bound:.3e} (3x eager {dtype} + 1e-6, <= {tol})"
+        # the fixed bound cannot hold where the true values are not representable in the output's
+        # dtype (float16 gradients below its smallest subnormal): then the bar is the error of the
+        # reference itself rounded to that dtype (found by this test: Prob(k=2), V 3, logit std 8)
+        rounding = rel_err(want.to(got.dtype), want)
+        bound = min(max(tol, 1.5 * rounding), 3.0 * rel_err(eager, want) + 1e-6)
+        assert err <= bound, (f"{name}: rel err {err:.3e} > {bound:.3e} (3x eager {dtype} + 1e-6, <= {tol} "
+                              f"or 1.5x rounding {rounding:.1e})")
     elif err > tol and dtype == torch.float32:
         # float32 rounding of the inputs' GEMM (or a long row) can cost more than the fixed bound
         # whatever computes it: then the bar is eager PyTorch's own float32 error, times 3
@@ -331,7 +337,9 @@ def run_case(case: Case, backend: str) -> None:
             got, want = getattr(stats, field), getattr(ref_stats, field)
             assert (got is None) == (want is None), field
             if want is not None:
-                assert rel_err(got, want) <= stats_tol, f"stats.{field}: rel err {rel_err(got, want):.3e}"
+                # + 1e-12: at p ~ 1 the float64 reference's nll (~1e-14) is itself only ~1e-3 accurate
+                e = abs(float(got) - float(want))
+                assert e <= stats_tol * abs(float(want)) + 1e-12, f"stats.{field}: abs err {e:.3e} vs {float(want)}"
         if case.api == "linear":
             z64 = torch.nn.functional.linear(q(x), q(w), q(b))
         else:
@@ -340,8 +348,21 @@ def run_case(case: Case, backend: str) -> None:
         assert flips <= _near_ties(case, z64, t) + 1e-3, "stats.accuracy"
 
 
-@settings(max_examples=_examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=_examples(100), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_against_reference(backend, data):
     case = data.draw(cases(backend), label="case")
+    run_case(case, backend)
+
+
+def test_fp16_gradient_below_the_smallest_subnormal(backend):
+    """Found by the fuzz test (its fixed 1e-2 bound, not the library, was wrong here): the true
+    logits gradient (2.3e-8) is below float16's smallest subnormal, so every float16 result,
+    ours and eager PyTorch's, rounds it to zero (relative error 1)."""
+    case = Case(api="logits", dtype=torch.float16, lead=(1,), hidden=1, vocab=3, scale=8.0, objective=dk.Prob(k=2.0),
+                reduction="none", ignore_index=-100, ignored="none", softcap=None, label_smoothing=0.0, z_loss=0.0,
+                shift=False, return_stats=False, chunk_size=None, accum_dtype=torch.float32, allreduce_dgrad=False,
+                validate=True, out_of_range=False, bias=False, token_weights=None, num_items=None,
+                target_dtype=torch.int64, grads=("logits",), layout_pred="contiguous", layout_weight="contiguous",
+                layout_vec="contiguous", seed=0)
     run_case(case, backend)
