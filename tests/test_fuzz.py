@@ -366,3 +366,18 @@ def test_fp16_gradient_below_the_smallest_subnormal(backend):
                 target_dtype=torch.int64, grads=("logits",), layout_pred="contiguous", layout_weight="contiguous",
                 layout_vec="contiguous", seed=0)
     run_case(case, backend)
+
+
+@pytest.mark.parametrize("smoothing", [3.1094232515849387e-226, 1e-50])
+def test_label_smoothing_below_the_float32_range(backend, smoothing):
+    """Found by the fuzz test: a label smoothing that is non-zero in Python but 0 in float32 turned
+    the Triton kernel's logits gradient non-finite (21 rows) or zero (1 row).  The launcher now
+    rounds its scalars to float32 and sets the feature flags from the rounded values."""
+    for lead, vocab in (((21,), 3), ((1,), 2)):
+        case = Case(api="logits", dtype=torch.bfloat16, lead=lead, hidden=1, vocab=vocab, scale=0.5,
+                    objective=dk.CE(), reduction="none", ignore_index=-100, ignored="none", softcap=None,
+                    label_smoothing=smoothing, z_loss=0.0, shift=False, return_stats=False, chunk_size=None,
+                    accum_dtype=torch.float32, allreduce_dgrad=False, validate=True, out_of_range=False, bias=False,
+                    token_weights=None, num_items=None, target_dtype=torch.int64, grads=("logits",),
+                    layout_pred="contiguous", layout_weight="contiguous", layout_vec="contiguous", seed=0)
+        run_case(case, backend)

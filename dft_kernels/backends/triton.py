@@ -383,6 +383,11 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32, as a Python float (what the kernel's scalar argument holds)."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
                   grad_scale: Optional[Tensor] = None, grad_out: Optional[Tensor] = None) -> RowOutputs:
@@ -418,6 +423,9 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     obj = params.objective
     p0, p1 = obj.kernel_params
     cap = params.softcap
+    # The kernel's scalars are float32: round them here and take the flags from the rounded
+    # values, so that a smoothing or z-loss below float32's range is off, not a "non-zero" 0.
+    eps, lam = _as_float32(params.label_smoothing), _as_float32(params.z_loss)
     # a placeholder pointer for absent optional tensors (never read: its flag is off)
     dummy = loss
     args = (
@@ -428,11 +436,11 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         dummy if entropy is None else entropy,
         dummy if correct is None else correct,
         vocab, params.ignore_index, 1.0 if cap is None else float(cap),
-        float(params.label_smoothing), float(params.z_loss), float(p0), float(p1),
+        eps, lam, _as_float32(p0), _as_float32(p1),
     )
     flags = dict(
-        OBJECTIVE=obj.kernel_id, HAS_SOFTCAP=cap is not None, HAS_SMOOTHING=params.label_smoothing != 0.0,
-        HAS_ZLOSS=params.z_loss != 0.0, HAS_WEIGHTS=token_weights is not None, HAS_GRAD=grad_scale is not None,
+        OBJECTIVE=obj.kernel_id, HAS_SOFTCAP=cap is not None, HAS_SMOOTHING=eps != 0.0,
+        HAS_ZLOSS=lam != 0.0, HAS_WEIGHTS=token_weights is not None, HAS_GRAD=grad_scale is not None,
         SCALE_PER_ROW=per_row, NEEDS_ENTROPY=params.needs_entropy, WITH_STATS=params.with_stats,
     )
     # Triton launches on the current CUDA device: make it the logits' one
