@@ -37,7 +37,11 @@ def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs)
     for name, g, rg, ge, a in zip(("input", "weight", "bias"), ours, refs, eagers, ins):
         assert g.dtype == a.dtype and g.shape == a.shape and torch.isfinite(g).all()
         e_ours, e_eager = rel_err(g, rg), rel_err(ge, rg)
-        assert e_ours <= 3 * e_eager + EPS, f"{name} grad rel err {e_ours:.3e} > 3x eager {e_eager:.3e}"
+        # a 16-bit gradient cannot beat its own rounding: where eager's error happens to fall below
+        # two roundings of the reference (tiny gradients dominated by one entry), that is the scale
+        e_round = rel_err(rg.to(a.dtype).double(), rg)
+        assert e_ours <= 3 * max(e_eager, 2 * e_round) + EPS, \
+            f"{name} grad rel err {e_ours:.3e} > 3x max(eager {e_eager:.3e}, 2x rounding {e_round:.3e})"
 
 
 @pytest.mark.parametrize("objective,option,reduction", option_cases(LOSS_OPTIONS))
