@@ -157,6 +157,16 @@ def scale_stash(stash: Optional[Tensor], grad_output: Tensor, dtype: torch.dtype
     return stash
 
 
+
+def scale_stashes(ctx, stashes, grad_output: Tensor, dtypes) -> tuple:
+    """:func:`scale_stash` over the gradients an autograd ``ctx`` saved in forward, keeping on
+    ``ctx.applied`` the scale the first backward applied in place (for any later backward)."""
+    applied = getattr(ctx, "applied", None)
+    grads = tuple(scale_stash(t, grad_output, dt, applied) for t, dt in zip(stashes, dtypes))
+    if applied is None:
+        ctx.applied = grad_output.to(wide_dtype(grad_output.dtype))
+    return grads
+
 class _Compaction:
     """The valid rows of a call (``index``, int64 ``[n_valid]``), when skipping the ignored ones
     saves at least one chunk: the chunk loop then runs over the valid rows only, gathering

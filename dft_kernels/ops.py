@@ -157,10 +157,8 @@ def _lce_backward(ctx, grad_loss, *_unused):
             x, weight, bias, target, token_weights, grad_loss, ctx.options, need_dx, need_dw, need_db)
         grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
     else:
-        applied = getattr(ctx, "applied", None)
-        grads = tuple(chunked.scale_stash(t, grad_loss, dt, applied) if wanted else None
-                      for t, dt, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.need))
-        ctx.applied = grad_loss.to(chunked.wide_dtype(grad_loss.dtype)) if applied is None else applied
+        stashes = (t if wanted else None for t, wanted in zip(ctx.saved_tensors, ctx.need))
+        grads = chunked.scale_stashes(ctx, stashes, grad_loss, ctx.dtypes)
     return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; nothing else
 
 
@@ -228,10 +226,7 @@ def _ce_backward(ctx, grad_loss, *_unused):
             grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, ctx.options)
         else:
             (stash,) = ctx.saved_tensors
-            applied = getattr(ctx, "applied", None)
-            grad = chunked.scale_stash(stash, grad_loss, ctx.logits_dtype, applied)
-            if applied is None:
-                ctx.applied = grad_loss.to(chunked.wide_dtype(grad_loss.dtype))
+            (grad,) = chunked.scale_stashes(ctx, (stash,), grad_loss, (ctx.logits_dtype,))
     return (grad, *(None,) * (ctx.num_inputs - 1))  # logits only
 
 

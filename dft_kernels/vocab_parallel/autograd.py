@@ -85,10 +85,7 @@ class _LinearLoss(torch.autograd.Function):
                                                       run.kernel, run.need_dx, run.need_dw, run.need_db)
             _allreduce_dgrad(dx, run)
         else:
-            applied = getattr(ctx, "applied", None)
-            dx, dw, db = (chunked.scale_stash(t, grad_loss, dt, applied)
-                          for t, dt in zip(ctx.saved_tensors, ctx.dtypes))
-            ctx.applied = grad_loss.to(chunked.wide_dtype(grad_loss.dtype)) if applied is None else applied
+            dx, dw, db = chunked.scale_stashes(ctx, ctx.saved_tensors, grad_loss, ctx.dtypes)
         return dx, dw, db, None, None, None, None
 
 
@@ -119,10 +116,7 @@ class _LogitsLoss(torch.autograd.Function):
             grad = chunked.logits_backward_none(logits, target, token_weights, grad_loss, run.opts, run.kernel)
         else:
             (stash,) = ctx.saved_tensors
-            applied = getattr(ctx, "applied", None)
-            grad = chunked.scale_stash(stash, grad_loss, ctx.logits_dtype, applied)
-            if applied is None:
-                ctx.applied = grad_loss.to(chunked.wide_dtype(grad_loss.dtype))
+            (grad,) = chunked.scale_stashes(ctx, (stash,), grad_loss, (ctx.logits_dtype,))
         return grad, None, None, None, None
 
 
