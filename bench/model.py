@@ -8,8 +8,11 @@ implementation, the chunk loop of :mod:`dft_kernels.chunked`, the GEMMs of
 which run on ``meta``), and autograd's backward - under a ``TorchDispatchMode`` that records
 every aten op with the bytes it reads and writes and, for GEMMs, its flops.  The row kernel
 is a stand-in backend (:class:`RowKernelPasses`) that counts the triton kernel's passes over
-memory: pass 1 reads the chunk's logits; with a gradient, pass 2 reads them again and
-writes the gradient once (into ``grad_out`` or in place); plus its per-row vectors.
+memory: with a gradient, the factored kernel the chunk loop uses by default reads the chunk's
+logits once and writes the gradient matrix once (into ``grad_out`` or in place), and the GEMMs
+apply its per-row factor on chunk-sized operands (recorded as they run); the two-pass kernel
+(``--two-pass``, i.e. ``DFT_KERNELS_FACTORED=0``, and wherever the options are not factored)
+reads them twice; plus its per-row vectors.
 
 Each recorded kernel is priced as ``max(flops / peak, bytes / bandwidth)`` (H100 SXM
 defaults: 700 TFLOP/s dense 16-bit, 3.0 TB/s; ``--tflops``/``--tbps`` override them) and the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -101,7 +105,23 @@ class RowKernelPasses:
             per_row += 4 if grad_scale.dim() == 1 else 0
         self.record("row kernel" + (" (loss + gradient)" if grad_scale is not None else " (loss only)"),
                     0.0, nbytes + n * per_row)
-        new = lambda: torch.empty(n, dtype=torch.float32, device=logits.device)  # noqa: E731
+        return self._outputs(logits, params)
+
+    def row_loss_grad_factored(self, logits, target, params, token_weights, grad_scale, grad_out, row_scale):
+        """The factored kernel: one read of the logits, the gradient matrix written once, and a
+        float32 factor per row (None where the triton kernel does not factor: smoothing, z-loss)."""
+        if params.label_smoothing != 0.0 or params.z_loss != 0.0:
+            return None
+        n, v = logits.shape
+        vectors = 4 + (1 if params.needs_entropy else 0) + (1 if params.with_stats else 0)
+        per_row = 8 + 4 * vectors + (4 if token_weights is not None else 0) + (4 if grad_scale.dim() == 1 else 0)
+        nbytes = _nbytes(logits) + (_nbytes(logits) if grad_out is None else _nbytes(grad_out))
+        self.record("row kernel (loss + factored gradient, one read)", 0.0, nbytes + n * per_row)
+        return self._outputs(logits, params)
+
+    @staticmethod
+    def _outputs(logits, params):
+        new = lambda: torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # noqa: E731
         return RowOutputs(new(), new(), new(), new() if params.needs_entropy else None,
                           new() if params.with_stats else None)
 
@@ -171,6 +191,7 @@ class Prediction:
     floor_s: float
     total_s: float
     overlap_s: float
+    factored: bool = True
 
     @property
     def ratio(self) -> float:
@@ -183,8 +204,9 @@ class Prediction:
 
 def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: float = DEFAULT_TBPS,
             chunk_size: Optional[int] = None, objective: str = "dft", device: str = "meta",
-            cuda_policy: bool = True) -> Prediction:
-    """Trace one forward + backward (``mean``, no ignored rows) on ``device`` tensors and price it."""
+            cuda_policy: bool = True, factored: bool = True) -> Prediction:
+    """Trace one forward + backward (``mean``, no ignored rows) on ``device`` tensors and price it;
+    ``factored`` False prices the two-pass row kernel (``DFT_KERNELS_FACTORED=0``)."""
     dtype = shape.torch_dtype
     trace = Trace()
     x = torch.empty(shape.n, shape.h, dtype=dtype, device=device, requires_grad=True)
@@ -200,7 +222,9 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
                                                    torch.device(device))
         chunk_size = dk.chunked.default_chunk_size(shape.n, shape.v, row_bytes, device_type="cuda")
     logits_dtype = dtype if fast and dtype != torch.float32 else None
-    with _policy(policy), mock.patch.object(ops, "resolve_backend", lambda name, dev: backend), _no_autocast():
+    env = {dk.chunked.FACTORED_ENV: "1" if factored else "0"}
+    with _policy(policy), mock.patch.object(ops, "resolve_backend", lambda name, dev: backend), _no_autocast(), \
+            mock.patch.dict(os.environ, env):
         with rec:
             rec.in_loop = True
             loss = dk.linear_cross_entropy(x, w, t, objective=objective, chunk_size=chunk_size,
@@ -214,7 +238,7 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
     loop_gemm = sum(s.flops for s in loop) / (tflops * 1e12)
     loop_bytes = sum(s.bytes for s in loop) / (tbps * 1e12)
     overlap = max(loop_gemm, loop_bytes) + sum(s.seconds for s in steps if not s.in_loop)
-    return Prediction(shape, "fast" if fast else "default", chunk_size, steps, floor, total, overlap)
+    return Prediction(shape, "fast" if fast else "default", chunk_size, steps, floor, total, overlap, factored)
 
 
 @contextlib.contextmanager
@@ -243,7 +267,8 @@ def _policy(mm):
 
 
 def step_table(p: Prediction) -> str:
-    lines = [f"### {p.shape.name}, {p.mode} mode (chunk {p.chunk_size} rows)", "",
+    kernel = "" if p.factored else ", two-pass row kernel"
+    lines = [f"### {p.shape.name}, {p.mode} mode{kernel} (chunk {p.chunk_size} rows)", "",
              "| step | launches | GFLOP | GB moved | predicted ms | in chunk loop |",
              "|---|---:|---:|---:|---:|:-:|"]
     small = [s for s in p.steps if s.flops == 0 and s.bytes < 1e7]
@@ -264,12 +289,16 @@ def step_table(p: Prediction) -> str:
     return "\n".join(lines)
 
 
-def summary_table(preds: list[Prediction]) -> str:
-    lines = ["| shape | mode | chunk | predicted ms | floor ms | ours / floor | with overlap |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for p in preds:
-        lines.append(f"| {p.shape.name} | {p.mode} | {p.chunk_size} | {p.total_s * 1e3:.2f} | {p.floor_s * 1e3:.2f} "
-                     f"| {p.ratio:.3f} | {p.overlap_ratio:.3f} |")
+def summary_table(preds: list[Prediction], two_pass: Optional[list[Prediction]] = None) -> str:
+    """One row per prediction; with ``two_pass`` (the same calls with the two-pass row kernel) a
+    column of their ratio beside."""
+    extra = " two-pass kernel / floor |" if two_pass else ""
+    lines = ["| shape | mode | chunk | predicted ms | floor ms | ours / floor | with overlap |" + extra,
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if two_pass else "")]
+    for i, p in enumerate(preds):
+        row = (f"| {p.shape.name} | {p.mode} | {p.chunk_size} | {p.total_s * 1e3:.2f} | {p.floor_s * 1e3:.2f} "
+               f"| {p.ratio:.3f} | {p.overlap_ratio:.3f} |")
+        lines.append(row + (f" {two_pass[i].ratio:.3f} |" if two_pass else ""))
     return "\n".join(lines)
 
 
@@ -280,15 +309,20 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", action="append", help="N,H,V[,dtype[,softcap]] (repeatable); default: "
                         "the GPU benchmark shapes of bench/shapes.py")
     parser.add_argument("--steps", action="store_true", help="print the step table of every shape and mode")
+    parser.add_argument("--two-pass", action="store_true", help="also price the two-pass row kernel "
+                        "(DFT_KERNELS_FACTORED=0): a column in the table, and its step tables with --steps")
     args = parser.parse_args(argv)
     from .shapes import parse_shape
 
     shapes = [parse_shape(s) for s in args.shape] if args.shape else GPU_SHAPES
     preds = [predict(s, fast, args.tflops, args.tbps) for s in shapes for fast in (False, True)]
+    two = None
+    if args.two_pass:
+        two = [predict(s, fast, args.tflops, args.tbps, factored=False) for s in shapes for fast in (False, True)]
     print(f"PREDICTIONS (roofline model, nothing measured): {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s\n")
-    print(summary_table(preds))
+    print(summary_table(preds, two))
     if args.steps:
-        for p in preds:
+        for p in preds + (two or []):
             print()
             print(step_table(p))
     return 0

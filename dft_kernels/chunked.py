@@ -42,6 +42,7 @@ from .params import LossParams
 
 CHUNK_BYTES_ENV = "DFT_KERNELS_CHUNK_BYTES"
 OVERLAP_ENV = "DFT_KERNELS_OVERLAP"
+FACTORED_ENV = "DFT_KERNELS_FACTORED"
 # Bytes of chunk buffers (logits, plus the gradient buffer where it has its own dtype) per
 # device type: on a GPU large enough chunks keep the GEMMs compute-bound (2048 rows at
 # V = 128256 for 16-bit inputs: 1.5 GiB); on CPU chunks only bound memory.
@@ -90,6 +91,12 @@ def chunk_row_bytes(x_dtype: torch.dtype, logits_dtype: Optional[torch.dtype], d
 
 def overlap_enabled() -> bool:
     return os.environ.get(OVERLAP_ENV, "") not in ("", "0")
+
+
+def factored_enabled() -> bool:
+    """The one-read factored gradient (``row_loss_grad_factored``) where a backend has it; on
+    unless ``DFT_KERNELS_FACTORED=0``."""
+    return os.environ.get(FACTORED_ENV, "") != "0"
 
 
 class _Accumulators:
@@ -222,8 +229,14 @@ class LinearChunks:
         need_db = need_db and bias is not None
         self.db = torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device) if need_db else None
         self.wants_grad = need_dx or need_dw or need_db
+        # The row kernel may write the gradient as a per-row factor times a matrix (one read of
+        # the logits instead of two): the GEMMs apply the factor, on float32 products for dX and
+        # on the chunk's x rows for dW.  Not for float16 (its gradient is rescaled to fit float16's
+        # range, see HeadGemms) nor with a bias gradient.
+        self.factorable = self.db is None and x.dtype in (torch.float32, torch.bfloat16)
         self._first = True
         self._buffers: dict[int, tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = {}
+        self._row_scales: dict[int, Tensor] = {}
 
     def _buffer(self, slot: int, with_grad: bool):
         """Chunk buffers of ``slot`` (one slot, two with overlap), allocated on first use: logits,
@@ -240,6 +253,12 @@ class LinearChunks:
             self._buffers[slot] = (logits, grad, xbuf)
         return self._buffers[slot]
 
+    def row_scale(self, slot: int, rows: int) -> Tensor:
+        """The slot's float32 buffer for a factored gradient's per-row factors (first ``rows``)."""
+        if slot not in self._row_scales:
+            self._row_scales[slot] = torch.empty(self.chunk_size, dtype=torch.float32, device=self.device)
+        return self._row_scales[slot][:rows]
+
     def _x_rows(self, start: int, end: int, xbuf: Optional[Tensor]) -> Tensor:
         if self.compaction is None:
             return self.x[start:end]
@@ -251,13 +270,14 @@ class LinearChunks:
         out = self.gemms.logits_into(self._x_rows(start, end, xbuf), logits[:end - start])
         return out, None if grad is None else grad[:end - start]
 
-    def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0) -> None:
+    def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0,
+                 row_scale: Optional[Tensor] = None) -> None:
         x_c = self._x_rows(start, end, self._buffers[slot][2]) if self.compaction is not None else self.x[start:end]
         dx_c = None
         if self.dx is not None:
             dx_c = self.dx[start:end] if self.compaction is None else torch.empty(
                 (end - start, self.x.shape[1]), dtype=self.dx.dtype, device=self.device)
-        self.gemms.backward(dlogits, x_c, dx_c, self.dw, self.db, self._first)
+        self.gemms.backward(dlogits, x_c, dx_c, self.dw, self.db, self._first, row_scale)
         self._first = False
         if dx_c is not None and self.compaction is not None:
             self.dx.index_copy_(0, self.compaction.index[start:end], dx_c)
@@ -267,6 +287,8 @@ class LinearChunks:
         if self._first and self.dw is not None:
             self.dw.zero_()
         self._buffers.clear()
+        self._row_scales.clear()
+        self.gemms.release()
 
 
 class GivenChunks:
@@ -284,8 +306,9 @@ class GivenChunks:
     def rows(self, start: int, end: int, slot: int = 0, with_grad: bool = True) -> tuple[Tensor, Optional[Tensor]]:
         return self.logits[start:end], None if self.grad is None else self.grad[start:end]
 
-    def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0) -> None:
-        pass  # dlogits already is grad[start:end]
+    def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0,
+                 row_scale: Optional[Tensor] = None) -> None:
+        pass  # dlogits already is grad[start:end] (never factored: GivenChunks has no row_scale)
 
     def finish(self) -> None:
         pass
@@ -312,30 +335,43 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
         grad_scale = None
     with_grad = grad_scale is not None
     starts = range(0, chunks.num_rows, chunk_size)
+    factored = None
+    if with_grad and getattr(chunks, "factorable", False) and factored_enabled():
+        factored = getattr(backend, "row_loss_grad_factored", None)
 
     def logits(start: int, slot: int):
         end = min(start + chunk_size, chunks.num_rows)
         return (start, end, *chunks.rows(start, end, slot, with_grad))
 
-    def row_kernel(start: int, end: int, rows: Tensor, grad_out: Optional[Tensor]) -> Tensor:
+    def row_kernel(start: int, end: int, rows: Tensor, grad_out: Optional[Tensor],
+                   slot: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+        """Loss and gradient of a chunk: ``(gradient, None)``, or ``(G~, row_scale)`` where the
+        backend wrote it factored (gradient = ``row_scale[:, None] * G~``)."""
         scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
         tw = None if token_weights is None else token_weights[start:end]
-        out = _row_call(backend, rows, grad_out, target[start:end], tw, params, scale)
+        row_scale = out = None
+        if factored is not None:
+            row_scale = chunks.row_scale(slot, end - start)
+            out = factored(rows, target[start:end], params, tw, scale, grad_out, row_scale)
+            if out is None:  # the backend does not factor these options
+                row_scale = None
+        if out is None:
+            out = _row_call(backend, rows, grad_out, target[start:end], tw, params, scale)
         if acc is not None:
             acc.add(out)
         if per_token is not None:
             per_token[start:end] = out.loss
-        return rows if grad_out is None else grad_out
+        return (rows if grad_out is None else grad_out), row_scale
 
     if with_grad and overlap_enabled() and isinstance(chunks, LinearChunks) and chunks.device.type == "cuda":
         _run_overlapped(chunks, starts, logits, row_kernel)
     else:
         for start in starts:
             start, end, rows, grad_out = logits(start, 0)
-            dlogits = row_kernel(start, end, rows, grad_out)
+            dlogits, row_scale = row_kernel(start, end, rows, grad_out)
             if with_grad:
-                chunks.backward(dlogits, start, end)
-            del rows, grad_out, dlogits
+                chunks.backward(dlogits, start, end, row_scale=row_scale)
+            del rows, grad_out, dlogits, row_scale
     chunks.finish()
 
 
@@ -346,22 +382,22 @@ def _run_overlapped(chunks: LinearChunks, starts, logits, row_kernel) -> None:
     ``k - 1``'s GEMMs ahead of the logits GEMM that reuses its slot, and events order the rest."""
     main = torch.cuda.current_stream(chunks.device)
     side = torch.cuda.Stream(chunks.device)
-    pending = None  # (start, end, dlogits, slot, event) of the chunk whose GEMMs come next
+    pending = None  # (start, end, dlogits, slot, event, row_scale) of the chunk whose GEMMs come next
     for k, start in enumerate(starts):
         slot = k % 2
         start, end, rows, grad_out = logits(start, slot)  # on the main stream
         done = torch.cuda.Event()
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            dlogits = row_kernel(start, end, rows, grad_out)
+            dlogits, row_scale = row_kernel(start, end, rows, grad_out, slot)
             done.record(side)
         if pending is not None:
             main.wait_event(pending[4])
-            chunks.backward(pending[2], pending[0], pending[1], pending[3])
-        pending = (start, end, dlogits, slot, done)
+            chunks.backward(pending[2], pending[0], pending[1], pending[3], pending[5])
+        pending = (start, end, dlogits, slot, done, row_scale)
     if pending is not None:
         main.wait_event(pending[4])
-        chunks.backward(pending[2], pending[0], pending[1], pending[3])
+        chunks.backward(pending[2], pending[0], pending[1], pending[3], pending[5])
     main.wait_stream(side)
 
 

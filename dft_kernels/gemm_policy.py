@@ -90,6 +90,8 @@ class HeadGemms:
         self.mm = None if self.native else _mm_out_dtype(x.device)
         self.w_up = weight.to(self.compute_dtype) if not self.native and self.mm is None else None
         self._fp16: Optional[Tensor] = None  # float16 copy of the gradient (_backward_fp16), reused
+        self._dx32: Optional[Tensor] = None  # float32 dX product of a factored gradient, reused
+        self._xs: Optional[Tensor] = None  # x rows times the row factors, in the gradient's dtype, reused
         # bias in the dtype of the logits it is added to
         self.bias_l = None if bias is None or bias.dtype == self.logits_dtype else bias.to(self.logits_dtype)
 
@@ -119,10 +121,17 @@ class HeadGemms:
         return torch.addmm(bias, x_c, w.t(), out=out)
 
     def backward(self, grad: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
-                 db: Optional[Tensor], first: bool) -> None:
+                 db: Optional[Tensor], first: bool, row_scale: Optional[Tensor] = None) -> None:
         """``dx_c = grad @ W``; ``dw (+)= grad^T x_c`` (written by the ``first`` chunk,
         accumulated after); ``db += sum(grad)``.  ``grad`` (in :attr:`grad_dtype`, the row
-        kernel's gradient buffer) may be overwritten."""
+        kernel's gradient buffer) may be overwritten.  With ``row_scale`` the gradient is
+        ``row_scale[:, None] * grad`` (a factored row kernel; no ``db``, not float16): see
+        :meth:`_backward_factored`."""
+        if row_scale is not None:
+            if db is not None or self.x_dtype == torch.float16:
+                raise ValueError("row_scale: a factored gradient is for float32/bfloat16 inputs without a bias gradient")
+            self._backward_factored(grad, row_scale, x_c, dx_c, dw, first)
+            return
         if db is not None:
             db += grad.sum(dim=0, dtype=db.dtype)
         if self.mm is not None and self.x_dtype == torch.float16:
@@ -137,6 +146,38 @@ class HeadGemms:
         if dw is not None:
             xc = x_c if x_c.dtype == grad.dtype else x_c.to(grad.dtype)
             _product_into(dw, grad.t(), xc, self.mm, first)
+
+    def _backward_factored(self, grad: Tensor, row_scale: Tensor, x_c: Tensor, dx_c: Optional[Tensor],
+                           dw: Optional[Tensor], first: bool) -> None:
+        """``dx_c = r (grad @ W)`` and ``dw (+)= grad^T (r x_c)`` for the gradient ``r grad``
+        (``r = row_scale`` per row).  The factor multiplies the float32 ``dX`` product before
+        its one rounding to ``dx_c``'s dtype, and the chunk's ``x`` rows (rounded once to the
+        gradient's dtype) before the ``dW`` GEMM: chunk-sized passes instead of a pass over the
+        ``[C, V]`` gradient."""
+        r = row_scale[:, None]
+        w = self.weight if self.w_up is None else self.w_up
+        if dx_c is not None:
+            if dx_c.dtype == torch.float32 and grad.dtype == torch.float32:
+                torch.mm(grad, w, out=dx_c).mul_(r)
+            else:
+                shape = (grad.shape[0], w.shape[1])
+                if self._dx32 is None or self._dx32.shape[0] < shape[0]:
+                    self._dx32 = torch.empty(shape, dtype=torch.float32, device=grad.device)
+                prod = self._dx32[:shape[0]]
+                if grad.dtype == torch.float32:
+                    torch.mm(grad, w, out=prod)
+                else:
+                    self.mm(grad, w, torch.float32, out=prod)
+                torch.mul(prod, r, out=dx_c)
+        if dw is not None:
+            if self._xs is None or self._xs.shape[0] < x_c.shape[0]:
+                self._xs = torch.empty((x_c.shape[0], x_c.shape[1]), dtype=grad.dtype, device=grad.device)
+            xs = torch.mul(x_c, r, out=self._xs[:x_c.shape[0]])
+            _product_into(dw, grad.t(), xs, self.mm, first)
+
+    def release(self) -> None:
+        """Drop the reused per-call buffers (after the last chunk)."""
+        self._fp16 = self._dx32 = self._xs = None
 
     def _backward_fp16(self, grad: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
                        first: bool) -> None:

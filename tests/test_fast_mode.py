@@ -24,9 +24,16 @@ def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs)
     # eager PyTorch on the same 16-bit logits: the 16-bit GEMM, then float32 math
     xe, we, be = leaf(xs), leaf(ws), leaf(bs)
     eager = dk.reference.cross_entropy(F.linear(xe, we, be).float(), t, **kwargs)
+    # the mode's own error: the float64 reference on its logits rounded once to 16 bits (the
+    # rounding passes the gradient through unchanged).  One eager draw is a noisy scale (its
+    # GEMM rounds differently); where it happens to fall below this, this is the scale
+    xq, wq, bq = leaf(xs.double()), leaf(ws.double()), leaf(None if bs is None else bs.double())
+    zq = F.linear(xq, wq, bq)
+    rounded = dk.reference.cross_entropy(zq + (zq.to(dtype).double() - zq).detach(), t, **kwargs)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    e_ours, e_eager = rel_err(out, ref), rel_err(eager, ref)
-    assert e_ours <= 3 * e_eager + EPS, f"loss rel err {e_ours:.3e} > 3x eager {e_eager:.3e}"
+    e_ours, e_eager, e_mode = rel_err(out, ref), rel_err(eager, ref), rel_err(rounded, ref)
+    assert e_ours <= 3 * max(e_eager, e_mode) + EPS, \
+        f"loss rel err {e_ours:.3e} > 3x max(eager {e_eager:.3e}, rounded logits {e_mode:.3e})"
     grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
     if dtype == torch.float16:  # a loss scale, as GradScaler runs float16 training
         grad_out = grad_out * (2.0 ** 14 if kwargs.get("reduction", "mean") == "mean" else 2.0 ** 8)
@@ -34,14 +41,16 @@ def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs)
     ours = torch.autograd.grad(out, ins, grad_out.to(out.dtype))
     refs = torch.autograd.grad(ref, [a for a in (xr, wr, br) if a is not None], grad_out)
     eagers = torch.autograd.grad(eager, [a for a in (xe, we, be) if a is not None], grad_out.to(eager.dtype))
-    for name, g, rg, ge, a in zip(("input", "weight", "bias"), ours, refs, eagers, ins):
+    roundeds = torch.autograd.grad(rounded, [a for a in (xq, wq, bq) if a is not None], grad_out)
+    for name, g, rg, ge, gq, a in zip(("input", "weight", "bias"), ours, refs, eagers, roundeds, ins):
         assert g.dtype == a.dtype and g.shape == a.shape and torch.isfinite(g).all()
-        e_ours, e_eager = rel_err(g, rg), rel_err(ge, rg)
+        e_ours, e_eager, e_mode = rel_err(g, rg), rel_err(ge, rg), rel_err(gq, rg)
         # a 16-bit gradient cannot beat its own rounding: where eager's error happens to fall below
         # two roundings of the reference (tiny gradients dominated by one entry), that is the scale
         e_round = rel_err(rg.to(a.dtype).double(), rg)
-        assert e_ours <= 3 * max(e_eager, 2 * e_round) + EPS, \
-            f"{name} grad rel err {e_ours:.3e} > 3x max(eager {e_eager:.3e}, 2x rounding {e_round:.3e})"
+        bound = 3 * max(e_eager, e_mode, 2 * e_round) + EPS
+        assert e_ours <= bound, (f"{name} grad rel err {e_ours:.3e} > 3x max(eager {e_eager:.3e}, rounded logits "
+                                 f"{e_mode:.3e}, 2x rounding {e_round:.3e})")
 
 
 @pytest.mark.parametrize("objective,option,reduction", option_cases(LOSS_OPTIONS))

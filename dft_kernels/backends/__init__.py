@@ -34,6 +34,18 @@ Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, float64 for float64 logit
     ``entropy`` (None unless the objective needs it), ``correct`` (1.0 where
     ``argmax == target``; None unless ``params.with_stats``).
 
+Factored gradient (optional)
+    A backend may also expose
+    ``row_loss_grad_factored(logits, target, params, token_weights, grad_scale, grad_out, row_scale)``:
+    the same outputs, with the gradient written as a per-row factor times a matrix, i.e.
+    ``row_scale[:, None] * grad_out`` (or ``* logits`` in place) equals the gradient above;
+    ``row_scale`` is a float32 ``[n]`` tensor it fills (0 at invalid rows, whose matrix rows
+    are zeros).  It returns None, writing nothing, for options it does not factor.  The point
+    is one read of the logits instead of two: the entries ``e^{z_j - c}`` can be written before
+    the row's ``lse`` is known, and the chunk loop's GEMMs apply the factor on chunk-sized
+    operands (docs/design.md, Data path).  The triton backend has it (not with label smoothing
+    or a z-loss).
+
 Adding a backend is one file in this package plus one line in ``BACKENDS``.
 
 ``backend="auto"`` on a CUDA device returns a :class:`FallbackBackend` over
@@ -154,6 +166,7 @@ class FallbackBackend:
         self._lock = threading.Lock()
         self._module = None
         self.name: Optional[str] = None
+        self._no_factored = False
         self._next_available(None)  # raises ValueError when nothing is available
 
     def _next_available(self, failed: Optional[str]) -> None:
@@ -169,6 +182,24 @@ class FallbackBackend:
             failed = f"{name!r} is not available ({reason})"
         raise ValueError(f"backend: no backend is available on device {self.device}"
                          + ("" if failed is None else f"; last: {failed}"))
+
+    def row_loss_grad_factored(self, logits, target, params, token_weights, grad_scale, grad_out, row_scale):
+        """The current backend's ``row_loss_grad_factored`` (see the module docstring), or None
+        where it has none.  If it raises (anything but out-of-memory), the reason is logged once
+        and this returns None from then on: the caller then uses :meth:`row_loss_grad`, with
+        its own fallbacks (the factored kernel writes nothing before a compile or launch error)."""
+        fn = None if self._no_factored else getattr(self._module, "row_loss_grad_factored", None)
+        if fn is None:
+            return None
+        try:
+            return fn(logits, target, params, token_weights, grad_scale, grad_out, row_scale)
+        except OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._no_factored = True
+            _log_once(f"dft_kernels: backend 'auto' on {self.device}: the factored gradient of {self.name!r} "
+                      f"failed ({type(exc).__name__}: {exc}); using its two-pass kernel from now on")
+            return None
 
     def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None, grad_out=None):
         kw = {} if grad_out is None else {"grad_out": grad_out}

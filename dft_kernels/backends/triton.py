@@ -54,6 +54,9 @@ INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
 MAX_VOCAB = 2**31 - 1 - max(MAX_BLOCK, MAX_BLOCK_INTERPRETER)
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# The factored gradient's entries e^{z - c} stay below e^40 (c is raised past that): a row sum of
+# V of them times a weight stays far inside float32, in the kernel and in the dX GEMM.
+FACTORED_SHIFT_LIMIT = tl.constexpr(40.0)
 
 
 
@@ -130,7 +133,7 @@ def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
 def _block_stats(z, start, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
     """Per-row statistics of the block of columns ``start + [0, BLOCK)`` relative to its own max ``bm``:
     ``r_b = sum_{j != one argmax} e^{z_j - bm}``, ``t_b = sum_j e^{z_j - bm} (bm - z_j)``
-    and the first argmax index.  ``-inf`` entries (masked vocabulary, columns past V) carry no
+    the first argmax index and the block's ``e^{z_j - bm}``.  ``-inf`` entries (masked vocabulary, columns past V) carry no
     mass: they add 0 to ``t_b`` (not ``0 * inf``).  A block that is all ``-inf`` has
     ``bm = -inf``; its ``r_b`` and ``t_b`` are finite and ``_merge`` gives it weight 0."""
     idx = tl.zeros([z.shape[0]], dtype=tl.int32)
@@ -148,7 +151,7 @@ def _block_stats(z, start, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr
     t_b = tl.zeros_like(r_b)
     if NEEDS_ENTROPY:
         t_b = tl.sum(tl.where(e > 0.0, e * (bm[:, None] - z), 0.0), axis=1)
-    return bm, r_b, t_b, idx
+    return bm, r_b, t_b, idx, e
 
 
 @_device_fn
@@ -190,22 +193,74 @@ def _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SMOO
     arg = tl.zeros([ROWS], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         z, col_ok = _load_block(row_ptrs, row_ok, start + cols, V, softcap, HAS_SOFTCAP)
-        bm, r_b, t_b, b_arg = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
+        bm, r_b, t_b, b_arg, _ = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
         m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
         if HAS_SMOOTHING:
             zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
     return m, r, t, zsum, arg
 
 
+@_device_fn
+def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap,
+                        HAS_SOFTCAP: tl.constexpr, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The one pass of the factored gradient: pass 1's statistics, and meanwhile every entry
+    written as ``e^{z_j - c} sech^2(z0_j / softcap)`` (zeros in invalid rows; the caller then
+    overwrites the target's).  Each thread rereads only what it wrote itself (the same layout
+    in every loop), so the rescale needs no barrier.
+
+    ``c`` starts at the target's logit and is raised to the running max whenever that max
+    passes ``c + FACTORED_SHIFT_LIMIT``; the entries already written are then rescaled by
+    ``e^{c_old - c_new}``.  So every written entry is at most ``e^{FACTORED_SHIFT_LIMIT}``,
+    and a row whose target is within that many nats of its max is read once.  Returns pass
+    1's ``(m, r, t, argmax)`` and the final ``c``."""
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    r = tl.zeros([ROWS], dtype=tl.float32)
+    t = tl.zeros([ROWS], dtype=tl.float32)
+    arg = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        bcols = start + cols
+        col_ok = bcols < V
+        io_mask = row_ok[:, None] & col_ok[None, :]
+        z0 = tl.load(row_ptrs[:, None] + bcols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        z = z0
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z0 / softcap)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        bm, r_b, t_b, b_arg, e = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
+        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
+        need = valid & (bm > c + FACTORED_SHIFT_LIMIT)  # the running max was within the limit before
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            # rare: the max ran away from the target; move c up to it and rescale what is written
+            factor = tl.where(need, tl.exp2((c - bm) * LOG2E), 1.0)
+            for s in range(0, start, BLOCK):
+                pcols = s + cols
+                pmask = need[:, None] & (pcols < V)[None, :]
+                old = tl.load(grad_row_ptrs[:, None] + pcols[None, :], mask=pmask, other=0.0).to(tl.float32)
+                tl.store(grad_row_ptrs[:, None] + pcols[None, :],
+                         (old * factor[:, None]).to(grad_row_ptrs.dtype.element_ty), mask=pmask)
+            c = tl.where(need, bm, c)
+        # e^{z - c} without a second exponential per entry: e^{z - bm} e^{bm - c}
+        shift = tl.where(valid & (bm > float("-inf")), tl.exp2((bm - c) * LOG2E), 0.0)
+        out = e * shift[:, None]
+        if HAS_SOFTCAP:
+            out = out * _sech2(z0 / softcap)
+        out = tl.where(valid[:, None], out, 0.0)
+        # the target's entry too (whole vector stores); the kernel overwrites it after a barrier
+        tl.store(grad_row_ptrs[:, None] + bcols[None, :], out.to(grad_row_ptrs.dtype.element_ty), mask=io_mask)
+    return m, r, t, arg, c
+
+
 @triton.jit
 def _row_loss_grad_kernel(
     logits_ptr, stride_row, grad_ptr, stride_grad, n_rows, target_ptr, weights_ptr, scale_ptr,
-    loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
+    loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr, row_scale_ptr,
     V, ignore_index, softcap, eps, lam, param0, param1,
     OBJECTIVE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_GRAD: tl.constexpr,
     SCALE_PER_ROW: tl.constexpr, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    FACTORED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Loss, stats and (``HAS_GRAD``) the scaled gradient of ``ROWS`` logits rows, stored once at
     ``grad_ptr`` (rows ``stride_grad`` apart, in its element type; ``logits_ptr`` itself for in place).
@@ -215,6 +270,12 @@ def _row_loss_grad_kernel(
     times ``token_weight * grad_scale`` (module docstring for pass 1 and the objectives).
     ``ROWS`` is 1 on GPUs (one program per row); the interpreter takes several rows per
     program, since its cost is per op, not per element.
+
+    ``FACTORED`` (with ``HAS_GRAD``; no smoothing, no z-loss) reads the row once: the gradient
+    is stored as ``row_scale * G~`` with ``G~_j = e^{z_j - c} sech^2`` for ``j != y`` written
+    during pass 1 (:func:`_row_stats_factored`), and, once ``lse`` is known,
+    ``G~_y = expm1(logp) e^{lse - c} sech^2_y`` and ``row_scale = scale w e^{c - lse}``, so
+    that ``row_scale * G~`` is exactly the gradient above (``a = b = w``, ``c = 0``).
     """
     # Offsets past int32: the row offsets ``rows * stride_row`` and ``rows * stride_grad`` (each comes in as an
     # int32 whenever it fits) exceeds 2^31 elements as soon as N * V does, so ``rows`` is int64
@@ -229,13 +290,19 @@ def _row_loss_grad_kernel(
     valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
     y = tl.where(valid, y, 0)
 
-    # ---- pass 1: online max / r / t / sum z / argmax ----
-    m, r, t, zsum, arg = _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP, HAS_SMOOTHING, NEEDS_ENTROPY,
-                                    WITH_STATS, ROWS, BLOCK)
-
-    z_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
+    z0_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
+    z_y = z0_y
     if HAS_SOFTCAP:
-        z_y = softcap * _tanh(z_y / softcap)
+        z_y = softcap * _tanh(z0_y / softcap)
+
+    # ---- pass 1: online max / r / t / sum z / argmax (FACTORED: and the gradient, unscaled) ----
+    if FACTORED:
+        zsum = tl.zeros([ROWS], dtype=tl.float32)
+        m, r, t, arg, shift_c = _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, z_y, V, softcap,
+                                                    HAS_SOFTCAP, NEEDS_ENTROPY, WITH_STATS, ROWS, BLOCK)
+    else:
+        m, r, t, zsum, arg = _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP, HAS_SMOOTHING, NEEDS_ENTROPY,
+                                        WITH_STATS, ROWS, BLOCK)
     log1p_r = _log1p(r)
     lse = m + log1p_r
     logp = (z_y - m) - log1p_r
@@ -246,7 +313,7 @@ def _row_loss_grad_kernel(
 
     # ---- epilogue: objective loss and w = -g = -dL/dlogp ----
     if OBJECTIVE == OBJ_CE:
-        w = 1.0 + 0.0 * logp
+        w = tl.zeros_like(logp) + 1.0  # not 1 + 0 * logp: nan at a -inf target logit
         loss = -logp
     elif OBJECTIVE == OBJ_DFT:
         w = tl.maximum(p, param0)
@@ -294,6 +361,18 @@ def _row_loss_grad_kernel(
         else:
             scale = tl.load(scale_ptr).to(tl.float32)
         scale = scale * row_weight
+    if FACTORED:
+        # the target entry and the row's factor; every other entry was written in pass 1
+        target_g = _expm1(logp) * tl.exp2((lse - shift_c) * LOG2E)
+        if HAS_SOFTCAP:
+            target_g = target_g * _sech2(z0_y / softcap)
+        # another thread stored this entry in pass 1: order the two stores (bar.sync orders the
+        # block's global memory accesses)
+        tl.debug_barrier()
+        tl.store(grad_row_ptrs + y, target_g.to(grad_ptr.dtype.element_ty), mask=valid)
+        row_scale = tl.where(valid, scale * w * tl.exp2((shift_c - lse) * LOG2E), 0.0)
+        tl.store(row_scale_ptr + rows, row_scale, mask=row_ok)
+    elif HAS_GRAD:
         # grad = a softmax - b onehot - c with a = w + 2 lam lse, b = w (1 - eps), c = w eps / V;
         # the target entry a p - b - c is summed as a expm1(logp) + 2 lam lse + w eps (1 - 1/V):
         # no cancellation when p ~ 1, nor between a, b and c
@@ -334,7 +413,7 @@ def _autotune_configs():
 # Autotuning runs the kernel several times on the same row: restore the in-place logits.
 _row_loss_grad_kernel_autotuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["V", "OBJECTIVE", "HAS_SOFTCAP", "HAS_GRAD", "NEEDS_ENTROPY", "WITH_STATS"],
+    key=["V", "OBJECTIVE", "HAS_SOFTCAP", "HAS_GRAD", "NEEDS_ENTROPY", "WITH_STATS", "FACTORED"],
     restore_value=["logits_ptr"],
 )(_row_loss_grad_kernel)
 
@@ -391,6 +470,34 @@ def _as_float32(value: float) -> float:
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
                   grad_scale: Optional[Tensor] = None, grad_out: Optional[Tensor] = None) -> RowOutputs:
+    return _launch(logits, target, params, token_weights, grad_scale, grad_out, None)
+
+
+def factored_supported(params: LossParams) -> bool:
+    """Whether :func:`row_loss_grad_factored` serves ``params``: not with label smoothing or a
+    z-loss, whose gradients have terms that are not a multiple of the softmax."""
+    return _as_float32(params.label_smoothing) == 0.0 and _as_float32(params.z_loss) == 0.0
+
+
+def row_loss_grad_factored(logits: Tensor, target: Tensor, params: LossParams, token_weights: Optional[Tensor],
+                           grad_scale: Tensor, grad_out: Optional[Tensor], row_scale: Tensor) -> Optional[RowOutputs]:
+    """The contract's gradient in one read of the logits, as a per-row factor times a matrix:
+    ``row_scale[:, None] * grad_out`` (or ``* logits`` with ``grad_out`` None: in place) is the
+    gradient :func:`row_loss_grad` writes.  ``row_scale`` is a float32 ``[n]`` tensor this
+    fills (0 at invalid rows, whose rows are written as zeros).  Returns None, writing nothing,
+    where :func:`factored_supported` is false."""
+    if not factored_supported(params):
+        return None
+    if row_scale.dtype != torch.float32 or row_scale.shape != (logits.shape[0],) or not row_scale.is_contiguous():
+        raise ValueError(f"row_scale must be a contiguous float32 tensor of shape ({logits.shape[0]},), got "
+                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
+    if row_scale.device != logits.device:
+        raise ValueError(f"row_scale must be on {logits.device} like logits, got {row_scale.device}")
+    return _launch(logits, target, params, token_weights, grad_scale, grad_out, row_scale)
+
+
+def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: Optional[Tensor],
+            grad_scale: Optional[Tensor], grad_out: Optional[Tensor], row_scale: Optional[Tensor]) -> RowOutputs:
     if logits.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -435,6 +542,7 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         loss, nll, prob,
         dummy if entropy is None else entropy,
         dummy if correct is None else correct,
+        dummy if row_scale is None else row_scale,
         vocab, params.ignore_index, 1.0 if cap is None else float(cap),
         eps, lam, _as_float32(p0), _as_float32(p1),
     )
@@ -442,6 +550,7 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         OBJECTIVE=obj.kernel_id, HAS_SOFTCAP=cap is not None, HAS_SMOOTHING=eps != 0.0,
         HAS_ZLOSS=lam != 0.0, HAS_WEIGHTS=token_weights is not None, HAS_GRAD=grad_scale is not None,
         SCALE_PER_ROW=per_row, NEEDS_ENTROPY=params.needs_entropy, WITH_STATS=params.with_stats,
+        FACTORED=row_scale is not None and grad_scale is not None,
     )
     # Triton launches on the current CUDA device: make it the logits' one
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
