@@ -36,11 +36,16 @@ def test_accounting_of_a_tiny_shape_with_the_cuda_policy(fast):
     # dW: written by the first chunk, accumulated in place by the others (no zero-fill, no temporary)
     assert steps["dW GEMM (first chunk, write fp32)"].calls == 1
     assert steps["dW GEMM (accumulate into fp32)"].calls == chunks - 1
-    # the row kernel: reads the logits twice and writes the gradient once, in bfloat16 (the GEMMs' dtype)
-    row = steps["row kernel (loss + gradient)"]
+    # the factored row kernel: reads the logits once and writes the gradient once, in bfloat16 (the
+    # GEMMs' dtype), plus target, loss/nll/prob and the row factor per row
+    row = steps["row kernel (loss + factored gradient, one read)"]
     logit_bytes = 2 if fast else 4
     assert row.calls == chunks
-    assert row.bytes == N * V * (2 * logit_bytes + 2) + N * (8 + 3 * 4)
+    assert row.bytes == N * V * (logit_bytes + 2) + N * (8 + 4 * 4)
+    # the factor, applied on chunk-sized operands: the float32 dX product into dX, the x rows for dW
+    scale = steps[f"mul [{C}x{H}]"]
+    assert scale.calls == 2 * chunks and scale.in_loop
+    assert scale.bytes == chunks * ((C * H * (4 + 2) + C * 4) + (C * H * (2 + 2) + C * 4))
     # nothing but the returned dW's one scale-and-cast pass touches V x H in backward
     # backward: one in-place scale of dX (read + write) and one scale-and-cast pass of the fp32 dW
     # accumulator into the returned bfloat16 dW (each + the 4-byte grad_output); nothing else
@@ -49,6 +54,19 @@ def test_accounting_of_a_tiny_shape_with_the_cuda_policy(fast):
     # no step converts chunk logits (the old cast pass) or copies a [V, H] tensor
     assert not any(s.name.startswith(("to [", "_to_copy [", "copy [")) and s.bytes >= C * V for s in pred.steps)
     assert pred.floor_s == pytest.approx(6 * N * H * V / 700e12)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_two_pass_row_kernel_reads_the_logits_twice(fast):
+    pred = model.predict(Shape("tiny", N, H, V, "bf16"), fast=fast, chunk_size=C, factored=False)
+    steps = {s.name: s for s in pred.steps}
+    logit_bytes = 2 if fast else 4
+    assert steps["row kernel (loss + gradient)"].bytes == N * V * (2 * logit_bytes + 2) + N * (8 + 3 * 4)
+    assert f"mul [{C}x{H}]" not in steps  # no factor to apply
+    # at a head where V >> H (as in LLMs) one read of the logits saves more than the chunk-sized passes cost
+    wide = Shape("wide", N, H, 4000, "bf16")
+    two = model.predict(wide, fast=fast, chunk_size=C, factored=False)
+    assert model.predict(wide, fast=fast, chunk_size=C).total_s < two.total_s
 
 
 def test_cli_prints_predictions(capsys):
