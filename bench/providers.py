@@ -12,7 +12,9 @@ with the reason (not installed, not available on this device, unsupported option
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,6 +24,7 @@ from torch import Tensor
 
 import dft_kernels as dk
 from dft_kernels.backends import BACKENDS, resolve_backend
+from dft_kernels.chunked import FACTORED_ENV
 
 from .check import Result, capture
 from .inputs import IGNORE_INDEX, Inputs
@@ -125,6 +128,46 @@ def ours(backend: str) -> Provider:
     return Provider(f"ours[{backend}]", "ours", build, "dft_kernels at default settings")
 
 
+def ours_fast(backend: str) -> Provider:
+    """Ours in the fast mode: 16-bit chunk logits (``logits_dtype`` = the input dtype)."""
+    def build(inp: Inputs, device: torch.device) -> Runner:
+        _require_backend(backend, device)
+        if inp.x.dtype not in (torch.bfloat16, torch.float16):
+            raise Skip(f"the fast mode is for 16-bit inputs; this shape is {inp.x.dtype}")
+        return Runner(inp, lambda i: dk.linear_cross_entropy(i.x, i.w, i.t, objective="dft", softcap=i.softcap,
+                                                             ignore_index=IGNORE_INDEX, backend=backend,
+                                                             logits_dtype=i.x.dtype))
+    return Provider(f"ours[{backend}] fast", "ours", build, "logits_dtype = the 16-bit input dtype")
+
+
+@contextlib.contextmanager
+def _two_pass():
+    saved = os.environ.get(FACTORED_ENV)
+    os.environ[FACTORED_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[FACTORED_ENV]
+        else:
+            os.environ[FACTORED_ENV] = saved
+
+
+def ours_two_pass(backend: str, fast: bool = False) -> Provider:
+    """Ours with the two-pass row kernel (``DFT_KERNELS_FACTORED=0``): the factored gradient's
+    side-by-side control."""
+    inner = ours_fast(backend) if fast else ours(backend)
+
+    def build(inp: Inputs, device: torch.device) -> Runner:
+        fn = inner.build(inp, device).loss_fn
+
+        def loss(i: Inputs) -> Tensor:
+            with _two_pass():
+                return fn(i)
+        return Runner(inp, loss)
+    return Provider(f"{inner.name} two-pass", "ours", build, f"{inner.note}; DFT_KERNELS_FACTORED=0")
+
+
 def liger_chunk_size(n: int, h: int, v: int) -> int:
     """Liger's token-chunk size: the next power of two >= ceil(N / ceil(V / H))."""
     inc = -(-v // h)
@@ -225,6 +268,9 @@ def default_providers(device: torch.device) -> list[Provider]:
     """Every provider, ours first (the first of ours that runs is the loss-check reference)."""
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch", "triton", "cuda")
     provs = [ours(b) for b in order if b in BACKENDS]
+    provs.append(ours_fast(order[0]))
+    if order[0] == "triton":  # the backend with a factored gradient: its two-pass control beside
+        provs += [ours_two_pass("triton"), ours_two_pass("triton", fast=True)]
     provs.append(ours_liger_config(order[0]))
     provs += [EAGER, COMPILED, TORCH_CHUNKED, LIGER, CCE, FLOOR]
     return provs

@@ -21,6 +21,12 @@ its own buffer.  These are plain functions of tensors and
 :class:`~dft_kernels.options.LossOptions`; ``dft_kernels.ops`` registers them as torch custom
 ops with autograd (so ``torch.compile`` sees one opaque op per call, with no graph break).
 
+Where the backend has ``row_loss_grad_factored`` (triton) and the options allow, the row kernel
+reads each logits row once and writes the gradient as ``row_scale[:, None] * G~``; the
+GEMMs then apply ``row_scale`` on chunk-sized operands (:meth:`HeadGemms._backward_factored
+<dft_kernels.gemm_policy.HeadGemms._backward_factored>`; docs/design.md, Data path).
+``DFT_KERNELS_FACTORED=0`` turns that off.
+
 ``DFT_KERNELS_OVERLAP=1`` runs the row kernel of chunk ``k`` on a second CUDA stream,
 overlapped with the GEMMs of chunk ``k + 1`` (two logits buffers then); off by default, and
 a no-op off CUDA.
