@@ -15,6 +15,19 @@ from helpers import LOSS_OPTIONS, cublas_mm_out_dtype, leaf, make_inputs, option
 EPS = 1e-6
 
 
+class _RoundGradient(torch.autograd.Function):
+    """Identity forward; backward rounds the gradient once to ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, z, dtype):
+        ctx.dtype = dtype
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
 def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs):
     xs, ws, bs = leaf(x.to(dtype)), leaf(w.to(dtype)), leaf(None if b is None else b.to(dtype))
     out = dk.linear_cross_entropy(xs, ws, t, bias=bs, backend=backend, chunk_size=chunk_size, logits_dtype=dtype,
@@ -24,12 +37,14 @@ def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs)
     # eager PyTorch on the same 16-bit logits: the 16-bit GEMM, then float32 math
     xe, we, be = leaf(xs), leaf(ws), leaf(bs)
     eager = dk.reference.cross_entropy(F.linear(xe, we, be).float(), t, **kwargs)
-    # the mode's own error: the float64 reference on its logits rounded once to 16 bits (the
-    # rounding passes the gradient through unchanged).  One eager draw is a noisy scale (its
-    # GEMM rounds differently); where it happens to fall below this, this is the scale
+    # the mode's own error: the float64 reference on its logits rounded once to 16 bits, and
+    # their gradient rounded once to 16 bits on the way back (as the GEMMs read it).  One eager
+    # draw is a noisy scale (its GEMM rounds differently); where it happens to fall below this,
+    # this is the scale
     xq, wq, bq = leaf(xs.double()), leaf(ws.double()), leaf(None if bs is None else bs.double())
     zq = F.linear(xq, wq, bq)
-    rounded = dk.reference.cross_entropy(zq + (zq.to(dtype).double() - zq).detach(), t, **kwargs)
+    zq = _RoundGradient.apply(zq + (zq.to(dtype).double() - zq).detach(), dtype)
+    rounded = dk.reference.cross_entropy(zq, t, **kwargs)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     e_ours, e_eager, e_mode = rel_err(out, ref), rel_err(eager, ref), rel_err(rounded, ref)
     assert e_ours <= 3 * max(e_eager, e_mode) + EPS, \

@@ -252,6 +252,68 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
     return m, r, t, arg, c
 
 
+@_device_fn
+def _row_epilogue(m, r, t, zsum, arg, z_y, y, valid, rows, row_ok, V, eps, lam, param0, param1,
+                  weights_ptr, loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
+                  OBJECTIVE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
+    """From a row's merged pass-1 statistics and its target logit ``z_y``: ``lse``, ``logp``, the
+    objective's loss and ``w = -g`` (module docstring), the per-token outputs stored, and the
+    row weight (validity times token weight).  Returns ``(lse, logp, w, row_weight)``."""
+    log1p_r = _log1p(r)
+    lse = m + log1p_r
+    logp = (z_y - m) - log1p_r
+    p = tl.exp2(logp * LOG2E)
+    entropy = tl.zeros_like(logp)
+    if NEEDS_ENTROPY:
+        entropy = log1p_r + t / (1.0 + r)
+
+    # objective loss and w = -g = -dL/dlogp
+    if OBJECTIVE == OBJ_CE:
+        w = tl.zeros_like(logp) + 1.0  # not 1 + 0 * logp: nan at a -inf target logit
+        loss = -logp
+    elif OBJECTIVE == OBJ_DFT:
+        w = tl.maximum(p, param0)
+        loss = -w * logp
+    elif OBJECTIVE == OBJ_POWER:
+        w = tl.exp2(param0 * logp * LOG2E)
+        loss = -w * logp
+    elif OBJECTIVE == OBJ_FOCAL:
+        q = -_expm1(logp)  # 1 - p without cancellation
+        qg = _pow(q, param0)
+        loss = -qg * logp
+        second = param0 * _pow(q, param0 - 1.0) * p * logp
+        # at q == 0 the second term is inf * 0; its limit is 0 (logp ~ -q)
+        w = qg - tl.where((q > 0.0) & (param0 != 0.0), second, 0.0)
+    elif OBJECTIVE == OBJ_CHORD:
+        w = p * (-_expm1(logp))
+        loss = -w * logp
+    elif OBJECTIVE == OBJ_PROB:
+        pk = tl.exp2(param0 * logp * LOG2E)
+        loss = -pk
+        w = param0 * pk
+    else:  # OBJ_ENTROPY
+        w = param0 * tl.exp2(-entropy * LOG2E)
+        loss = -w * logp
+    if HAS_SMOOTHING:
+        loss = (1.0 - eps) * loss + eps * w * (lse - zsum / V)
+    if HAS_ZLOSS:
+        loss += lam * lse * lse
+
+    row_weight = valid.to(tl.float32)
+    if HAS_WEIGHTS:
+        row_weight = row_weight * tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + rows, tl.where(valid, loss * row_weight, 0.0), mask=row_ok)
+    tl.store(nll_ptr + rows, tl.where(valid, -logp, 0.0), mask=row_ok)
+    tl.store(prob_ptr + rows, tl.where(valid, p, 0.0), mask=row_ok)
+    if NEEDS_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
+    if WITH_STATS:
+        tl.store(correct_ptr + rows, tl.where(valid & (arg == y), 1.0, 0.0), mask=row_ok)
+
+    return lse, logp, w, row_weight
+
+
 @triton.jit
 def _row_loss_grad_kernel(
     logits_ptr, stride_row, grad_ptr, stride_grad, n_rows, target_ptr, weights_ptr, scale_ptr,
@@ -303,56 +365,10 @@ def _row_loss_grad_kernel(
     else:
         m, r, t, zsum, arg = _row_stats(row_ptrs, row_ok, V, softcap, HAS_SOFTCAP, HAS_SMOOTHING, NEEDS_ENTROPY,
                                         WITH_STATS, ROWS, BLOCK)
-    log1p_r = _log1p(r)
-    lse = m + log1p_r
-    logp = (z_y - m) - log1p_r
-    p = tl.exp2(logp * LOG2E)
-    entropy = tl.zeros_like(logp)
-    if NEEDS_ENTROPY:
-        entropy = log1p_r + t / (1.0 + r)
-
-    # ---- epilogue: objective loss and w = -g = -dL/dlogp ----
-    if OBJECTIVE == OBJ_CE:
-        w = tl.zeros_like(logp) + 1.0  # not 1 + 0 * logp: nan at a -inf target logit
-        loss = -logp
-    elif OBJECTIVE == OBJ_DFT:
-        w = tl.maximum(p, param0)
-        loss = -w * logp
-    elif OBJECTIVE == OBJ_POWER:
-        w = tl.exp2(param0 * logp * LOG2E)
-        loss = -w * logp
-    elif OBJECTIVE == OBJ_FOCAL:
-        q = -_expm1(logp)  # 1 - p without cancellation
-        qg = _pow(q, param0)
-        loss = -qg * logp
-        second = param0 * _pow(q, param0 - 1.0) * p * logp
-        # at q == 0 the second term is inf * 0; its limit is 0 (logp ~ -q)
-        w = qg - tl.where((q > 0.0) & (param0 != 0.0), second, 0.0)
-    elif OBJECTIVE == OBJ_CHORD:
-        w = p * (-_expm1(logp))
-        loss = -w * logp
-    elif OBJECTIVE == OBJ_PROB:
-        pk = tl.exp2(param0 * logp * LOG2E)
-        loss = -pk
-        w = param0 * pk
-    else:  # OBJ_ENTROPY
-        w = param0 * tl.exp2(-entropy * LOG2E)
-        loss = -w * logp
-    if HAS_SMOOTHING:
-        loss = (1.0 - eps) * loss + eps * w * (lse - zsum / V)
-    if HAS_ZLOSS:
-        loss += lam * lse * lse
-
-    row_weight = valid.to(tl.float32)
-    if HAS_WEIGHTS:
-        row_weight = row_weight * tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + rows, tl.where(valid, loss * row_weight, 0.0), mask=row_ok)
-    tl.store(nll_ptr + rows, tl.where(valid, -logp, 0.0), mask=row_ok)
-    tl.store(prob_ptr + rows, tl.where(valid, p, 0.0), mask=row_ok)
-    if NEEDS_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_ok)
-    if WITH_STATS:
-        tl.store(correct_ptr + rows, tl.where(valid & (arg == y), 1.0, 0.0), mask=row_ok)
+    lse, logp, w, row_weight = _row_epilogue(
+        m, r, t, zsum, arg, z_y, y, valid, rows, row_ok, V, eps, lam, param0, param1,
+        weights_ptr, loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
+        OBJECTIVE, HAS_SMOOTHING, HAS_ZLOSS, HAS_WEIGHTS, NEEDS_ENTROPY, WITH_STATS)
 
     # ---- pass 2: the scaled gradient, written once ----
     if HAS_GRAD:
