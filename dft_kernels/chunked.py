@@ -49,6 +49,7 @@ from .params import LossParams
 CHUNK_BYTES_ENV = "DFT_KERNELS_CHUNK_BYTES"
 OVERLAP_ENV = "DFT_KERNELS_OVERLAP"
 FACTORED_ENV = "DFT_KERNELS_FACTORED"
+FUSED_GEMM_ENV = "DFT_KERNELS_FUSED_GEMM"
 # Bytes of chunk buffers (logits, plus the gradient buffer where it has its own dtype) per
 # device type: on a GPU large enough chunks keep the GEMMs compute-bound (2048 rows at
 # V = 128256 for 16-bit inputs: 1.5 GiB); on CPU chunks only bound memory.
@@ -97,6 +98,12 @@ def chunk_row_bytes(x_dtype: torch.dtype, logits_dtype: Optional[torch.dtype], d
 
 def overlap_enabled() -> bool:
     return os.environ.get(OVERLAP_ENV, "") not in ("", "0")
+
+
+def fused_gemm_enabled() -> bool:
+    """The backend's fused head (``linear_loss_grad_fused``: the logits GEMM writes the factored
+    gradient, no logits tensor) where it has one; off unless ``DFT_KERNELS_FUSED_GEMM=1``."""
+    return os.environ.get(FUSED_GEMM_ENV, "") not in ("", "0")
 
 
 def factored_enabled() -> bool:
@@ -240,6 +247,7 @@ class LinearChunks:
         # on the chunk's x rows for dW.  Not for float16 (its gradient is rescaled to fit float16's
         # range, see HeadGemms) nor with a bias gradient.
         self.factorable = self.db is None and x.dtype in (torch.float32, torch.bfloat16)
+        self.fusable = self.factorable and bias is None
         self._first = True
         self._buffers: dict[int, tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = {}
         self._row_scales: dict[int, Tensor] = {}
@@ -265,6 +273,19 @@ class LinearChunks:
             self._row_scales[slot] = torch.empty(self.chunk_size, dtype=torch.float32, device=self.device)
         return self._row_scales[slot][:rows]
 
+    def fused_rows(self, start: int, end: int, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """For a backend's fused head: the chunk's ``x`` rows and the buffer its factored gradient
+        goes to (in the GEMMs' gradient dtype; no logits buffer exists on this path)."""
+        if "fused" not in self._buffers:
+            c, g = self.chunk_size, self.gemms
+            grad = torch.empty((c, self.vocab_size), dtype=g.grad_dtype, device=self.device) if with_grad else None
+            xbuf = None
+            if self.compaction is not None:
+                xbuf = torch.empty((c, self.x.shape[1]), dtype=self.x.dtype, device=self.device)
+            self._buffers["fused"] = (None, grad, xbuf)
+        _, grad, xbuf = self._buffers["fused"]
+        return self._x_rows(start, end, xbuf), None if grad is None else grad[:end - start]
+
     def _x_rows(self, start: int, end: int, xbuf: Optional[Tensor]) -> Tensor:
         if self.compaction is None:
             return self.x[start:end]
@@ -278,7 +299,8 @@ class LinearChunks:
 
     def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0,
                  row_scale: Optional[Tensor] = None) -> None:
-        x_c = self._x_rows(start, end, self._buffers[slot][2]) if self.compaction is not None else self.x[start:end]
+        xbuf = self._buffers.get("fused", self._buffers.get(slot, (None, None, None)))[2]
+        x_c = self._x_rows(start, end, xbuf) if self.compaction is not None else self.x[start:end]
         dx_c = None
         if self.dx is not None:
             dx_c = self.dx[start:end] if self.compaction is None else torch.empty(
@@ -344,6 +366,13 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
     factored = None
     if with_grad and getattr(chunks, "factorable", False) and factored_enabled():
         factored = getattr(backend, "row_loss_grad_factored", None)
+    fused = None
+    if getattr(chunks, "fusable", False) and fused_gemm_enabled():
+        fused = getattr(backend, "linear_loss_grad_fused", None)
+    if fused is not None and _run_fused(chunks, starts, fused, target, token_weights, params, grad_scale,
+                                        per_token, acc):
+        chunks.finish()
+        return
 
     def logits(start: int, slot: int):
         end = min(start + chunk_size, chunks.num_rows)
@@ -379,6 +408,35 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
                 chunks.backward(dlogits, start, end, row_scale=row_scale)
             del rows, grad_out, dlogits, row_scale
     chunks.finish()
+
+
+def _run_fused(chunks: LinearChunks, starts, fused, target: Tensor, token_weights: Optional[Tensor], params,
+               grad_scale: Optional[Tensor], per_token: Optional[Tensor], acc: Optional[_Accumulators]) -> bool:
+    """The loop of :func:`run_chunks` over a backend's fused head: per chunk one call that makes
+    the loss and the factored gradient from ``x`` rows and ``W`` (no logits), then the ``dX``/``dW``
+    GEMMs.  False, having done nothing, when the backend does not fuse these inputs or options
+    (it says so on the first chunk, before writing anything)."""
+    with_grad = grad_scale is not None
+    weight = chunks.gemms.weight
+    for k, start in enumerate(starts):
+        end = min(start + chunks.chunk_size, chunks.num_rows)
+        x_c, grad = chunks.fused_rows(start, end, with_grad)
+        row_scale = chunks.row_scale(0, end - start) if with_grad else None
+        scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
+        tw = None if token_weights is None else token_weights[start:end]
+        out = fused(x_c, weight, target[start:end], params, tw, scale, grad, row_scale)
+        if out is None:
+            if k == 0:
+                chunks._buffers.pop("fused", None)
+                return False
+            raise RuntimeError("the fused head refused a chunk after accepting the first")
+        if acc is not None:
+            acc.add(out)
+        if per_token is not None:
+            per_token[start:end] = out.loss
+        if with_grad:
+            chunks.backward(grad, start, end, row_scale=row_scale)
+    return True
 
 
 def _run_overlapped(chunks: LinearChunks, starts, logits, row_kernel) -> None:

@@ -218,7 +218,7 @@ def test_auto_falls_back_to_the_two_pass_kernel_when_the_factored_one_raises(mon
 
     mod.row_loss_grad_factored, mod.row_loss_grad = row_loss_grad_factored, lambda *a, **k: "two-pass"
     fb = backends.FallbackBackend.__new__(backends.FallbackBackend)
-    fb.device, fb._names, fb._module, fb.name, fb._no_factored = torch.device("cuda", 0), [], mod, "triton", False
+    fb.device, fb._names, fb._module, fb.name, fb._disabled = torch.device("cuda", 0), [], mod, "triton", set()
     monkeypatch.setattr(backends, "_logged", set())
     caplog.set_level(logging.WARNING, logger="dft_kernels")
     for _ in range(3):

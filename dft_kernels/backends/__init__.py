@@ -166,7 +166,7 @@ class FallbackBackend:
         self._lock = threading.Lock()
         self._module = None
         self.name: Optional[str] = None
-        self._no_factored = False
+        self._disabled: set[str] = set()  # optional entry points that raised
         self._next_available(None)  # raises ValueError when nothing is available
 
     def _next_available(self, failed: Optional[str]) -> None:
@@ -188,17 +188,27 @@ class FallbackBackend:
         where it has none.  If it raises (anything but out-of-memory), the reason is logged once
         and this returns None from then on: the caller then uses :meth:`row_loss_grad`, with
         its own fallbacks (the factored kernel writes nothing before a compile or launch error)."""
-        fn = None if self._no_factored else getattr(self._module, "row_loss_grad_factored", None)
+        return self._optional("row_loss_grad_factored", "factored gradient", "two-pass kernel",
+                              logits, target, params, token_weights, grad_scale, grad_out, row_scale)
+
+    def linear_loss_grad_fused(self, x, weight, target, params, token_weights, grad_scale, grad_out, row_scale):
+        """The current backend's fused head (triton), or None; on an error as
+        :meth:`row_loss_grad_factored` (the chunk loop then makes the logits itself)."""
+        return self._optional("linear_loss_grad_fused", "fused GEMM", "chunk loop's own GEMMs",
+                              x, weight, target, params, token_weights, grad_scale, grad_out, row_scale)
+
+    def _optional(self, name: str, what: str, instead: str, *args):
+        fn = None if name in self._disabled else getattr(self._module, name, None)
         if fn is None:
             return None
         try:
-            return fn(logits, target, params, token_weights, grad_scale, grad_out, row_scale)
+            return fn(*args)
         except OutOfMemoryError:
             raise
         except Exception as exc:
-            self._no_factored = True
-            _log_once(f"dft_kernels: backend 'auto' on {self.device}: the factored gradient of {self.name!r} "
-                      f"failed ({type(exc).__name__}: {exc}); using its two-pass kernel from now on")
+            self._disabled.add(name)
+            _log_once(f"dft_kernels: backend 'auto' on {self.device}: the {what} of {self.name!r} "
+                      f"failed ({type(exc).__name__}: {exc}); using the {instead} from now on")
             return None
 
     def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None, grad_out=None):

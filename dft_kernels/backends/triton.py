@@ -489,6 +489,16 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     return _launch(logits, target, params, token_weights, grad_scale, grad_out, None)
 
 
+def linear_loss_grad_fused(x: Tensor, weight: Tensor, target: Tensor, params: LossParams,
+                           token_weights: Optional[Tensor], grad_scale: Optional[Tensor], grad_out: Optional[Tensor],
+                           row_scale: Optional[Tensor]) -> Optional[RowOutputs]:
+    """The fused head of :mod:`dft_kernels.backends.triton_fused` (logits never formed; opt-in
+    through the chunk loop, ``DFT_KERNELS_FUSED_GEMM=1``)."""
+    from .triton_fused import linear_loss_grad_fused as fused
+
+    return fused(x, weight, target, params, token_weights, grad_scale, grad_out, row_scale)
+
+
 def factored_supported(params: LossParams) -> bool:
     """Whether :func:`row_loss_grad_factored` serves ``params``: not with label smoothing or a
     z-loss, whose gradients have terms that are not a multiple of the softmax."""
