@@ -92,8 +92,9 @@ class RowKernelPasses:
 
     NAME = "row-kernel-model"
 
-    def __init__(self, record):
+    def __init__(self, record, record_triton_gemm=None):
         self.record = record
+        self.record_triton_gemm = record_triton_gemm  # None: no fused head (the default)
 
     def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None, grad_out=None):
         n, v = logits.shape
@@ -118,6 +119,24 @@ class RowKernelPasses:
         nbytes = _nbytes(logits) + (_nbytes(logits) if grad_out is None else _nbytes(grad_out))
         self.record("row kernel (loss + factored gradient, one read)", 0.0, nbytes + n * per_row)
         return self._outputs(logits, params)
+
+    def linear_loss_grad_fused(self, x, weight, target, params, token_weights, grad_scale, grad_out, row_scale):
+        """The fused head (``DFT_KERNELS_FUSED_GEMM=1``): one Triton GEMM reads ``x`` and ``W`` and
+        writes the factored gradient (no logits), priced at the assumed Triton GEMM rate; plus
+        the per-tile statistics (two to four float32 per row and 128-column tile, written and
+        read), the target-logit dot products and the per-row vectors."""
+        if self.record_triton_gemm is None or params.label_smoothing != 0.0 or params.z_loss != 0.0:
+            return None
+        n, h = x.shape
+        v = weight.shape[0]
+        nbytes = _nbytes(x) + _nbytes(weight) + (0 if grad_out is None else _nbytes(grad_out))
+        self.record_triton_gemm("fused logits GEMM + gradient (Triton)", 2.0 * n * h * v, nbytes)
+        partials = 2 + (1 if params.needs_entropy else 0) + (1 if params.with_stats else 0)
+        tiles = -(-v // 128)
+        vectors = 8 + 2 * x.element_size() * h  # target, x row and W row of the target
+        self.record("fused head: tile statistics, merge, target logits", 0.0,
+                    2 * n * tiles * 4 * partials + n * (vectors + 4 * 8))
+        return self._outputs(x, params)
 
     @staticmethod
     def _outputs(logits, params):
@@ -192,6 +211,7 @@ class Prediction:
     total_s: float
     overlap_s: float
     factored: bool = True
+    fused_rate: Optional[float] = None  # the assumed Triton GEMM rate of a fused-head prediction
 
     @property
     def ratio(self) -> float:
@@ -204,16 +224,22 @@ class Prediction:
 
 def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: float = DEFAULT_TBPS,
             chunk_size: Optional[int] = None, objective: str = "dft", device: str = "meta",
-            cuda_policy: bool = True, factored: bool = True) -> Prediction:
+            cuda_policy: bool = True, factored: bool = True, fused_rate: Optional[float] = None) -> Prediction:
     """Trace one forward + backward (``mean``, no ignored rows) on ``device`` tensors and price it;
-    ``factored`` False prices the two-pass row kernel (``DFT_KERNELS_FACTORED=0``)."""
+    ``factored`` False prices the two-pass row kernel (``DFT_KERNELS_FACTORED=0``); ``fused_rate``
+    (a fraction of ``tflops``) prices the fused head (``DFT_KERNELS_FUSED_GEMM=1``) with its Triton
+    GEMM at that rate: an assumption until a GPU measures it."""
     dtype = shape.torch_dtype
     trace = Trace()
     x = torch.empty(shape.n, shape.h, dtype=dtype, device=device, requires_grad=True)
     w = torch.empty(shape.v, shape.h, dtype=dtype, device=device, requires_grad=True)
     t = torch.zeros(shape.n, dtype=torch.int64, device=device)
     rec = _Recorder(trace, tflops, tbps, (shape.n, shape.h, shape.v))
-    backend = RowKernelPasses(rec.record)
+    triton_gemm = None
+    if fused_rate is not None:
+        def triton_gemm(name, flops, nbytes):
+            trace.add(name, flops, nbytes, tflops * fused_rate, tbps, rec.in_loop)
+    backend = RowKernelPasses(rec.record, triton_gemm)
     policy = gemm_policy._cuda_mm_out_dtype if cuda_policy else None
     if chunk_size is None:
         # the CUDA chunk budget, whatever device traces it
@@ -222,7 +248,8 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
                                                    torch.device(device))
         chunk_size = dk.chunked.default_chunk_size(shape.n, shape.v, row_bytes, device_type="cuda")
     logits_dtype = dtype if fast and dtype != torch.float32 else None
-    env = {dk.chunked.FACTORED_ENV: "1" if factored else "0"}
+    env = {dk.chunked.FACTORED_ENV: "1" if factored else "0",
+           dk.chunked.FUSED_GEMM_ENV: "1" if fused_rate is not None else "0"}
     with _policy(policy), mock.patch.object(ops, "resolve_backend", lambda name, dev: backend), _no_autocast(), \
             mock.patch.dict(os.environ, env):
         with rec:
@@ -238,7 +265,8 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
     loop_gemm = sum(s.flops for s in loop) / (tflops * 1e12)
     loop_bytes = sum(s.bytes for s in loop) / (tbps * 1e12)
     overlap = max(loop_gemm, loop_bytes) + sum(s.seconds for s in steps if not s.in_loop)
-    return Prediction(shape, "fast" if fast else "default", chunk_size, steps, floor, total, overlap, factored)
+    return Prediction(shape, "fast" if fast else "default", chunk_size, steps, floor, total, overlap, factored,
+                      fused_rate)
 
 
 @contextlib.contextmanager
@@ -268,6 +296,8 @@ def _policy(mm):
 
 def step_table(p: Prediction) -> str:
     kernel = "" if p.factored else ", two-pass row kernel"
+    if p.fused_rate is not None:
+        kernel = f", fused head (Triton GEMM assumed at {p.fused_rate:.0%} of the peak)"
     lines = [f"### {p.shape.name}, {p.mode} mode{kernel} (chunk {p.chunk_size} rows)", "",
              "| step | launches | GFLOP | GB moved | predicted ms | in chunk loop |",
              "|---|---:|---:|---:|---:|:-:|"]
@@ -289,16 +319,23 @@ def step_table(p: Prediction) -> str:
     return "\n".join(lines)
 
 
-def summary_table(preds: list[Prediction], two_pass: Optional[list[Prediction]] = None) -> str:
-    """One row per prediction; with ``two_pass`` (the same calls with the two-pass row kernel) a
-    column of their ratio beside."""
-    extra = " two-pass kernel / floor |" if two_pass else ""
+def summary_table(preds: list[Prediction], two_pass: Optional[list[Prediction]] = None,
+                  fused: Optional[list[Prediction]] = None) -> str:
+    """One row per prediction; with ``two_pass`` (the same calls with the two-pass row kernel) and
+    ``fused`` (with the fused head) a column of their ratio beside."""
+    extra, rule = "", ""
+    if two_pass:
+        extra, rule = extra + " two-pass kernel / floor |", rule + "---:|"
+    if fused:
+        extra, rule = extra + f" fused head / floor (Triton GEMM at {fused[0].fused_rate:.0%}) |", rule + "---:|"
     lines = ["| shape | mode | chunk | predicted ms | floor ms | ours / floor | with overlap |" + extra,
-             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if two_pass else "")]
+             "|---|---|---:|---:|---:|---:|---:|" + rule]
     for i, p in enumerate(preds):
         row = (f"| {p.shape.name} | {p.mode} | {p.chunk_size} | {p.total_s * 1e3:.2f} | {p.floor_s * 1e3:.2f} "
                f"| {p.ratio:.3f} | {p.overlap_ratio:.3f} |")
-        lines.append(row + (f" {two_pass[i].ratio:.3f} |" if two_pass else ""))
+        row += f" {two_pass[i].ratio:.3f} |" if two_pass else ""
+        row += f" {fused[i].ratio:.3f} |" if fused else ""
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -311,6 +348,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", action="store_true", help="print the step table of every shape and mode")
     parser.add_argument("--two-pass", action="store_true", help="also price the two-pass row kernel "
                         "(DFT_KERNELS_FACTORED=0): a column in the table, and its step tables with --steps")
+    parser.add_argument("--fused", type=float, nargs="?", const=1.0, metavar="RATE",
+                        help="also price the fused head (DFT_KERNELS_FUSED_GEMM=1) with its Triton GEMM at RATE "
+                        "times the peak (default 1.0: as fast as cuBLAS; an assumption until measured)")
     args = parser.parse_args(argv)
     from .shapes import parse_shape
 
@@ -319,10 +359,14 @@ def main(argv=None) -> int:
     two = None
     if args.two_pass:
         two = [predict(s, fast, args.tflops, args.tbps, factored=False) for s in shapes for fast in (False, True)]
+    fused = None
+    if args.fused is not None:
+        fused = [predict(s, fast, args.tflops, args.tbps, fused_rate=args.fused) for s in shapes
+                 for fast in (False, True)]
     print(f"PREDICTIONS (roofline model, nothing measured): {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s\n")
-    print(summary_table(preds, two))
+    print(summary_table(preds, two, fused))
     if args.steps:
-        for p in preds + (two or []):
+        for p in preds + (two or []) + (fused or []):
             print()
             print(step_table(p))
     return 0

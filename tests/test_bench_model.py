@@ -81,3 +81,18 @@ def test_llama_head_meets_the_predicted_bound():
     """Issue 13's bound at the Llama-3-8B head, N 16384, bf16 (a prediction, not a measurement)."""
     shape = Shape("Llama-3-8B", 16384, 4096, 128256, "bf16")
     assert model.predict(shape, fast=False).ratio <= 1.12
+
+
+def test_fused_head_accounting():
+    """The fused head: no logits GEMM and no row kernel; one Triton GEMM with the logits GEMM's
+    flops, priced at the assumed rate (half the rate: its compute time doubles)."""
+    shape = Shape("wide", N, H, 4000, "bf16")
+    full = model.predict(shape, fast=False, chunk_size=C, fused_rate=1.0)
+    steps = {s.name: s for s in full.steps}
+    assert not any(name.startswith(("logits GEMM", "row kernel")) for name in steps)
+    gemm = steps["fused logits GEMM + gradient (Triton)"]
+    assert gemm.calls == N // C and gemm.flops == 2 * N * H * 4000
+    assert sum(s.flops for s in full.steps) == 6 * N * H * 4000
+    half = model.predict(shape, fast=False, chunk_size=C, fused_rate=0.5)
+    slow = {s.name: s for s in half.steps}["fused logits GEMM + gradient (Triton)"]
+    assert slow.seconds == pytest.approx(max(2 * gemm.flops / 700e12, gemm.bytes / 3e12))
