@@ -38,9 +38,10 @@ def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs)
     xe, we, be = leaf(xs), leaf(ws), leaf(bs)
     eager = dk.reference.cross_entropy(F.linear(xe, we, be).float(), t, **kwargs)
     # the mode's own error: the float64 reference on its logits rounded once to 16 bits, with
-    # and without their gradient rounded once to 16 bits on the way back (as the GEMMs read it).
-    # A gradient that sums many cancelling terms (a bias gradient) has a relative error that is
-    # mostly rounding noise: one eager draw is a noisy scale, so the largest of these draws is
+    # and without their gradient rounded once to 16 bits on the way back (as the GEMMs read it),
+    # and (mean/sum) rounded for grad_output = 1 and scaled after.  A gradient that sums many
+    # cancelling terms (a bias gradient) has a relative error that is mostly rounding noise, 3x
+    # apart between such draws: one eager draw is a noisy scale, so the largest of these draws is
     xq, wq, bq = leaf(xs.double()), leaf(ws.double()), leaf(None if bs is None else bs.double())
     zq = F.linear(xq, wq, bq)
     zq = zq + (zq.to(dtype).double() - zq).detach()
@@ -58,11 +59,15 @@ def check_fast_mode(x, w, b, t, dtype, backend="torch", chunk_size=16, **kwargs)
     refs = torch.autograd.grad(ref, [a for a in (xr, wr, br) if a is not None], grad_out)
     eagers = torch.autograd.grad(eager, [a for a in (xe, we, be) if a is not None], grad_out.to(eager.dtype))
     q_ins = [a for a in (xq, wq, bq) if a is not None]
-    roundeds = torch.autograd.grad(rounded, q_ins, grad_out, retain_graph=True)
-    unroundeds = torch.autograd.grad(unrounded, q_ins, grad_out)
-    for name, g, rg, ge, gq, gu, a in zip(("input", "weight", "bias"), ours, refs, eagers, roundeds, unroundeds, ins):
+    draws = [torch.autograd.grad(rounded, q_ins, grad_out, retain_graph=True),
+             torch.autograd.grad(unrounded, q_ins, grad_out, retain_graph=True)]
+    if grad_out.dim() == 0:  # mean/sum: the gradient rounded for grad_output = 1, scaled after (as ours)
+        draws.append([g * grad_out for g in torch.autograd.grad(rounded, q_ins, torch.ones_like(grad_out))])
+    for i, (name, g, rg, ge, a) in enumerate(zip(("input", "weight", "bias"), ours, refs, eagers, ins)):
         assert g.dtype == a.dtype and g.shape == a.shape and torch.isfinite(g).all()
-        e_ours, e_eager, e_mode = rel_err(g, rg), rel_err(ge, rg), max(rel_err(gq, rg), rel_err(gu, rg))
+        # each draw rounded to the returned dtype, as ours and eager's are
+        e_mode = max(rel_err(d[i].to(a.dtype).double(), rg) for d in draws)
+        e_ours, e_eager = rel_err(g, rg), rel_err(ge, rg)
         # a 16-bit gradient cannot beat its own rounding: where eager's error happens to fall below
         # two roundings of the reference (tiny gradients dominated by one entry), that is the scale
         e_round = rel_err(rg.to(a.dtype).double(), rg)

@@ -206,8 +206,7 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """The one pass of the factored gradient: pass 1's statistics, and meanwhile every entry
     written as ``e^{z_j - c} sech^2(z0_j / softcap)`` (zeros in invalid rows; the caller then
-    overwrites the target's).  Each thread rereads only what it wrote itself (the same layout
-    in every loop), so the rescale needs no barrier.
+    overwrites the target's).
 
     ``c`` starts at the target's logit and is raised to the running max whenever that max
     passes ``c + FACTORED_SHIFT_LIMIT``; the entries already written are then rescaled by
@@ -234,6 +233,7 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
         if tl.max(need.to(tl.int32), axis=0) > 0:
             # rare: the max ran away from the target; move c up to it and rescale what is written
             factor = tl.where(need, tl.exp2((c - bm) * LOG2E), 1.0)
+            tl.debug_barrier()  # the blocks are reread by whichever thread the load's layout picks
             for s in range(0, start, BLOCK):
                 pcols = s + cols
                 pmask = need[:, None] & (pcols < V)[None, :]
