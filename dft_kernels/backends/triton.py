@@ -253,6 +253,14 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
 
 
 @_device_fn
+def _grad_scale(scale_ptr, rows, row_ok, SCALE_PER_ROW: tl.constexpr):
+    """The incoming gradient scale of each row: a per-row tensor or one 0-d tensor (no host sync)."""
+    if SCALE_PER_ROW:
+        return tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return tl.load(scale_ptr).to(tl.float32) + tl.zeros(rows.shape, dtype=tl.float32)
+
+
+@_device_fn
 def _row_epilogue(m, r, t, zsum, arg, z_y, y, valid, rows, row_ok, V, eps, lam, param0, param1,
                   weights_ptr, loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
                   OBJECTIVE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
@@ -372,11 +380,7 @@ def _row_loss_grad_kernel(
 
     # ---- pass 2: the scaled gradient, written once ----
     if HAS_GRAD:
-        if SCALE_PER_ROW:
-            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
-        scale = scale * row_weight
+        scale = _grad_scale(scale_ptr, rows, row_ok, SCALE_PER_ROW) * row_weight
     if FACTORED:
         # the target entry and the row's factor; every other entry was written in pass 1
         target_g = _expm1(logp) * tl.exp2((lse - shift_c) * LOG2E)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..params import LossParams
 from . import RowOutputs
-from .triton import (FACTORED_SHIFT_LIMIT, LOG2E, _as_float32, _block_stats, _device_fn, _expm1, _interpreting,
+from .triton import (FACTORED_SHIFT_LIMIT, LOG2E, _as_float32, _block_stats, _expm1, _grad_scale, _interpreting,
                      _merge, _row_epilogue, _sech2, _tanh, factored_supported)
 
 @triton.jit
@@ -184,10 +184,7 @@ def _merge_tiles_kernel(pm_ptr, pr_ptr, pt_ptr, parg_ptr, stride_p, n_tiles, c_p
         weights_ptr, loss_ptr, nll_ptr, prob_ptr, entropy_ptr, correct_ptr,
         OBJECTIVE, False, False, HAS_WEIGHTS, NEEDS_ENTROPY, WITH_STATS)
     if HAS_GRAD:
-        if SCALE_PER_ROW:
-            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        else:
-            scale = tl.load(scale_ptr).to(tl.float32)
+        scale = _grad_scale(scale_ptr, rows, row_ok, SCALE_PER_ROW)
         flagged = valid & (m > c + FACTORED_SHIFT_LIMIT)
         c_final = tl.where(flagged, m, c)
         row_scale = tl.where(valid, scale * row_weight * w * tl.exp2((c_final - lse) * LOG2E), 0.0)
