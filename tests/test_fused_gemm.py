@@ -62,12 +62,15 @@ def test_fused_head_is_the_row_kernel_on_materialised_logits(objective, dtype, s
     g = torch.full((n, v), float("nan"), dtype=grad_dtype)
     row_scale = torch.full((n,), float("nan"))
     out = tf.linear_loss_grad_fused(x, w, t, params, tw, scale, g, row_scale)
+    # one float32 sum order apart (the tiles and the gathered target dot vs the materialised GEMM):
+    # nll = lse - z_y may differ by a few float32 ulps of the row's logits, whatever its own size
+    ulps = 2.0 ** -20 * z.abs().amax(dim=1)
     for name, a, b in zip(out._fields, out, ref):
         if b is not None:
-            # one float32 sum order apart (the tiles vs the materialised GEMM)
             finite = torch.isfinite(b)
             assert torch.equal(finite, torch.isfinite(a)), name
-            assert ((a - b).abs()[finite] <= 1e-5 * b.abs()[finite] + 1e-6).all(), (name, (a - b).abs().max())
+            bound = 1e-5 * b.abs() + 1e-6 + ulps
+            assert ((a - b).abs()[finite] <= bound[finite]).all(), (name, (a - b).abs().max())
     assert torch.isfinite(g.float()).all() and torch.isfinite(row_scale).all()
     assert (row_scale[:4] == 0).all() and (g[:4].float() == 0).all()
     full = row_scale[:, None] * g.float()
