@@ -133,8 +133,8 @@ def _load_block(row_ptrs, row_ok, cols, V, softcap, HAS_SOFTCAP: tl.constexpr):
 def _block_stats(z, start, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr):
     """Per-row statistics of the block of columns ``start + [0, BLOCK)`` relative to its own max ``bm``:
     ``r_b = sum_{j != one argmax} e^{z_j - bm}``, ``t_b = sum_j e^{z_j - bm} (bm - z_j)``
-    the first argmax index and the block's ``e^{z_j - bm}``.  ``-inf`` entries (masked vocabulary, columns past V) carry no
-    mass: they add 0 to ``t_b`` (not ``0 * inf``).  A block that is all ``-inf`` has
+    the first argmax index and the block's ``e^{z_j - bm}``.  ``-inf`` entries (masked vocabulary,
+    columns past V) carry no mass: they add 0 to ``t_b`` (not ``0 * inf``).  A block that is all ``-inf`` has
     ``bm = -inf``; its ``r_b`` and ``t_b`` are finite and ``_merge`` gives it weight 0."""
     idx = tl.zeros([z.shape[0]], dtype=tl.int32)
     if WITH_STATS:
@@ -253,6 +253,15 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
 
 
 @_device_fn
+def _load_targets(target_ptr, rows, row_ok, V, ignore_index):
+    """``(y, valid)`` of ``rows``: a row is valid when its target is a class (not ``ignore_index``,
+    inside ``[0, V)``); ``y`` is 0 at invalid rows, so that it is always a safe column offset."""
+    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
+    return tl.where(valid, y, 0), valid
+
+
+@_device_fn
 def _grad_scale(scale_ptr, rows, row_ok, SCALE_PER_ROW: tl.constexpr):
     """The incoming gradient scale of each row: a per-row tensor or one 0-d tensor (no host sync)."""
     if SCALE_PER_ROW:
@@ -356,9 +365,7 @@ def _row_loss_grad_kernel(
     row_ok = rows < n_rows
     row_ptrs = logits_ptr + rows * stride_row
     grad_row_ptrs = grad_ptr + rows * stride_grad
-    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
-    y = tl.where(valid, y, 0)
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
 
     z0_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
     z_y = z0_y

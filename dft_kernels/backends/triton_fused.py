@@ -35,8 +35,22 @@ from torch import Tensor
 
 from ..params import LossParams
 from . import RowOutputs
-from .triton import (FACTORED_SHIFT_LIMIT, LOG2E, _as_float32, _block_stats, _expm1, _grad_scale, _interpreting,
-                     _merge, _row_epilogue, _sech2, _tanh, factored_supported)
+from .triton import (
+    FACTORED_SHIFT_LIMIT,
+    LOG2E,
+    _as_float32,
+    _block_stats,
+    _expm1,
+    _grad_scale,
+    _interpreting,
+    _load_targets,
+    _merge,
+    _row_epilogue,
+    _sech2,
+    _tanh,
+    factored_supported,
+)
+
 
 @triton.jit
 def _target_logit_kernel(x_ptr, stride_x, w_ptr, stride_w, target_ptr, c_ptr, z0y_ptr, n_rows, H, V,
@@ -46,15 +60,15 @@ def _target_logit_kernel(x_ptr, stride_x, w_ptr, stride_w, target_ptr, c_ptr, z0
     0 at rows whose target is not a class."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
-    y = tl.where(valid, y, 0).to(tl.int64)
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
+    y = y.to(tl.int64)
     hs = tl.arange(0, BLOCK_H)
     acc = tl.zeros([ROWS], dtype=tl.float32)
     for k in range(0, H, BLOCK_H):
         mask = valid[:, None] & ((k + hs) < H)[None, :]
         a = tl.load(x_ptr + rows[:, None] * stride_x + (k + hs)[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(w_ptr + y[:, None] * stride_w + (k + hs)[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(w_ptr + y[:, None] * stride_w + (k + hs)[None, :], mask=mask, other=0.0)
+        b = b.to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     c = acc
     if HAS_SOFTCAP:
@@ -68,7 +82,8 @@ def _fused_logits_kernel(x_ptr, stride_x, w_ptr, stride_w, grad_ptr, stride_g, c
                          pm_ptr, pr_ptr, pt_ptr, parg_ptr, stride_p, n_rows, V, H, ignore_index, softcap,
                          HAS_SOFTCAP: tl.constexpr, NEEDS_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
                          HAS_GRAD: tl.constexpr, RECOMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                         UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):
     """One ``[BM, BN]`` tile of ``z0 = x W^T`` (float32 accumulators): its rows' partial statistics
     (``RECOMPUTE`` off) at column ``pid_n`` of the partials, and (``HAS_GRAD``) its entries of
     ``G~ = e^{z - c} sech^2(z0 / softcap)`` (zeros at invalid rows).  The shift
@@ -118,8 +133,7 @@ def _fused_logits_kernel(x_ptr, stride_x, w_ptr, stride_w, grad_ptr, stride_g, c
             if WITH_STATS:
                 tl.store(parg_ptr + p_off, b_arg, mask=row_ok)
         if HAS_GRAD:
-            y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-            valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
+            _, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
             c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
             shift = tl.exp2(tl.minimum(bm - c, FACTORED_SHIFT_LIMIT) * LOG2E)
             out = e * tl.where(valid & (bm > float("-inf")), shift, 0.0)[:, None]
@@ -145,9 +159,7 @@ def _merge_tiles_kernel(pm_ptr, pr_ptr, pt_ptr, parg_ptr, stride_p, n_tiles, c_p
     final shift ``c`` and the recompute flag."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
-    y = tl.where(valid, y, 0)
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     r = tl.zeros([ROWS], dtype=tl.float32)
     t = tl.zeros([ROWS], dtype=tl.float32)
@@ -203,10 +215,9 @@ def _target_entry_kernel(grad_ptr, stride_g, target_ptr, target_grad_ptr, n_rows
     """``G~[i, y_i] = target_grad[i]`` at valid rows (after every tile is written)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < V)
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
     g = tl.load(target_grad_ptr + rows, mask=valid, other=0.0)
-    tl.store(grad_ptr + rows * stride_g + tl.where(valid, y, 0), g.to(grad_ptr.dtype.element_ty), mask=valid)
+    tl.store(grad_ptr + rows * stride_g + y, g.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def tile_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
