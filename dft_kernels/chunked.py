@@ -56,6 +56,7 @@ FUSED_GEMM_ENV = "DFT_KERNELS_FUSED_GEMM"
 CHUNK_BYTES = {"cuda": 3 << 29, "cpu": 1 << 28}
 DEFAULT_CHUNK_BYTES = 1 << 30  # other device types
 CHUNK_ROWS_MULTIPLE = 256  # GEMM tile friendly, without the halving a power of two can cost
+FUSED_SLOT = "fused"  # the chunk buffers of a fused head (no logits buffer)
 
 
 def chunk_bytes_budget(device_type: str = "cuda") -> int:
@@ -249,17 +250,21 @@ class LinearChunks:
         self.factorable = self.db is None and x.dtype in (torch.float32, torch.bfloat16)
         self.fusable = self.factorable and bias is None
         self._first = True
-        self._buffers: dict[int, tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = {}
-        self._row_scales: dict[int, Tensor] = {}
+        # slot (0, 1, or FUSED_SLOT) -> (logits, gradient, gathered x rows) / row factors
+        self._buffers: dict = {}
+        self._row_scales: dict = {}
 
-    def _buffer(self, slot: int, with_grad: bool):
-        """Chunk buffers of ``slot`` (one slot, two with overlap), allocated on first use: logits,
-        the gradient buffer (None: in place), the gathered ``x`` rows (compaction only)."""
+    def _buffer(self, slot, with_grad: bool, with_logits: bool = True):
+        """Chunk buffers of ``slot`` (one slot, two with overlap, :data:`FUSED_SLOT` for a fused
+        head), allocated on first use: logits (None without them), the gradient buffer (None: in
+        place over the logits), the gathered ``x`` rows (compaction only)."""
         if slot not in self._buffers:
             c, g = self.chunk_size, self.gemms
-            logits = torch.empty((c, self.vocab_size), dtype=g.logits_dtype, device=self.device)
+            logits = None
+            if with_logits:
+                logits = torch.empty((c, self.vocab_size), dtype=g.logits_dtype, device=self.device)
             grad = None
-            if with_grad and g.grad_dtype != g.logits_dtype:
+            if with_grad and (not with_logits or g.grad_dtype != g.logits_dtype):
                 grad = torch.empty((c, self.vocab_size), dtype=g.grad_dtype, device=self.device)
             xbuf = None
             if self.compaction is not None:
@@ -276,14 +281,7 @@ class LinearChunks:
     def fused_rows(self, start: int, end: int, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
         """For a backend's fused head: the chunk's ``x`` rows and the buffer its factored gradient
         goes to (in the GEMMs' gradient dtype; no logits buffer exists on this path)."""
-        if "fused" not in self._buffers:
-            c, g = self.chunk_size, self.gemms
-            grad = torch.empty((c, self.vocab_size), dtype=g.grad_dtype, device=self.device) if with_grad else None
-            xbuf = None
-            if self.compaction is not None:
-                xbuf = torch.empty((c, self.x.shape[1]), dtype=self.x.dtype, device=self.device)
-            self._buffers["fused"] = (None, grad, xbuf)
-        _, grad, xbuf = self._buffers["fused"]
+        _, grad, xbuf = self._buffer(FUSED_SLOT, with_grad, with_logits=False)
         return self._x_rows(start, end, xbuf), None if grad is None else grad[:end - start]
 
     def _x_rows(self, start: int, end: int, xbuf: Optional[Tensor]) -> Tensor:
@@ -297,10 +295,9 @@ class LinearChunks:
         out = self.gemms.logits_into(self._x_rows(start, end, xbuf), logits[:end - start])
         return out, None if grad is None else grad[:end - start]
 
-    def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0,
+    def backward(self, dlogits: Tensor, start: int, end: int, slot=0,
                  row_scale: Optional[Tensor] = None) -> None:
-        xbuf = self._buffers.get("fused", self._buffers.get(slot, (None, None, None)))[2]
-        x_c = self._x_rows(start, end, xbuf) if self.compaction is not None else self.x[start:end]
+        x_c = self._x_rows(start, end, self._buffers[slot][2]) if self.compaction is not None else self.x[start:end]
         dx_c = None
         if self.dx is not None:
             dx_c = self.dx[start:end] if self.compaction is None else torch.empty(
@@ -309,6 +306,11 @@ class LinearChunks:
         self._first = False
         if dx_c is not None and self.compaction is not None:
             self.dx.index_copy_(0, self.compaction.index[start:end], dx_c)
+
+    def release(self, slot) -> None:
+        """Drop the buffers of ``slot`` (a fused head that declined the call)."""
+        self._buffers.pop(slot, None)
+        self._row_scales.pop(slot, None)
 
     def finish(self) -> None:
         """After the last chunk: a ``dw`` that no chunk wrote (no rows) is zero."""
@@ -369,8 +371,40 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
     fused = None
     if getattr(chunks, "fusable", False) and fused_gemm_enabled():
         fused = getattr(backend, "linear_loss_grad_fused", None)
-    if fused is not None and _run_fused(chunks, starts, fused, target, token_weights, params, grad_scale,
-                                        per_token, acc):
+
+    def chunk_inputs(start: int, end: int):
+        """The chunk's targets, token weights and gradient scale."""
+        scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
+        return target[start:end], None if token_weights is None else token_weights[start:end], scale
+
+    def record(start: int, end: int, out) -> None:
+        if acc is not None:
+            acc.add(out)
+        if per_token is not None:
+            per_token[start:end] = out.loss
+
+    def fused_loop() -> bool:
+        """The loop over the backend's fused head: per chunk one call that makes the loss and the
+        factored gradient from ``x`` rows and ``W`` (no logits), then the ``dX``/``dW`` GEMMs.
+        False, having done nothing, where the backend does not fuse these inputs or options (it
+        says so on the first chunk, before writing anything)."""
+        for k, start in enumerate(starts):
+            end = min(start + chunk_size, chunks.num_rows)
+            x_c, grad = chunks.fused_rows(start, end, with_grad)
+            row_scale = chunks.row_scale(FUSED_SLOT, end - start) if with_grad else None
+            tgt, tw, scale = chunk_inputs(start, end)
+            out = fused(x_c, chunks.gemms.weight, tgt, params, tw, scale, grad, row_scale)
+            if out is None:
+                if k == 0:
+                    chunks.release(FUSED_SLOT)
+                    return False
+                raise RuntimeError("the fused head refused a chunk after accepting the first")
+            record(start, end, out)
+            if with_grad:
+                chunks.backward(grad, start, end, FUSED_SLOT, row_scale)
+        return True
+
+    if fused is not None and fused_loop():
         chunks.finish()
         return
 
@@ -382,20 +416,16 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
                    slot: int = 0) -> tuple[Tensor, Optional[Tensor]]:
         """Loss and gradient of a chunk: ``(gradient, None)``, or ``(G~, row_scale)`` where the
         backend wrote it factored (gradient = ``row_scale[:, None] * G~``)."""
-        scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
-        tw = None if token_weights is None else token_weights[start:end]
+        tgt, tw, scale = chunk_inputs(start, end)
         row_scale = out = None
         if factored is not None:
             row_scale = chunks.row_scale(slot, end - start)
-            out = factored(rows, target[start:end], params, tw, scale, grad_out, row_scale)
+            out = factored(rows, tgt, params, tw, scale, grad_out, row_scale)
             if out is None:  # the backend does not factor these options
                 row_scale = None
         if out is None:
-            out = _row_call(backend, rows, grad_out, target[start:end], tw, params, scale)
-        if acc is not None:
-            acc.add(out)
-        if per_token is not None:
-            per_token[start:end] = out.loss
+            out = _row_call(backend, rows, grad_out, tgt, tw, params, scale)
+        record(start, end, out)
         return (rows if grad_out is None else grad_out), row_scale
 
     if with_grad and overlap_enabled() and isinstance(chunks, LinearChunks) and chunks.device.type == "cuda":
@@ -408,35 +438,6 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
                 chunks.backward(dlogits, start, end, row_scale=row_scale)
             del rows, grad_out, dlogits, row_scale
     chunks.finish()
-
-
-def _run_fused(chunks: LinearChunks, starts, fused, target: Tensor, token_weights: Optional[Tensor], params,
-               grad_scale: Optional[Tensor], per_token: Optional[Tensor], acc: Optional[_Accumulators]) -> bool:
-    """The loop of :func:`run_chunks` over a backend's fused head: per chunk one call that makes
-    the loss and the factored gradient from ``x`` rows and ``W`` (no logits), then the ``dX``/``dW``
-    GEMMs.  False, having done nothing, when the backend does not fuse these inputs or options
-    (it says so on the first chunk, before writing anything)."""
-    with_grad = grad_scale is not None
-    weight = chunks.gemms.weight
-    for k, start in enumerate(starts):
-        end = min(start + chunks.chunk_size, chunks.num_rows)
-        x_c, grad = chunks.fused_rows(start, end, with_grad)
-        row_scale = chunks.row_scale(0, end - start) if with_grad else None
-        scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
-        tw = None if token_weights is None else token_weights[start:end]
-        out = fused(x_c, weight, target[start:end], params, tw, scale, grad, row_scale)
-        if out is None:
-            if k == 0:
-                chunks._buffers.pop("fused", None)
-                return False
-            raise RuntimeError("the fused head refused a chunk after accepting the first")
-        if acc is not None:
-            acc.add(out)
-        if per_token is not None:
-            per_token[start:end] = out.loss
-        if with_grad:
-            chunks.backward(grad, start, end, row_scale=row_scale)
-    return True
 
 
 def _run_overlapped(chunks: LinearChunks, starts, logits, row_kernel) -> None:

@@ -129,7 +129,8 @@ class HeadGemms:
         :meth:`_backward_factored`."""
         if row_scale is not None:
             if db is not None or self.x_dtype == torch.float16:
-                raise ValueError("row_scale: a factored gradient is for float32/bfloat16 inputs without a bias gradient")
+                raise ValueError("row_scale: a factored gradient is for float32/bfloat16 inputs "
+                                 "without a bias gradient")
             self._backward_factored(grad, row_scale, x_c, dx_c, dw, first)
             return
         if db is not None:
