@@ -12,11 +12,11 @@ with the reason (not installed, not available on this device, unsupported option
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -140,19 +140,6 @@ def ours_fast(backend: str) -> Provider:
     return Provider(f"ours[{backend}] fast", "ours", build, "logits_dtype = the 16-bit input dtype")
 
 
-@contextlib.contextmanager
-def _two_pass():
-    saved = os.environ.get(FACTORED_ENV)
-    os.environ[FACTORED_ENV] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[FACTORED_ENV]
-        else:
-            os.environ[FACTORED_ENV] = saved
-
-
 def ours_two_pass(backend: str, fast: bool = False) -> Provider:
     """Ours with the two-pass row kernel (``DFT_KERNELS_FACTORED=0``): the factored gradient's
     side-by-side control."""
@@ -162,7 +149,7 @@ def ours_two_pass(backend: str, fast: bool = False) -> Provider:
         fn = inner.build(inp, device).loss_fn
 
         def loss(i: Inputs) -> Tensor:
-            with _two_pass():
+            with mock.patch.dict(os.environ, {FACTORED_ENV: "0"}):
                 return fn(i)
         return Runner(inp, loss)
     return Provider(f"{inner.name} two-pass", "ours", build, f"{inner.note}; DFT_KERNELS_FACTORED=0")
