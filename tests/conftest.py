@@ -112,6 +112,15 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture
+def cuda_gemm_policy(monkeypatch):
+    """Run the CUDA branch of the GEMM policy (16-bit operands, float32 products) on CPU."""
+    from dft_kernels import gemm_policy
+    from helpers import cublas_mm_out_dtype
+
+    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     seed = int.from_bytes(os.urandom(4), "little")

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import dft_kernels as dk
-from dft_kernels import gemm_policy
 from dft_kernels.options import LossOptions
-from helpers import LOSS_OPTIONS, cublas_mm_out_dtype, leaf, make_inputs, option_cases, option_kwargs, rel_err
+from helpers import LOSS_OPTIONS, leaf, make_inputs, option_cases, option_kwargs, rel_err
 
 EPS = 1e-6
 
@@ -82,11 +81,6 @@ def test_fast_mode_option_grid_bf16(objective, option, reduction):
     x, w, b, t = make_inputs(33, 24, 300, lead=lead)
     check_fast_mode(x, w, b, t, torch.bfloat16, objective=objective, reduction=reduction,
                     **option_kwargs(LOSS_OPTIONS, option, t))
-
-
-@pytest.fixture
-def cuda_gemm_policy(monkeypatch):
-    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -6,16 +6,9 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from dft_kernels import gemm_policy
-from helpers import OBJECTIVES, TOL, cublas_mm_out_dtype, leaf, make_inputs, obj_id, rel_err
+from helpers import OBJECTIVES, TOL, leaf, make_inputs, obj_id, rel_err
 
 LOSS_SCALE = 65536.0  # torch.amp.GradScaler's initial scale
-
-
-@pytest.fixture
-def cuda_gemm_policy(monkeypatch):
-    """Run the CUDA branch of the GEMM policy (16-bit operands, float32 products) on CPU."""
-    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
 
 
 def _reference_grads(x, w, t, grad_out, reduction, chunk=256, **kw):
