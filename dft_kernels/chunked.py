@@ -504,7 +504,9 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     """
     grads = opts.reduction != "none"
     plan = _Compaction.plan(target, opts, weight.shape[0]) if compact else None
-    chunks = LinearChunks(x, weight, bias, opts.accum_dtype, grads and need_dx, grads and need_dw,
+    # dW/db wait for backward like dX: a float16 accumulator would hold them for grad_output = 1, where
+    # a mean's 1/N and a small objective weight push them below float16's normal range
+    chunks = LinearChunks(x, weight, bias, stash_dtype(opts.accum_dtype), grads and need_dx, grads and need_dw,
                           grads and need_db, opts.chunk_size, opts.logits_dtype, plan)
     if plan is not None:
         target, token_weights = plan.gather(target), plan.gather(token_weights)

@@ -88,7 +88,7 @@ def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target:
     be = resolve_backend(opts.backend, x.device)
     loss, dx, dw, db, stats = chunked.linear_forward(
         x, weight, bias, target, token_weights, divisor, opts, be, need_dx, need_dw, need_db, compact=True)
-    stash_x, stash_w = chunked.stash_dtype(x.dtype), opts.accum_dtype
+    stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(opts.accum_dtype)
     return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
             *stats)
 
@@ -101,9 +101,10 @@ def _(x, weight, bias, target, token_weights, divisor, options, need_dx, need_dw
     opts = decode(options)
     grads = opts.reduction != "none"
     dx = x.new_empty(x.shape if grads and need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
-    dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=opts.accum_dtype)
+    stash_w = chunked.stash_dtype(opts.accum_dtype)
+    dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=stash_w)
     has_db = grads and need_db and bias is not None
-    db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=opts.accum_dtype)
+    db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=stash_w)
     return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options, x.dtype))
 
 
