@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dft_kernels as dk
-from dft_kernels import gemm_policy
+from dft_kernels import options
 
 OBJECTIVES = ["ce", "dft", "power", "focal", "chord", "prob", "entropy"]
 
@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="512,128,16000", help="N,H,V (bfloat16), default 512,128,16000")
     args = parser.parse_args(argv)
     n, h, v = (int(s) for s in args.shape.split(","))
-    saved = gemm_policy.MM_OUT_DTYPE.get("cpu", "absent")
-    gemm_policy.MM_OUT_DTYPE["cpu"] = _cublas_like
+    saved = options.MM_OUT_DTYPE.get("cpu", "absent")
+    options.MM_OUT_DTYPE["cpu"] = _cublas_like
     try:
         rows = []
         for obj in OBJECTIVES:
@@ -80,9 +80,9 @@ def main(argv=None) -> int:
             print(f"measured {obj}", file=sys.stderr, flush=True)
     finally:
         if saved == "absent":
-            gemm_policy.MM_OUT_DTYPE.pop("cpu", None)
+            options.MM_OUT_DTYPE.pop("cpu", None)
         else:
-            gemm_policy.MM_OUT_DTYPE["cpu"] = saved
+            options.MM_OUT_DTYPE["cpu"] = saved
     print(f"Relative error vs the float64 reference, bf16 inputs, N {n} H {h} V {v}, mean, 25% ignored "
           f"(torch backend, CUDA GEMM policy emulated on CPU)\n")
     cols = [f"{mode} {q}" for q in ("loss", "dX", "dW") for mode in ("default", "fast", "eager")]

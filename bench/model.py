@@ -4,7 +4,7 @@ Nothing here runs on a GPU and every number it prints is a **prediction**.  The 
 not written down by hand: one ``linear_cross_entropy(...).backward()`` runs on ``meta``
 tensors (shapes only) through the real code path - the public function, the custom op's
 implementation, the chunk loop of :mod:`dft_kernels.chunked`, the GEMMs of
-:mod:`dft_kernels.gemm_policy` with the CUDA policy (``mm``/``addmm`` with ``out_dtype``,
+:class:`dft_kernels.chunked.HeadGemms` with the CUDA policy (``mm``/``addmm`` with ``out_dtype``,
 which run on ``meta``), and autograd's backward - under a ``TorchDispatchMode`` that records
 every aten op with the bytes it reads and writes and, for GEMMs, its flops.  The row kernel
 is a stand-in backend (:class:`RowKernelPasses`) that counts the triton kernel's passes over
@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dft_kernels as dk
-from dft_kernels import gemm_policy, ops
+from dft_kernels import chunked, ops, options
 from dft_kernels.backends import RowOutputs
 
 from .shapes import GPU_SHAPES, Shape
@@ -240,7 +240,7 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
         def triton_gemm(name, flops, nbytes):
             trace.add(name, flops, nbytes, tflops * fused_rate, tbps, rec.in_loop)
     backend = RowKernelPasses(rec.record, triton_gemm)
-    policy = gemm_policy._cuda_mm_out_dtype if cuda_policy else None
+    policy = options._cuda_mm_out_dtype if cuda_policy else None
     if chunk_size is None:
         # the CUDA chunk budget, whatever device traces it
         with _policy(policy):
@@ -281,17 +281,17 @@ def _no_autocast():
 @contextlib.contextmanager
 def _policy(mm):
     """The CUDA GEMM policy (``mm``/``addmm`` with ``out_dtype``) on ``meta`` and CPU tensors."""
-    saved = {k: gemm_policy.MM_OUT_DTYPE.get(k, "absent") for k in ("meta", "cpu")}
+    saved = {k: options.MM_OUT_DTYPE.get(k, "absent") for k in ("meta", "cpu")}
     for k in saved:
-        gemm_policy.MM_OUT_DTYPE[k] = mm
+        options.MM_OUT_DTYPE[k] = mm
     try:
         yield
     finally:
         for k, v in saved.items():
             if v == "absent":
-                gemm_policy.MM_OUT_DTYPE.pop(k, None)
+                options.MM_OUT_DTYPE.pop(k, None)
             else:
-                gemm_policy.MM_OUT_DTYPE[k] = v
+                options.MM_OUT_DTYPE[k] = v
 
 
 def step_table(p: Prediction) -> str:

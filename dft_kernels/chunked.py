@@ -1,9 +1,9 @@
-"""The chunked loss: chunk loop, GEMMs, fp32 dW accumulation (docs/design.md, Data path).
+"""The chunked loss: one chunk driver, its buffers and its GEMMs (docs/design.md, Data path).
 
-For each chunk of ``C`` token rows::
+For each chunk of ``C`` token rows, :func:`run_chunks` does::
 
-    logits = x_c @ W^T (+ b)                       # into the one [C, V] logits buffer (see HeadGemms)
-    backend row kernel                              # loss, stats; the gradient, written once
+    logits = x_c @ W^T (+ b)                        # into the one [C, V] logits buffer (HeadGemms)
+    row step (backend, path)                        # loss, stats; the gradient, written once
     dx_c   = dlogits @ W                            # written into dx[chunk]
     dW    (+)= dlogits^T @ x_c ;  db += sum(dlogits) # in place in ``accum_dtype`` (first chunk writes)
 
@@ -14,103 +14,31 @@ temporary is made.  For ``mean``/``sum`` the gradients are computed in forward a
 by ``grad_output`` in backward; for ``none`` forward only computes per-token losses and
 backward recomputes the chunks with the per-token ``grad_output`` folded in.
 
-One driver, :func:`run_chunks`, serves both paths: :class:`LinearChunks` makes each chunk's
-logits with the GEMMs of :mod:`dft_kernels.gemm_policy` and takes their gradient back;
-:class:`GivenChunks` reads logits the caller already has and writes their gradient into
-its own buffer.  These are plain functions of tensors and
-:class:`~dft_kernels.options.LossOptions`; ``dft_kernels.ops`` registers them as torch custom
-ops with autograd (so ``torch.compile`` sees one opaque op per call, with no graph break).
-
-Where the backend has ``row_loss_grad_factored`` (triton) and the options allow, the row kernel
-reads each logits row once and writes the gradient as ``row_scale[:, None] * G~``; the
-GEMMs then apply ``row_scale`` on chunk-sized operands (:meth:`HeadGemms._backward_factored
-<dft_kernels.gemm_policy.HeadGemms._backward_factored>`; docs/design.md, Data path).
-``DFT_KERNELS_FACTORED=0`` turns that off.
-
-``DFT_KERNELS_OVERLAP=1`` runs the row kernel of chunk ``k`` on a second CUDA stream,
-overlapped with the GEMMs of chunk ``k + 1`` (two logits buffers then); off by default, and
-a no-op off CUDA.
+The row step is the plan's (:class:`dft_kernels.options.LossPlan`): the two-pass row kernel
+(``rows``), or the factored one (``factored``: the kernel reads each row once and writes the
+gradient as ``row_scale[:, None] * G~``, and :meth:`HeadGemms.backward` applies ``row_scale``
+on chunk-sized operands), or the experimental fused head (``fused``: logits never formed,
+:mod:`dft_kernels.experimental.fused_head`).  :class:`LinearChunks` makes each chunk's logits
+and takes their gradient back; :class:`GivenChunks` reads logits the caller already has.
+These are plain functions of tensors and the plan; :mod:`dft_kernels.ops` registers them as
+torch custom ops with autograd (so ``torch.compile`` sees one opaque op per call).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.cuda import OutOfMemoryError
 
-from .backends import valid_rows
-from .gemm_policy import HeadGemms
-from .options import LossOptions
-from .params import LossParams
+from .backends import get_backend, log_once, valid_rows
+from .options import FACTORED, FUSED, LossParams, LossPlan, mm_out_dtype
 
-CHUNK_BYTES_ENV = "DFT_KERNELS_CHUNK_BYTES"
-OVERLAP_ENV = "DFT_KERNELS_OVERLAP"
-FACTORED_ENV = "DFT_KERNELS_FACTORED"
-FUSED_GEMM_ENV = "DFT_KERNELS_FUSED_GEMM"
-# Bytes of chunk buffers (logits, plus the gradient buffer where it has its own dtype) per
-# device type: on a GPU large enough chunks keep the GEMMs compute-bound (2048 rows at
-# V = 128256 for 16-bit inputs: 1.5 GiB); on CPU chunks only bound memory.
-CHUNK_BYTES = {"cuda": 3 << 29, "cpu": 1 << 28}
-DEFAULT_CHUNK_BYTES = 1 << 30  # other device types
-CHUNK_ROWS_MULTIPLE = 256  # GEMM tile friendly, without the halving a power of two can cost
-FUSED_SLOT = "fused"  # the chunk buffers of a fused head (no logits buffer)
-
-
-def chunk_bytes_budget(device_type: str = "cuda") -> int:
-    """The byte budget of the chunk buffers: ``DFT_KERNELS_CHUNK_BYTES``, else :data:`CHUNK_BYTES`."""
-    raw = os.environ.get(CHUNK_BYTES_ENV)
-    if raw is None or raw == "":
-        return CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{CHUNK_BYTES_ENV} must be a positive integer number of bytes, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{CHUNK_BYTES_ENV} must be a positive integer number of bytes, got {raw!r}")
-    return value
-
-
-def default_chunk_size(num_tokens: int, vocab_size: int, row_element_bytes: int,
-                       budget: Optional[int] = None, device_type: str = "cuda") -> int:
-    """Rows per chunk: the most rows whose chunk buffers (``row_element_bytes`` per logit:
-    the logits buffer plus any separate gradient buffer) fit the byte budget, rounded down to
-    a multiple of 256 (fewer rows only when not even 256 fit), and no more than the tokens
-    need: ``num_tokens`` rounded up to a multiple of 256 (a power of two below 256), so
-    that small batches keep small chunks while the chunk sizes, which enter the compiled
-    graph, stay few."""
-    budget = chunk_bytes_budget(device_type) if budget is None else budget
-    rows = max(1, budget // max(1, vocab_size * row_element_bytes))
-    chunk = rows - rows % CHUNK_ROWS_MULTIPLE if rows >= CHUNK_ROWS_MULTIPLE else rows
-    n = max(1, num_tokens)
-    cap = (1 << (n - 1).bit_length()) if n < CHUNK_ROWS_MULTIPLE else -(-n // CHUNK_ROWS_MULTIPLE) * CHUNK_ROWS_MULTIPLE
-    return max(1, min(chunk, cap))
-
-
-def chunk_row_bytes(x_dtype: torch.dtype, logits_dtype: Optional[torch.dtype], device: torch.device) -> int:
-    """Bytes per logit of the chunk buffers of :class:`LinearChunks` (its logits buffer and, where
-    the GEMMs read the gradient in another dtype, its gradient buffer)."""
-    gemms = HeadGemms.dtypes(x_dtype, logits_dtype, device)
-    logits_bytes = gemms[0].itemsize
-    return logits_bytes + (gemms[1].itemsize if gemms[1] != gemms[0] else 0)
-
-
-def overlap_enabled() -> bool:
-    return os.environ.get(OVERLAP_ENV, "") not in ("", "0")
-
-
-def fused_gemm_enabled() -> bool:
-    """The backend's fused head (``linear_loss_grad_fused``: the logits GEMM writes the factored
-    gradient, no logits tensor) where it has one; off unless ``DFT_KERNELS_FUSED_GEMM=1``."""
-    return os.environ.get(FUSED_GEMM_ENV, "") not in ("", "0")
-
-
-def factored_enabled() -> bool:
-    """The one-read factored gradient (``row_loss_grad_factored``) where a backend has it; on
-    unless ``DFT_KERNELS_FACTORED=0``."""
-    return os.environ.get(FACTORED_ENV, "") != "0"
+__all__ = ["run_chunks", "linear_forward", "linear_backward_none", "logits_forward", "logits_backward_none",
+           "LinearChunks", "GivenChunks", "RowSteps", "HeadGemms", "scale_stash", "scale_stashes", "wide_dtype",
+           "stash_dtype"]
 
 
 class _Accumulators:
@@ -178,7 +106,6 @@ def scale_stash(stash: Optional[Tensor], grad_output: Tensor, dtype: torch.dtype
     return stash
 
 
-
 def scale_stashes(ctx, stashes, grad_output: Tensor, dtypes) -> tuple:
     """:func:`scale_stash` over the gradients an autograd ``ctx`` saved in forward, keeping on
     ``ctx.applied`` the scale the first backward applied in place (for any later backward)."""
@@ -187,6 +114,7 @@ def scale_stashes(ctx, stashes, grad_output: Tensor, dtypes) -> tuple:
     if applied is None:
         ctx.applied = grad_output.to(wide_dtype(grad_output.dtype))
     return grads
+
 
 class _Compaction:
     """The valid rows of a call (``index``, int64 ``[n_valid]``), when skipping the ignored ones
@@ -199,13 +127,13 @@ class _Compaction:
         self.index, self.num_rows = index, num_rows
 
     @staticmethod
-    def plan(target: Tensor, opts: LossOptions, vocab_size: int) -> Optional["_Compaction"]:
+    def plan(target: Tensor, plan: LossPlan, vocab_size: int) -> Optional["_Compaction"]:
         n = target.shape[0]
-        if not opts.validate or n <= opts.chunk_size:
+        if not plan.options.validate or n <= plan.chunk_size:
             return None
-        valid = valid_rows(target, opts.ignore_index, vocab_size)
+        valid = valid_rows(target, plan.options.ignore_index, vocab_size)
         index = valid.nonzero().squeeze(1)  # the host sync
-        chunks = lambda rows: math.ceil(rows / opts.chunk_size)  # noqa: E731
+        chunks = lambda rows: math.ceil(rows / plan.chunk_size)  # noqa: E731
         if chunks(index.numel()) >= chunks(n):
             return None
         return _Compaction(index, n)
@@ -221,83 +149,53 @@ class _Compaction:
 
 class LinearChunks:
     """Chunk logits computed as ``x @ W^T (+ b)`` into one reused buffer; their gradients go to
-    ``dx``, ``dw``, ``db`` (allocated only where wanted: ``dx`` in :func:`stash_dtype`, ``dw``/``db``
-    in ``accum_dtype``; ``dw`` is written by the first chunk, never zero-filled).
+    ``dx``, ``dw``, ``db`` (allocated only where the plan needs them: ``dx`` in ``dx_dtype``,
+    ``dw``/``db`` in ``accum_dtype``; ``dw`` is written by the first chunk, never zero-filled).
 
     With a :class:`_Compaction`, chunks are over its valid rows: ``x`` rows are gathered into a
     chunk buffer and ``dX`` rows scattered into ``dx`` (zero at the ignored rows)."""
 
-    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], accum_dtype: torch.dtype,
-                 need_dx: bool, need_dw: bool, need_db: bool, chunk_size: int,
-                 logits_dtype: Optional[torch.dtype] = None, compaction: Optional[_Compaction] = None,
-                 dx_dtype: Optional[torch.dtype] = None):
-        self.x, self.gemms, self.compaction = x, HeadGemms(x, weight, bias, logits_dtype), compaction
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], plan: LossPlan, with_grad: bool,
+                 accum_dtype: torch.dtype, dx_dtype: torch.dtype, compaction: Optional[_Compaction] = None):
+        self.x, self.weight, self.compaction = x, weight, compaction
+        self.gemms = HeadGemms(x, weight, bias, plan.logits_dtype, plan.grad_dtype)
         self.num_rows = x.shape[0] if compaction is None else compaction.index.numel()
         self.vocab_size, self.device = weight.shape[0], x.device
-        self.chunk_size = min(chunk_size, max(1, self.num_rows))
-        dx_dtype = stash_dtype(x.dtype) if dx_dtype is None else dx_dtype
+        need_dx, need_dw = with_grad and plan.need_dx, with_grad and plan.need_dw
+        need_db = with_grad and plan.need_db and bias is not None
         self.dx = None
         if need_dx:
             self.dx = (torch.empty if compaction is None else torch.zeros)(x.shape, dtype=dx_dtype, device=x.device)
         self.dw = torch.empty(weight.shape, dtype=accum_dtype, device=weight.device) if need_dw else None
-        need_db = need_db and bias is not None
         self.db = torch.zeros(bias.shape, dtype=accum_dtype, device=bias.device) if need_db else None
         self.wants_grad = need_dx or need_dw or need_db
-        # The row kernel may write the gradient as a per-row factor times a matrix (one read of
-        # the logits instead of two): the GEMMs apply the factor, on float32 products for dX and
-        # on the chunk's x rows for dW.  Not for float16 (its gradient is rescaled to fit float16's
-        # range, see HeadGemms) nor with a bias gradient.
-        self.factorable = self.db is None and x.dtype in (torch.float32, torch.bfloat16)
-        self.fusable = self.factorable and bias is None
         self._first = True
-        # slot (0, 1, or FUSED_SLOT) -> (logits, gradient, gathered x rows) / row factors
-        self._buffers: dict = {}
-        self._row_scales: dict = {}
+        # the chunk buffers: logits (none for the fused head, which forms no logits), the gradient
+        # (None: in place over the logits), the per-row factors of a factored gradient, gathered x rows
+        c, g = min(plan.chunk_size, max(1, self.num_rows)), self.gemms
+        fused, factored = plan.path == FUSED, plan.path in (FACTORED, FUSED) and self.wants_grad
+        self.logits = None if fused else torch.empty((c, self.vocab_size), dtype=g.logits_dtype, device=self.device)
+        self.grad = None
+        if self.wants_grad and (fused or g.grad_dtype != g.logits_dtype):
+            self.grad = torch.empty((c, self.vocab_size), dtype=g.grad_dtype, device=self.device)
+        self.row_scale = torch.empty(c, dtype=torch.float32, device=self.device) if factored else None
+        self._xbuf = None if compaction is None else torch.empty((c, x.shape[1]), dtype=x.dtype, device=x.device)
 
-    def _buffer(self, slot, with_grad: bool, with_logits: bool = True):
-        """Chunk buffers of ``slot`` (one slot, two with overlap, :data:`FUSED_SLOT` for a fused
-        head), allocated on first use: logits (None without them), the gradient buffer (None: in
-        place over the logits), the gathered ``x`` rows (compaction only)."""
-        if slot not in self._buffers:
-            c, g = self.chunk_size, self.gemms
-            logits = None
-            if with_logits:
-                logits = torch.empty((c, self.vocab_size), dtype=g.logits_dtype, device=self.device)
-            grad = None
-            if with_grad and (not with_logits or g.grad_dtype != g.logits_dtype):
-                grad = torch.empty((c, self.vocab_size), dtype=g.grad_dtype, device=self.device)
-            xbuf = None
-            if self.compaction is not None:
-                xbuf = torch.empty((c, self.x.shape[1]), dtype=self.x.dtype, device=self.device)
-            self._buffers[slot] = (logits, grad, xbuf)
-        return self._buffers[slot]
-
-    def row_scale(self, slot: int, rows: int) -> Tensor:
-        """The slot's float32 buffer for a factored gradient's per-row factors (first ``rows``)."""
-        if slot not in self._row_scales:
-            self._row_scales[slot] = torch.empty(self.chunk_size, dtype=torch.float32, device=self.device)
-        return self._row_scales[slot][:rows]
-
-    def fused_rows(self, start: int, end: int, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-        """For a backend's fused head: the chunk's ``x`` rows and the buffer its factored gradient
-        goes to (in the GEMMs' gradient dtype; no logits buffer exists on this path)."""
-        _, grad, xbuf = self._buffer(FUSED_SLOT, with_grad, with_logits=False)
-        return self._x_rows(start, end, xbuf), None if grad is None else grad[:end - start]
-
-    def _x_rows(self, start: int, end: int, xbuf: Optional[Tensor]) -> Tensor:
+    def x_rows(self, start: int, end: int) -> Tensor:
+        """The chunk's ``x`` rows (gathered, with a compaction)."""
         if self.compaction is None:
             return self.x[start:end]
-        return torch.index_select(self.x, 0, self.compaction.index[start:end], out=xbuf[:end - start])
+        return torch.index_select(self.x, 0, self.compaction.index[start:end], out=self._xbuf[:end - start])
 
-    def rows(self, start: int, end: int, slot: int = 0, with_grad: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-        """The chunk's logits (in the slot's buffer) and where its gradient goes (None: in place)."""
-        logits, grad, xbuf = self._buffer(slot, with_grad)
-        out = self.gemms.logits_into(self._x_rows(start, end, xbuf), logits[:end - start])
-        return out, None if grad is None else grad[:end - start]
+    def rows(self, start: int, end: int) -> tuple[Tensor, Optional[Tensor]]:
+        """The chunk's logits (in the logits buffer) and where its gradient goes (None: in place)."""
+        out = self.gemms.logits_into(self.x_rows(start, end), self.logits[:end - start])
+        return out, None if self.grad is None else self.grad[:end - start]
 
-    def backward(self, dlogits: Tensor, start: int, end: int, slot=0,
-                 row_scale: Optional[Tensor] = None) -> None:
-        x_c = self._x_rows(start, end, self._buffers[slot][2]) if self.compaction is not None else self.x[start:end]
+    def backward(self, dlogits: Tensor, start: int, end: int, row_scale: Optional[Tensor] = None) -> None:
+        """``dX``, ``dW``, ``db`` of the chunk from its gradient (``row_scale[:, None] * dlogits``
+        when factored)."""
+        x_c = self.x_rows(start, end)
         dx_c = None
         if self.dx is not None:
             dx_c = self.dx[start:end] if self.compaction is None else torch.empty(
@@ -307,54 +205,82 @@ class LinearChunks:
         if dx_c is not None and self.compaction is not None:
             self.dx.index_copy_(0, self.compaction.index[start:end], dx_c)
 
-    def release(self, slot) -> None:
-        """Drop the buffers of ``slot`` (a fused head that declined the call)."""
-        self._buffers.pop(slot, None)
-        self._row_scales.pop(slot, None)
-
     def finish(self) -> None:
-        """After the last chunk: a ``dw`` that no chunk wrote (no rows) is zero."""
+        """After the last chunk: a ``dw`` that no chunk wrote (no rows) is zero; buffers dropped."""
         if self._first and self.dw is not None:
             self.dw.zero_()
-        self._buffers.clear()
-        self._row_scales.clear()
+        self.logits = self.grad = self.row_scale = self._xbuf = None
         self.gemms.release()
 
 
 class GivenChunks:
     """Chunks of given ``[N, V]`` logits.  With ``need_grad`` the row kernel writes each chunk's
-    gradient into ``grad`` (in ``grad_dtype``, default :func:`stash_dtype`): the caller's logits
-    are only read."""
+    gradient into ``grad`` (in ``grad_dtype``): the caller's logits are only read."""
 
-    def __init__(self, logits: Tensor, need_grad: bool, grad_dtype: Optional[torch.dtype] = None):
+    row_scale = None  # never factored
+
+    def __init__(self, logits: Tensor, need_grad: bool, grad_dtype: torch.dtype):
         self.logits, self.num_rows, self.wants_grad = logits, logits.shape[0], need_grad
-        self.grad = None
-        if need_grad:
-            dtype = stash_dtype(logits.dtype) if grad_dtype is None else grad_dtype
-            self.grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        self.grad = torch.empty(logits.shape, dtype=grad_dtype, device=logits.device) if need_grad else None
 
-    def rows(self, start: int, end: int, slot: int = 0, with_grad: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    def rows(self, start: int, end: int) -> tuple[Tensor, Optional[Tensor]]:
         return self.logits[start:end], None if self.grad is None else self.grad[start:end]
 
-    def backward(self, dlogits: Tensor, start: int, end: int, slot: int = 0,
-                 row_scale: Optional[Tensor] = None) -> None:
-        pass  # dlogits already is grad[start:end] (never factored: GivenChunks has no row_scale)
+    def backward(self, dlogits: Tensor, start: int, end: int, row_scale: Optional[Tensor] = None) -> None:
+        pass  # dlogits already is grad[start:end]
 
     def finish(self) -> None:
         pass
 
 
-def _row_call(backend, logits: Tensor, grad_out: Optional[Tensor], target: Tensor, token_weights, params,
-              scale):
-    if grad_out is None or scale is None:
-        return backend.row_loss_grad(logits, target, params, token_weights, scale)
-    return backend.row_loss_grad(logits, target, params, token_weights, scale, grad_out=grad_out)
+class RowSteps:
+    """The plan's row steps for one call: :meth:`__call__` runs the current ``(backend, path)``
+    on a chunk.  When it raises (anything but out-of-memory) and a next step exists (only
+    ``backend="auto"`` plans have one), the reason is logged and the next step serves the rest
+    of this call: a failing kernel raises at compile or launch, before writing anything, so the
+    chunk is re-run from the same logits.  Nothing outlives the call.
+
+    ``kernel``: an object with ``row_loss_grad`` that replaces the plan's steps (the
+    vocab-parallel row kernel)."""
+
+    def __init__(self, plan: LossPlan, kernel=None):
+        self.params: LossParams = plan.params
+        self._steps = [(kernel, "rows", "vocab-parallel")] if kernel is not None else [
+            (get_backend(name), path, name) for name, path in plan.steps]
+
+    @property
+    def path(self) -> str:
+        return self._steps[0][1]
+
+    def __call__(self, logits: Tensor, target: Tensor, token_weights: Optional[Tensor], scale: Optional[Tensor],
+                 grad_out: Optional[Tensor], row_scale: Optional[Tensor]):
+        """The chunk's :class:`~dft_kernels.backends.RowOutputs`, and the per-row factors where the
+        gradient was written factored (else None)."""
+        while True:
+            module, path, name = self._steps[0]
+            try:
+                if path == FACTORED and scale is not None:
+                    return module.row_loss_grad_factored(logits, target, self.params, token_weights, scale,
+                                                         grad_out, row_scale), row_scale
+                if scale is None or grad_out is None:
+                    return module.row_loss_grad(logits, target, self.params, token_weights, scale), None
+                return module.row_loss_grad(logits, target, self.params, token_weights, scale,
+                                            grad_out=grad_out), None
+            except OutOfMemoryError:
+                raise
+            except Exception as exc:
+                if len(self._steps) == 1:
+                    raise
+                self._steps.pop(0)
+                log_once(f"dft_kernels: backend 'auto': the {path} kernel of {name!r} failed "
+                         f"({type(exc).__name__}: {exc}); this call uses {self._steps[0][1]} of "
+                         f"{self._steps[0][2]!r}")
 
 
-def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: LossParams, backend,
-               chunk_size: int, grad_scale: Optional[Tensor], per_token: Optional[Tensor] = None,
+def run_chunks(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[Tensor], chunk_size: int,
+               grad_scale: Optional[Tensor], per_token: Optional[Tensor] = None,
                acc: Optional[_Accumulators] = None) -> None:
-    """One pass of the row kernel over ``chunks`` (:class:`LinearChunks` or :class:`GivenChunks`).
+    """One pass of the row step over ``chunks`` (:class:`LinearChunks` or :class:`GivenChunks`).
 
     ``grad_scale`` None (or chunks that want no gradient) means forward only; a 1-D
     ``grad_scale`` is per token and is sliced per chunk.  ``per_token`` (if given) receives
@@ -363,123 +289,47 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
     """
     if not chunks.wants_grad:
         grad_scale = None
-    with_grad = grad_scale is not None
-    starts = range(0, chunks.num_rows, chunk_size)
-    factored = None
-    if with_grad and getattr(chunks, "factorable", False) and factored_enabled():
-        factored = getattr(backend, "row_loss_grad_factored", None)
     fused = None
-    if getattr(chunks, "fusable", False) and fused_gemm_enabled():
-        fused = getattr(backend, "linear_loss_grad_fused", None)
-
-    def chunk_inputs(start: int, end: int):
-        """The chunk's targets, token weights and gradient scale."""
+    if rows.path == FUSED:
+        from .experimental.fused_head import linear_loss_grad_fused as fused
+    for start in range(0, chunks.num_rows, chunk_size):
+        end = min(start + chunk_size, chunks.num_rows)
+        tgt = target[start:end]
+        tw = None if token_weights is None else token_weights[start:end]
         scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
-        return target[start:end], None if token_weights is None else token_weights[start:end], scale
-
-    def record(start: int, end: int, out) -> None:
+        row_scale = None if chunks.row_scale is None else chunks.row_scale[:end - start]
+        if fused is not None:  # the logits GEMM writes the factored gradient: no logits
+            dlogits = None if scale is None else chunks.grad[:end - start]
+            out = fused(chunks.x_rows(start, end), chunks.weight, tgt, rows.params, tw, scale, dlogits, row_scale)
+            if out is None:
+                raise ValueError("fused_head: the fused head declined a chunk the plan gave it")
+        else:
+            logits, grad_out = chunks.rows(start, end)
+            out, row_scale = rows(logits, tgt, tw, scale, grad_out, row_scale)
+            dlogits = logits if grad_out is None else grad_out
         if acc is not None:
             acc.add(out)
         if per_token is not None:
             per_token[start:end] = out.loss
-
-    def fused_loop() -> bool:
-        """The loop over the backend's fused head: per chunk one call that makes the loss and the
-        factored gradient from ``x`` rows and ``W`` (no logits), then the ``dX``/``dW`` GEMMs.
-        False, having done nothing, where the backend does not fuse these inputs or options (it
-        says so on the first chunk, before writing anything)."""
-        for k, start in enumerate(starts):
-            end = min(start + chunk_size, chunks.num_rows)
-            x_c, grad = chunks.fused_rows(start, end, with_grad)
-            row_scale = chunks.row_scale(FUSED_SLOT, end - start) if with_grad else None
-            tgt, tw, scale = chunk_inputs(start, end)
-            out = fused(x_c, chunks.gemms.weight, tgt, params, tw, scale, grad, row_scale)
-            if out is None:
-                if k == 0:
-                    chunks.release(FUSED_SLOT)
-                    return False
-                raise RuntimeError("the fused head refused a chunk after accepting the first")
-            record(start, end, out)
-            if with_grad:
-                chunks.backward(grad, start, end, FUSED_SLOT, row_scale)
-        return True
-
-    if fused is not None and fused_loop():
-        chunks.finish()
-        return
-
-    def logits(start: int, slot: int):
-        end = min(start + chunk_size, chunks.num_rows)
-        return (start, end, *chunks.rows(start, end, slot, with_grad))
-
-    def row_kernel(start: int, end: int, rows: Tensor, grad_out: Optional[Tensor],
-                   slot: int = 0) -> tuple[Tensor, Optional[Tensor]]:
-        """Loss and gradient of a chunk: ``(gradient, None)``, or ``(G~, row_scale)`` where the
-        backend wrote it factored (gradient = ``row_scale[:, None] * G~``)."""
-        tgt, tw, scale = chunk_inputs(start, end)
-        row_scale = out = None
-        if factored is not None:
-            row_scale = chunks.row_scale(slot, end - start)
-            out = factored(rows, tgt, params, tw, scale, grad_out, row_scale)
-            if out is None:  # the backend does not factor these options
-                row_scale = None
-        if out is None:
-            out = _row_call(backend, rows, grad_out, tgt, tw, params, scale)
-        record(start, end, out)
-        return (rows if grad_out is None else grad_out), row_scale
-
-    if with_grad and overlap_enabled() and isinstance(chunks, LinearChunks) and chunks.device.type == "cuda":
-        _run_overlapped(chunks, starts, logits, row_kernel)
-    else:
-        for start in starts:
-            start, end, rows, grad_out = logits(start, 0)
-            dlogits, row_scale = row_kernel(start, end, rows, grad_out)
-            if with_grad:
-                chunks.backward(dlogits, start, end, row_scale=row_scale)
-            del rows, grad_out, dlogits, row_scale
+        if scale is not None:
+            chunks.backward(dlogits, start, end, row_scale)
     chunks.finish()
 
 
-def _run_overlapped(chunks: LinearChunks, starts, logits, row_kernel) -> None:
-    """The loop of :func:`run_chunks` with the logits GEMM of chunk ``k + 1`` issued on the current
-    stream before the ``dX``/``dW`` GEMMs of chunk ``k``, whose row kernel runs on a side stream
-    meanwhile.  Two buffer slots alternate; stream order on the main stream keeps chunk
-    ``k - 1``'s GEMMs ahead of the logits GEMM that reuses its slot, and events order the rest."""
-    main = torch.cuda.current_stream(chunks.device)
-    side = torch.cuda.Stream(chunks.device)
-    pending = None  # (start, end, dlogits, slot, event, row_scale) of the chunk whose GEMMs come next
-    for k, start in enumerate(starts):
-        slot = k % 2
-        start, end, rows, grad_out = logits(start, slot)  # on the main stream
-        done = torch.cuda.Event()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            dlogits, row_scale = row_kernel(start, end, rows, grad_out, slot)
-            done.record(side)
-        if pending is not None:
-            main.wait_event(pending[4])
-            chunks.backward(pending[2], pending[0], pending[1], pending[3], pending[5])
-        pending = (start, end, dlogits, slot, done, row_scale)
-    if pending is not None:
-        main.wait_event(pending[4])
-        chunks.backward(pending[2], pending[0], pending[1], pending[3], pending[5])
-    main.wait_stream(side)
-
-
-def _forward(chunks, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
-             opts: LossOptions, backend, device, out_dtype: torch.dtype, plan: Optional[_Compaction] = None):
+def _forward(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
+             plan: LossPlan, device, out_dtype: torch.dtype, compaction: Optional[_Compaction] = None):
     """The loss (0-d, or ``[N]`` for ``none``) and the stats outputs; for ``mean``/``sum`` the
     chunks also receive the gradients for ``grad_output = 1``."""
-    params = opts.row_params
+    params = plan.params
     acc = _Accumulators(device, out_dtype, params.with_stats, params.needs_entropy)
-    if opts.reduction == "none":
+    if plan.options.reduction == "none":
         per_token = torch.empty(chunks.num_rows, dtype=out_dtype, device=device)
-        run_chunks(chunks, target, token_weights, params, backend, opts.chunk_size, None, per_token, acc)
-        return (per_token if plan is None else plan.scatter(per_token)), acc.stats_outputs(device)
+        run_chunks(chunks, rows, target, token_weights, plan.chunk_size, None, per_token, acc)
+        return (per_token if compaction is None else compaction.scatter(per_token)), acc.stats_outputs(device)
     grad_scale = torch.ones((), dtype=out_dtype, device=device)
     if divisor is not None:
         grad_scale = grad_scale / divisor
-    run_chunks(chunks, target, token_weights, params, backend, opts.chunk_size, grad_scale, acc=acc)
+    run_chunks(chunks, rows, target, token_weights, plan.chunk_size, grad_scale, acc=acc)
     return (acc.loss * grad_scale).to(out_dtype), acc.stats_outputs(device)
 
 
@@ -488,66 +338,238 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                   token_weights: Optional[Tensor], divisor: Optional[Tensor], opts: LossOptions, backend,
-                   need_dx: bool, need_dw: bool, need_db: bool, compact: bool = False):
+                   token_weights: Optional[Tensor], divisor: Optional[Tensor], plan: LossPlan,
+                   kernel=None, compact: bool = False):
     """Forward of the chunked loss.  Inputs are already flattened and checked by
     :mod:`dft_kernels.functional`: ``x`` ``[N, H]`` contiguous, ``target`` ``[N]`` int64,
     ``token_weights`` ``[N]`` and ``divisor`` a 0-d tensor in :func:`wide_dtype` (``mean``:
-    the valid count, or ``num_items_in_batch``) or None (``sum``/``none``).  ``compact``: skip
-    the ignored rows when that saves a chunk (:class:`_Compaction`; single-process only).
+    the valid count, or ``num_items_in_batch``) or None (``sum``/``none``).  ``kernel``: see
+    :class:`RowSteps`.  ``compact``: skip the ignored rows when that saves a chunk
+    (:class:`_Compaction`; single-process only).
 
     Returns ``(loss, dx, dw, db, stats)``: the loss (0-d, or ``[N]`` for ``none``); for
     ``mean``/``sum`` the gradients for ``grad_output = 1`` (``dx`` in :func:`stash_dtype`,
-    ``dw``/``db`` in ``accum_dtype``; :func:`scale_stash` scales and casts them) (None
+    ``dw``/``db`` in the accumulator's; :func:`scale_stash` scales and casts them) (None
     where not needed, and always None for ``none``, whose backward recomputes); the
     stats sums (nll, prob, correct, entropy: 0-d, or empty when not computed).
     """
-    grads = opts.reduction != "none"
-    plan = _Compaction.plan(target, opts, weight.shape[0]) if compact else None
+    compaction = _Compaction.plan(target, plan, weight.shape[0]) if compact else None
     # dW/db wait for backward like dX: a float16 accumulator would hold them for grad_output = 1, where
     # a mean's 1/N and a small objective weight push them below float16's normal range
-    chunks = LinearChunks(x, weight, bias, stash_dtype(opts.accum_dtype), grads and need_dx, grads and need_dw,
-                          grads and need_db, opts.chunk_size, opts.logits_dtype, plan)
-    if plan is not None:
-        target, token_weights = plan.gather(target), plan.gather(token_weights)
-    loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, x.device, wide_dtype(x.dtype), plan)
-    # dW/db wait for backward in the accumulators themselves: scale_stash scales and casts them in one pass
+    chunks = LinearChunks(x, weight, bias, plan, plan.options.reduction != "none", stash_dtype(plan.accum_dtype),
+                          stash_dtype(x.dtype), compaction)
+    if compaction is not None:
+        target, token_weights = compaction.gather(target), compaction.gather(token_weights)
+    loss, stats = _forward(chunks, RowSteps(plan, kernel), target, token_weights, divisor, plan, x.device,
+                           wide_dtype(x.dtype), compaction)
     return loss, chunks.dx, chunks.dw, chunks.db, stats
 
 
 def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         token_weights: Optional[Tensor], grad_loss: Tensor, opts: LossOptions, backend,
-                         need_dx: bool, need_dw: bool, need_db: bool, compact: bool = False):
+                         token_weights: Optional[Tensor], grad_loss: Tensor, plan: LossPlan, kernel=None,
+                         compact: bool = False):
     """Backward of ``reduction="none"``: recompute each chunk with the per-token
     ``grad_loss`` folded into the row kernel's scale.  Returns ``(dx, dw, db)`` in the
     dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
-    plan = _Compaction.plan(target, opts, weight.shape[0]) if compact else None
-    chunks = LinearChunks(x, weight, bias, opts.accum_dtype, need_dx, need_dw, need_db, opts.chunk_size,
-                          opts.logits_dtype, plan, dx_dtype=x.dtype)
+    compaction = _Compaction.plan(target, plan, weight.shape[0]) if compact else None
+    chunks = LinearChunks(x, weight, bias, plan, True, plan.accum_dtype, x.dtype, compaction)
     grad_loss = grad_loss.to(wide_dtype(x.dtype)).contiguous()
-    if plan is not None:
-        target, token_weights, grad_loss = plan.gather(target), plan.gather(token_weights), plan.gather(grad_loss)
-    run_chunks(chunks, target, token_weights, opts.row_params, backend, opts.chunk_size, grad_loss)
+    if compaction is not None:
+        target, token_weights = compaction.gather(target), compaction.gather(token_weights)
+        grad_loss = compaction.gather(grad_loss)
+    run_chunks(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size, grad_loss)
     db = _cast(chunks.db, weight.dtype if bias is None else bias.dtype)
     return chunks.dx, _cast(chunks.dw, weight.dtype), db
 
 
 def logits_forward(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
-                   opts: LossOptions, backend, need_grad: bool):
+                   plan: LossPlan, kernel=None):
     """The same row kernel on given ``[N, V]`` logits.  Returns ``(loss, grad, stats)`` with
     ``grad`` the logits gradient for ``grad_output = 1`` (``mean``/``sum`` with
-    ``need_grad``; else None) in :func:`stash_dtype`."""
-    chunks = GivenChunks(logits, need_grad and opts.reduction != "none")
-    loss, stats = _forward(chunks, target, token_weights, divisor, opts, backend, logits.device,
+    ``need_dx``; else None) in :func:`stash_dtype`."""
+    chunks = GivenChunks(logits, plan.need_dx and plan.options.reduction != "none", stash_dtype(logits.dtype))
+    loss, stats = _forward(chunks, RowSteps(plan, kernel), target, token_weights, divisor, plan, logits.device,
                            wide_dtype(logits.dtype))
     return loss, chunks.grad, stats
 
 
 def logits_backward_none(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
-                         opts: LossOptions, backend) -> Tensor:
+                         plan: LossPlan, kernel=None) -> Tensor:
     """Backward of ``reduction="none"`` on given logits: the row kernel writes the gradient
     (``grad_output`` folded in) once, in the logits dtype."""
-    chunks = GivenChunks(logits, True, grad_dtype=logits.dtype)
-    run_chunks(chunks, target, token_weights, opts.row_params, backend, opts.chunk_size,
+    chunks = GivenChunks(logits, True, logits.dtype)
+    run_chunks(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size,
                grad_loss.to(wide_dtype(logits.dtype)).contiguous())
     return chunks.grad
+
+
+# ---------------------------------------------------------------- the GEMMs of a chunk
+
+
+class HeadGemms:
+    """The three GEMMs of a chunk, with the precision policy of docs/design.md:
+
+    * logits are computed in float32 (float64 for float64 inputs) even for 16-bit
+      inputs: rounding logits to bfloat16 alone costs ~1% relative error on DFT-type
+      losses, which a fused kernel must not add.  The fast mode (``logits_dtype`` equal to the
+      16-bit input dtype) writes them in 16 bits instead, as the input-dtype GEMM does;
+    * where the device has an ``mm`` that writes float32 from 16-bit operands
+      (:data:`dft_kernels.options.MM_OUT_DTYPE`; CUDA), the 16-bit GEMMs use it, and the row kernel writes the
+      gradient once in :attr:`grad_dtype`, the dtype the ``dX``/``dW`` GEMMs read: the input
+      dtype for bfloat16, float32 for float16 (cast with a power-of-two scale, see
+      :meth:`_backward_fp16`); elsewhere (CPU) a 16-bit weight is upcast once per call and
+      every GEMM but the fast mode's logits runs in float32;
+    * ``dW`` accumulates in ``accum_dtype`` in place; ``db`` likewise.
+    """
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], logits_dtype: torch.dtype,
+                 grad_dtype: torch.dtype):
+        self.x_dtype = x.dtype
+        self.compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        self.logits_dtype, self.grad_dtype = logits_dtype, grad_dtype  # the plan's (options.head_dtypes)
+        self.weight, self.bias = weight, bias
+        self.native = x.dtype == self.compute_dtype
+        self.mm = None if self.native else mm_out_dtype(x.device)
+        self.w_up = weight.to(self.compute_dtype) if not self.native and self.mm is None else None
+        self._fp16: Optional[Tensor] = None  # float16 copy of the gradient (_backward_fp16), reused
+        self._dx32: Optional[Tensor] = None  # float32 dX product of a factored gradient, reused
+        self._xs: Optional[Tensor] = None  # x rows times the row factors, in the gradient's dtype, reused
+        # bias in the dtype of the logits it is added to
+        self.bias_l = None if bias is None or bias.dtype == self.logits_dtype else bias.to(self.logits_dtype)
+
+    def logits_into(self, x_c: Tensor, out: Tensor) -> Tensor:
+        """``out = x_c @ W^T (+ b)`` in ``out``'s dtype (:attr:`logits_dtype`)."""
+        bias = self.bias if self.bias_l is None else self.bias_l
+        if self.logits_dtype == self.x_dtype:  # float32/64 inputs, or the 16-bit fast mode
+            w = self.weight
+        elif self.mm is not None:
+            self.mm(x_c, self.weight.t(), self.logits_dtype, out=out)
+            return out if bias is None else out.add_(bias)
+        else:
+            x_c, w = x_c.to(self.logits_dtype), self.w_up
+        if bias is None:
+            return torch.mm(x_c, w.t(), out=out)
+        return torch.addmm(bias, x_c, w.t(), out=out)
+
+    def backward(self, grad: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
+                 db: Optional[Tensor], first: bool, row_scale: Optional[Tensor] = None) -> None:
+        """``dx_c = grad @ W``; ``dw (+)= grad^T x_c`` (written by the ``first`` chunk,
+        accumulated after); ``db += sum(grad)``.  ``grad`` (in :attr:`grad_dtype`, the row
+        kernel's gradient buffer) may be overwritten.  With ``row_scale`` the gradient is
+        ``row_scale[:, None] * grad`` (a factored row kernel; no ``db``, not float16): see
+        :meth:`_backward_factored`."""
+        if row_scale is not None:
+            if db is not None or self.x_dtype == torch.float16:
+                raise ValueError("row_scale: a factored gradient is for float32/bfloat16 inputs "
+                                 "without a bias gradient")
+            self._backward_factored(grad, row_scale, x_c, dx_c, dw, first)
+            return
+        if db is not None:
+            db += grad.sum(dim=0, dtype=db.dtype)
+        if self.mm is not None and self.x_dtype == torch.float16:
+            self._backward_fp16(grad, x_c, dx_c, dw, first)
+            return
+        w = self.weight if self.w_up is None else self.w_up
+        if dx_c is not None:
+            if grad.dtype == dx_c.dtype:
+                torch.mm(grad, w, out=dx_c)
+            else:
+                dx_c.copy_(grad @ w)
+        if dw is not None:
+            xc = x_c if x_c.dtype == grad.dtype else x_c.to(grad.dtype)
+            _product_into(dw, grad.t(), xc, self.mm, first)
+
+    def _backward_factored(self, grad: Tensor, row_scale: Tensor, x_c: Tensor, dx_c: Optional[Tensor],
+                           dw: Optional[Tensor], first: bool) -> None:
+        """``dx_c = r (grad @ W)`` and ``dw (+)= grad^T (r x_c)`` for the gradient ``r grad``
+        (``r = row_scale`` per row).  The factor multiplies the float32 ``dX`` product before
+        its one rounding to ``dx_c``'s dtype, and the chunk's ``x`` rows (rounded once to the
+        gradient's dtype) before the ``dW`` GEMM: chunk-sized passes instead of a pass over the
+        ``[C, V]`` gradient."""
+        r = row_scale[:, None]
+        w = self.weight if self.w_up is None else self.w_up
+        if dx_c is not None:
+            if dx_c.dtype == torch.float32 and grad.dtype == torch.float32:
+                torch.mm(grad, w, out=dx_c).mul_(r)
+            else:
+                shape = (grad.shape[0], w.shape[1])
+                if self._dx32 is None or self._dx32.shape[0] < shape[0]:
+                    self._dx32 = torch.empty(shape, dtype=torch.float32, device=grad.device)
+                prod = self._dx32[:shape[0]]
+                if grad.dtype == torch.float32:
+                    torch.mm(grad, w, out=prod)
+                else:
+                    self.mm(grad, w, torch.float32, out=prod)
+                torch.mul(prod, r, out=dx_c)
+        if dw is not None:
+            if self._xs is None or self._xs.shape[0] < x_c.shape[0]:
+                self._xs = torch.empty((x_c.shape[0], x_c.shape[1]), dtype=grad.dtype, device=grad.device)
+            xs = torch.mul(x_c, r, out=self._xs[:x_c.shape[0]])
+            _product_into(dw, grad.t(), xs, self.mm, first)
+
+    def release(self) -> None:
+        """Drop the reused per-call buffers (after the last chunk)."""
+        self._fp16 = self._dx32 = self._xs = None
+
+    def _backward_fp16(self, grad: Tensor, x_c: Tensor, dx_c: Optional[Tensor], dw: Optional[Tensor],
+                       first: bool) -> None:
+        """The ``dX``/``dW`` GEMMs on float16 operands with float32 products (``self.mm``).
+
+        float16 has too little range for the float32 gradient: scaled by the reduction's
+        ``1/N`` (and a DFT weight ``p``) its entries are often below float16's smallest
+        subnormal (6e-8) and flush to zero, while a loss scale in ``grad_output`` (``none``)
+        can push them past its largest value (65504).  So the gradient is multiplied by
+        ``2^k`` (exact, computed on the device: no host sync) bringing the largest entry to
+        ``[2^13, 2^14)`` before the cast, and the float32 products by ``2^-k`` after; a float32
+        ``dW`` accumulator is scaled by ``2^k`` around the in-place accumulation (exact).
+        """
+        low, high = torch.aminmax(grad)  # the largest |entry|, without an |grad| temporary
+        _, exponent = torch.frexp(torch.maximum(-low, high))
+        shift = (_FP16_TOP_EXPONENT - exponent).clamp(-_MAX_SHIFT, _MAX_SHIFT)
+        scale = torch.ldexp(torch.ones((), dtype=grad.dtype, device=grad.device), shift)
+        unscale = scale.reciprocal()  # a power of two: exact
+        if self._fp16 is None or self._fp16.shape[0] < grad.shape[0]:
+            self._fp16 = torch.empty(grad.shape, dtype=torch.float16, device=grad.device)  # once per call
+        g = self._fp16[:grad.shape[0]].copy_(grad.mul_(scale))
+        if dx_c is not None:
+            prod = self.mm(g, self.weight, torch.float32)
+            dx_c.copy_(prod.mul_(unscale))
+        if dw is None:
+            return
+        if dw.dtype == torch.float32:
+            if first:
+                self.mm(g.t(), x_c, torch.float32, out=dw)
+            else:
+                dw.mul_(scale)
+                self.mm(g.t(), x_c, torch.float32, out=dw, accumulate=True)
+            dw.mul_(unscale)
+            return
+        # a float16 accumulator (accum_dtype=None): float32 products of row blocks of dW, unscaled
+        # and added (or written) block by block, so no [V, H] float32 temporary exists
+        gt = g.t()
+        for s in range(0, dw.shape[0], _DW_BLOCK_ROWS):
+            prod = self.mm(gt[s:s + _DW_BLOCK_ROWS], x_c, torch.float32).mul_(unscale)
+            if first:
+                dw[s:s + _DW_BLOCK_ROWS].copy_(prod)
+            else:
+                dw[s:s + _DW_BLOCK_ROWS].add_(prod)
+
+
+_FP16_TOP_EXPONENT = 14  # float16 gradients are scaled to a largest entry in [2^13, 2^14)
+_MAX_SHIFT = 100  # 2^+-100 stays finite in float32 (all-zero or subnormal gradients)
+_DW_BLOCK_ROWS = 8192  # rows of dW per float32 product when dW accumulates in float16
+
+
+def _product_into(acc: Tensor, a: Tensor, b: Tensor, mm, first: bool) -> None:
+    """``acc = a @ b`` (``first``) or ``acc += a @ b``, in place; ``acc`` may be wider than
+    ``a``/``b``: 16-bit operands through the device's ``mm`` with float32 output, else the
+    operands (chunk-sized) are cast to ``acc``'s dtype, never the ``[V, H]`` product."""
+    if a.dtype != acc.dtype and mm is not None and acc.dtype == torch.float32:
+        mm(a, b, torch.float32, out=acc, accumulate=not first)
+        return
+    if a.dtype != acc.dtype:
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)

@@ -1,29 +1,151 @@
-"""Public functional API: build the options, check and flatten the arguments, dispatch to the ops.
+"""The public functional API: check and flatten the arguments, resolve the options into a plan
+once, run it (:mod:`dft_kernels.ops`), shape the result.
 
-``linear_cross_entropy`` computes the loss from hidden states and the head weight,
-chunk by chunk; ``cross_entropy`` runs the same row kernel on logits you already have.
-The options and their defaults are declared once, in :class:`dft_kernels.options.LossOptions`.
+``linear_cross_entropy`` computes the loss from hidden states and the head weight, chunk by
+chunk; ``cross_entropy`` runs the same row kernel on logits you already have.  The options and
+their defaults are declared once, in :class:`dft_kernels.options.LossOptions`; the argument
+checks here are shared with the oracle (:mod:`dft_kernels.reference`): every error is a
+``TypeError``/``ValueError`` whose message starts with the argument's name.  With a
+``process_group`` (or a DTensor operand) the call takes the vocab-parallel branch
+(:mod:`dft_kernels.vocab_parallel`; docs/distributed.md).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .checks import NumItems, Prepared, check_linear_args, check_logits, count_valid, prepare
-from .chunked import chunk_row_bytes, default_chunk_size
+from .backends import valid_rows
+from .backends.split import resolve_split_backend
 from .objectives import ObjectiveLike
-from .options import LossOptions, document_options
+from .options import (
+    LINEAR_ONLY_OPTIONS,
+    LossOptions,
+    document_options,
+    is_dtensor,
+    plan_linear,
+    plan_logits,
+    plan_vocab_parallel,
+)
 from .stats import LossStats
-from .vocab_parallel.shard import is_dtensor
+from .vocab_parallel.autograd import ParallelRun, linear_loss, logits_loss
+from .vocab_parallel.row_kernel import VocabParallelRowKernel
+from .vocab_parallel.shard import gather_layout, unwrap_head, unwrap_logits, unwrap_replicated
 
-__all__ = ["linear_cross_entropy", "cross_entropy"]
+NumItems = Union[None, int, float, Tensor]
+
+__all__ = ["linear_cross_entropy", "cross_entropy", "prepare", "check_linear_args", "check_logits", "count_valid",
+           "Prepared", "NumItems"]
 
 
-def finish(loss: Tensor, stats_sums, prep: Prepared, opts: LossOptions, vocab_size: int):
+@document_options
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    objective: ObjectiveLike = "dft",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: NumItems = None,
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    token_weights: Optional[Tensor] = None,
+    shift: bool = False,
+    return_stats: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    chunk_bytes: Optional[int] = None,
+    autotune: bool = False,
+    accum_dtype: Optional[torch.dtype] = torch.float32,
+    logits_dtype: Optional[torch.dtype] = None,
+    factored: Optional[bool] = None,
+    fused_head: bool = False,
+    process_group=None,
+    allreduce_dgrad: bool = True,
+    validate: bool = True,
+):
+    """Loss of ``objective`` on logits ``input @ weight.T (+ bias)``, never materialising them.
+
+    ``input (..., H)``, ``weight (V, H)``, ``target (...)`` int64; ``bias (V,)`` or None;
+    ``token_weights (...)`` float multiplies each token's loss (no gradient);
+    ``num_items_in_batch``: divide the summed loss by it instead (Hugging Face's gradient
+    accumulation convention).  Returns the loss (0-d for ``mean``/``sum``, ``target``-shaped
+    for ``none``), or ``(loss, LossStats)`` when ``return_stats``.  With ``process_group`` (or
+    a DTensor ``weight`` sharded over the vocabulary), ``weight``/``bias`` are this rank's slice.
+    """
+    # keywords, not locals(): torch.compile (2.11) cannot trace locals()
+    opts = LossOptions(objective=objective, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                       label_smoothing=label_smoothing, z_loss=z_loss, shift=shift, return_stats=return_stats,
+                       backend=backend, chunk_size=chunk_size, chunk_bytes=chunk_bytes, autotune=autotune,
+                       accum_dtype=accum_dtype, logits_dtype=logits_dtype, factored=factored, fused_head=fused_head,
+                       process_group=process_group, allreduce_dgrad=allreduce_dgrad, validate=validate)
+    if opts.process_group is not None or is_dtensor(weight) or is_dtensor(input):
+        return _vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
+    input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
+    vocab_size, hidden = weight.shape
+    prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
+    x = _contiguous(input.reshape(-1, hidden))
+    grad_on = torch.is_grad_enabled()
+    plan = plan_linear(opts, x, weight, bias, grad_on and x.requires_grad, grad_on and weight.requires_grad,
+                       grad_on and bias is not None and bias.requires_grad)
+    loss, _dx, _dw, _db, *stats_sums = ops.lce_forward(x, _contiguous(weight), bias, prep.target,
+                                                       prep.token_weights, prep.divisor, plan.encode())
+    return finish(loss, stats_sums, prep, opts, vocab_size)
+
+
+@document_options
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    objective: ObjectiveLike = "dft",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: NumItems = None,
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    token_weights: Optional[Tensor] = None,
+    shift: bool = False,
+    return_stats: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    chunk_bytes: Optional[int] = None,
+    autotune: bool = False,
+    process_group=None,
+    validate: bool = True,
+):
+    """The same objectives on logits you already hold: ``logits (..., V)``, ``target (...)``.
+
+    The gradient goes to ``logits``; the caller's logits are not modified.  The other
+    arguments are those of :func:`linear_cross_entropy`; with ``process_group`` (or a DTensor
+    sharded over its last dim), ``logits`` are this rank's ``(..., V_local)`` slice.
+    """
+    opts = LossOptions(objective=objective, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                       label_smoothing=label_smoothing, z_loss=z_loss, shift=shift, return_stats=return_stats,
+                       backend=backend, chunk_size=chunk_size, chunk_bytes=chunk_bytes, autotune=autotune,
+                       process_group=process_group, validate=validate)
+    if opts.process_group is not None or is_dtensor(logits):
+        return _vocab_parallel_logits(logits, target, opts, num_items_in_batch, token_weights)
+    logits = check_logits(logits)
+    vocab_size = logits.shape[-1]
+    prep = prepare(logits, "logits", target, vocab_size, opts, num_items_in_batch, token_weights)
+    flat = _contiguous(logits.reshape(-1, vocab_size))
+    plan = plan_logits(opts, flat, torch.is_grad_enabled() and flat.requires_grad)
+    loss, _grad, *stats_sums = ops.ce_forward(flat, prep.target, prep.token_weights, prep.divisor, plan.encode())
+    return finish(loss, stats_sums, prep, opts, vocab_size)
+
+
+def finish(loss: Tensor, stats_sums, prep: "Prepared", opts: LossOptions, vocab_size: int):
     """Reshape a per-token loss (undoing the shift padding) and build LossStats."""
     if opts.reduction == "none":
         loss = loss.view(prep.out_shape)
@@ -56,106 +178,218 @@ def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-@document_options
-def linear_cross_entropy(
-    input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    *,
-    bias: Optional[Tensor] = None,
-    objective: ObjectiveLike = "dft",
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: NumItems = None,
-    softcap: Optional[float] = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    token_weights: Optional[Tensor] = None,
-    shift: bool = False,
-    return_stats: bool = False,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
-    accum_dtype: Optional[torch.dtype] = torch.float32,
-    logits_dtype: Optional[torch.dtype] = None,
-    process_group=None,
-    allreduce_dgrad: bool = True,
-    validate: bool = True,
-):
-    """Loss of ``objective`` on logits ``input @ weight.T (+ bias)``, never materialising them.
+# ---------------------------------------------------------------- argument checks
 
-    ``input (..., H)``, ``weight (V, H)``, ``target (...)`` int64; ``bias (V,)`` or None;
-    ``token_weights (...)`` float multiplies each token's loss (no gradient);
-    ``num_items_in_batch``: divide the summed loss by it instead (Hugging Face's gradient
-    accumulation convention).  Returns the loss (0-d for ``mean``/``sum``, ``target``-shaped
-    for ``none``), or ``(loss, LossStats)`` when ``return_stats``.  With ``process_group`` (or
-    a DTensor ``weight`` sharded over the vocabulary), ``weight``/``bias`` are this rank's slice.
-    """
-    opts = LossOptions.from_arguments(locals())
-    if opts.process_group is not None or is_dtensor(weight) or is_dtensor(input):
-        from .vocab_parallel.functional import vocab_parallel_linear
 
-        return vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
+def _require_tensor(name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_float(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _require_same_device(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def count_valid(target: Tensor, ignore_index: int, vocab_size: int) -> Tensor:
+    """Number of valid tokens as a float32 0-d device tensor (no host sync)."""
+    return valid_rows(target, ignore_index, vocab_size).sum(dtype=torch.float32)
+
+
+class Prepared(NamedTuple):
+    """Flattened, checked per-batch arguments."""
+
+    target: Tensor                  # [N] int64 (already shifted when shift=True)
+    token_weights: Optional[Tensor]  # [N] float32 (float64 for float64 pred) or None
+    divisor: Optional[Tensor]       # 0-d, same dtype: mean count or num_items_in_batch; None for sum/none
+    out_shape: tuple                # per-token shape before the shift slice
+
+
+def check_linear_args(input, weight, bias) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    input = _require_tensor("input", input)
+    weight = _require_tensor("weight", weight)
+    _require_float("input", input)
+    _require_float("weight", weight)
+    if input.dim() < 1:
+        raise ValueError("input must have shape (..., H), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but input has hidden size {input.shape[-1]}; "
+                         "weight must be (V, H) with H = input.shape[-1]")
+    _require_same_device("weight", weight, input, "input")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but input has dtype {input.dtype}; use one dtype")
+    if bias is not None:
+        bias = _require_tensor("bias", bias)
+        _require_same_device("bias", bias, input, "input")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {input.dtype}; use one dtype")
+    return input, weight, bias
+
+
+def check_logits(logits) -> Tensor:
+    logits = _require_tensor("logits", logits)
+    _require_float("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError("logits must have shape (..., V), got a 0-d tensor")
+    return logits
+
+
+def prepare(pred: Tensor, pred_name: str, target, vocab_size: int, opts: LossOptions,
+            num_items_in_batch: NumItems, token_weights) -> Prepared:
+    """Check ``target``, ``token_weights`` and ``num_items_in_batch`` against ``pred`` (``input (..., H)``
+    or ``logits (..., V)``, whose leading dims are the token dims); shift and flatten them."""
+    target = _require_tensor("target", target)
+    _require_same_device("target", target, pred, pred_name)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(pred.shape[:-1]):
+        raise ValueError(
+            f"target has shape {tuple(target.shape)} but {pred_name} has shape {tuple(pred.shape)}; "
+            f"target must have the shape of {pred_name} without its last dimension"
+        )
+    if token_weights is not None:
+        token_weights = _require_tensor("token_weights", token_weights)
+        _require_same_device("token_weights", token_weights, pred, pred_name)
+        _require_float("token_weights", token_weights)
+        if tuple(token_weights.shape) != tuple(target.shape):
+            raise ValueError(f"token_weights has shape {tuple(token_weights.shape)}; expected the "
+                             f"shape of target {tuple(target.shape)}")
+        if token_weights.requires_grad:
+            raise ValueError("token_weights must not require grad (they are constant weights); "
+                             "pass token_weights.detach()")
+
+    if opts.shift:
+        if target.dim() < 1:
+            raise ValueError(f"shift=True needs a sequence dimension: {pred_name} must be at least "
+                             f"(T, D), got shape {tuple(pred.shape)}")
+        # Predict target[..., t+1] from position t; the last position has nothing to predict.
+        target = F.pad(target[..., 1:], (0, 1), value=opts.ignore_index)
+        if token_weights is not None:
+            token_weights = F.pad(token_weights[..., 1:], (0, 1), value=0.0)
+    out_shape = tuple(target.shape)
+    target = target.reshape(-1).to(torch.int64)
+    wide = torch.promote_types(pred.dtype, torch.float32)  # float64 inputs stay float64-exact
+    if token_weights is not None:
+        token_weights = token_weights.reshape(-1).to(wide).contiguous()
+
+    divisor = _divisor(opts, num_items_in_batch, target, vocab_size, pred.device, wide)
+    if opts.validate:
+        _validate_values(target, opts.ignore_index, vocab_size, num_items_in_batch)
+    return Prepared(target, token_weights, divisor, out_shape)
+
+
+def _divisor(opts: LossOptions, num_items: NumItems, target: Tensor, vocab_size: int, device,
+             dtype: torch.dtype) -> Optional[Tensor]:
+    if num_items is not None:
+        if opts.reduction == "none":
+            raise ValueError("num_items_in_batch cannot be combined with reduction='none' "
+                             "(divide the per-token losses yourself)")
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items.shape)}")
+            return num_items.detach().to(device=device, dtype=dtype).reshape(())
+        if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+            raise TypeError(f"num_items_in_batch must be an int, float or tensor, got {type(num_items).__name__}")
+        if not num_items > 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items}")
+        # a fill kernel with the value as its argument: no blocking host-to-device copy
+        # (torch.tensor(value, device=...) would be one per call)
+        return torch.full((), float(num_items), dtype=dtype, device=device)
+    if opts.reduction == "mean":
+        return count_valid(target, opts.ignore_index, vocab_size).to(dtype).clamp_min(1.0)
+    return None
+
+
+def _validate_values(target: Tensor, ignore_index: int, vocab_size: int, num_items: NumItems) -> None:
+    """The one host sync of ``validate=True``."""
+    checks = [((target != ignore_index) & ((target < 0) | (target >= vocab_size))).any()]
+    if isinstance(num_items, Tensor):
+        checks.append((num_items.detach() <= 0).any() | num_items.detach().isnan().any())
+    bad = torch.stack([c.to(target.device) for c in checks]).tolist()
+    if bad[0]:
+        t = target[(target != ignore_index) & ((target < 0) | (target >= vocab_size))]
+        raise ValueError(
+            f"target holds class indices outside [0, {vocab_size}) that are not ignore_index={ignore_index} "
+            f"(e.g. {t[:5].tolist()}); pass validate=False to mask such rows instead"
+        )
+    if len(bad) > 1 and bad[1]:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items.tolist()}")
+
+
+# ---------------------------------------------------------------- the vocab-parallel branch
+
+
+def _sharded(group) -> bool:
+    if group is None:
+        return False
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (call "
+                         "torch.distributed.init_process_group first)")
+    return dist.get_world_size(group) > 1
+
+
+def _single_process_options(opts: LossOptions) -> dict:
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "process_group"}
+
+
+def _vocab_parallel_linear(input, weight, target, bias, opts: LossOptions, num_items_in_batch: NumItems,
+                           token_weights: Optional[Tensor]):
+    """The vocab-parallel branch of :func:`linear_cross_entropy`: unwrap DTensors, learn the slice
+    layout, check the arguments against the *global* vocabulary, run the chunked loss with the
+    vocab-parallel row kernel; with no group (or a group of one rank) the local tensors go back to
+    the single-process path."""
+    weight, bias, group = unwrap_head(weight, bias, opts.process_group)
+    input = unwrap_replicated("input", input, partial_grad=_sharded(group) and not opts.allreduce_dgrad)
+    if not _sharded(group):
+        return linear_cross_entropy(input, weight, target, bias=bias, num_items_in_batch=num_items_in_batch,
+                                    token_weights=token_weights, **_single_process_options(opts))
+    if opts.logits_dtype is not None:
+        raise ValueError("logits_dtype: the fast mode (16-bit chunk logits) is not supported on the vocab-parallel "
+                         "path; leave it None")
+    # under torch.autocast: one cast to its dtype, as on one process (the Functions run with autocast off)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
-    vocab_size, hidden = weight.shape
-    prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
+    local_vocab, hidden = weight.shape
     x = _contiguous(input.reshape(-1, hidden))
-    if opts.logits_dtype is not None and opts.logits_dtype != input.dtype:
-        raise ValueError(f"logits_dtype={opts.logits_dtype} (the fast mode) needs input and weight of that dtype, "
-                         f"got {input.dtype}")
-    # chunk buffers: float32 logits (float64 for float64 input; 16-bit in the fast mode) and,
-    # where the GEMMs read it in another dtype, the gradient (chunked.HeadGemms)
-    chunk = opts.chunk_size or default_chunk_size(x.shape[0], vocab_size,
-                                                  chunk_row_bytes(input.dtype, opts.logits_dtype, input.device),
-                                                  device_type=input.device.type)
-    accum = weight.dtype if opts.accum_dtype is None else torch.promote_types(opts.accum_dtype, weight.dtype)
+    split = resolve_split_backend(opts.backend, input.device)
+    shard = gather_layout(group, local_vocab, x.shape[0], opts.chunk_size, input.device)
+    prep = prepare(input, "input", target, shard.vocab_size, opts, num_items_in_batch, token_weights)
     grad_on = torch.is_grad_enabled()
-    loss, _dx, _dw, _db, *stats_sums = ops.lce_forward(
-        x, _contiguous(weight), bias, prep.target, prep.token_weights, prep.divisor,
-        opts.encode(chunk_size=chunk, accum_dtype=accum), grad_on and x.requires_grad,
-        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
-    return finish(loss, stats_sums, prep, opts, vocab_size)
+    plan = plan_vocab_parallel(opts, x, shard.max_local_size, weight.dtype, grad_on and x.requires_grad,
+                               grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
+    run = ParallelRun(plan=plan, kernel=VocabParallelRowKernel(split, shard), group=group)
+    loss, *stats_sums = linear_loss(x, _contiguous(weight), bias, prep.target, prep.token_weights, prep.divisor,
+                                    run)
+    return finish(loss, stats_sums, prep, opts, shard.vocab_size)
 
 
-@document_options
-def cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    objective: ObjectiveLike = "dft",
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: NumItems = None,
-    softcap: Optional[float] = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    token_weights: Optional[Tensor] = None,
-    shift: bool = False,
-    return_stats: bool = False,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
-    process_group=None,
-    validate: bool = True,
-):
-    """The same objectives on logits you already hold: ``logits (..., V)``, ``target (...)``.
-
-    The gradient goes to ``logits``; the caller's logits are not modified.  The other
-    arguments are those of :func:`linear_cross_entropy`; with ``process_group`` (or a DTensor
-    sharded over its last dim), ``logits`` are this rank's ``(..., V_local)`` slice.
-    """
-    opts = LossOptions.from_arguments(locals())
-    if opts.process_group is not None or is_dtensor(logits):
-        from .vocab_parallel.functional import vocab_parallel_logits
-
-        return vocab_parallel_logits(logits, target, opts, num_items_in_batch, token_weights)
+def _vocab_parallel_logits(logits, target, opts: LossOptions, num_items_in_batch: NumItems,
+                           token_weights: Optional[Tensor]):
+    """The vocab-parallel branch of :func:`cross_entropy` (as :func:`_vocab_parallel_linear`)."""
+    logits, group = unwrap_logits(logits, opts.process_group)
+    if not _sharded(group):
+        options = _single_process_options(opts)
+        for name in LINEAR_ONLY_OPTIONS:  # not options of cross_entropy
+            del options[name]
+        return cross_entropy(logits, target, num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+                             **options)
     logits = check_logits(logits)
-    vocab_size = logits.shape[-1]
-    prep = prepare(logits, "logits", target, vocab_size, opts, num_items_in_batch, token_weights)
-    flat = _contiguous(logits.reshape(-1, vocab_size))
-    # the gradient buffer (in its stash dtype) is the only chunk-sized buffer
-    chunk = opts.chunk_size or default_chunk_size(flat.shape[0], vocab_size, max(4, logits.element_size()),
-                                                  device_type=logits.device.type)
-    loss, _grad, *stats_sums = ops.ce_forward(
-        flat, prep.target, prep.token_weights, prep.divisor, opts.encode(chunk_size=chunk),
-        torch.is_grad_enabled() and flat.requires_grad)
-    return finish(loss, stats_sums, prep, opts, vocab_size)
-
+    local_vocab = logits.shape[-1]
+    flat = _contiguous(logits.reshape(-1, local_vocab))
+    split = resolve_split_backend(opts.backend, logits.device)
+    shard = gather_layout(group, local_vocab, flat.shape[0], opts.chunk_size, logits.device)
+    prep = prepare(logits, "logits", target, shard.vocab_size, opts, num_items_in_batch, token_weights)
+    plan = plan_vocab_parallel(opts, flat, shard.max_local_size, flat.dtype,
+                               torch.is_grad_enabled() and flat.requires_grad)
+    run = ParallelRun(plan=plan, kernel=VocabParallelRowKernel(split, shard), group=group)
+    loss, *stats_sums = logits_loss(flat, prep.target, prep.token_weights, prep.divisor, run)
+    return finish(loss, stats_sums, prep, opts, shard.vocab_size)

@@ -26,8 +26,9 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, objective: ObjectiveLike = "dft", *, ignore_index: int = -100, reduction: str = "mean",
                  softcap: Optional[float] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  shift: bool = False, return_stats: bool = False, backend: str = "auto",
-                 chunk_size: Optional[int] = None, accum_dtype: Optional[torch.dtype] = torch.float32,
-                 logits_dtype: Optional[torch.dtype] = None,
+                 chunk_size: Optional[int] = None, chunk_bytes: Optional[int] = None, autotune: bool = False,
+                 accum_dtype: Optional[torch.dtype] = torch.float32, logits_dtype: Optional[torch.dtype] = None,
+                 factored: Optional[bool] = None, fused_head: bool = False,
                  process_group=None, allreduce_dgrad: bool = True, validate: bool = True):
         super().__init__()
         self.loss_options = LossOptions.from_arguments(locals())

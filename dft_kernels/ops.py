@@ -6,17 +6,16 @@ so a training step that calls :func:`dft_kernels.linear_cross_entropy` compiles 
 
 Ops (namespace ``dft_kernels``)::
 
-    lce_forward(x, weight, bias?, target, token_weights?, divisor?, options, need_dx, need_dw, need_db)
+    lce_forward(x, weight, bias?, target, token_weights?, divisor?, plan)
         -> (loss, dx, dw, db, nll_sum, prob_sum, correct_sum, entropy_sum)
-    lce_backward_none(x, weight, bias?, target, token_weights?, grad_loss, options, need_dx, need_dw, need_db)
-        -> (dx, dw, db)
-    ce_forward(logits, target, token_weights?, divisor?, options, need_grad)
+    lce_backward_none(x, weight, bias?, target, token_weights?, grad_loss, plan) -> (dx, dw, db)
+    ce_forward(logits, target, token_weights?, divisor?, plan)
         -> (loss, grad, nll_sum, prob_sum, correct_sum, entropy_sum)
-    ce_backward_none(logits, target, token_weights?, grad_loss, options) -> grad
+    ce_backward_none(logits, target, token_weights?, grad_loss, plan) -> grad
 
-``options`` is :meth:`LossOptions.encode` of the call's options, with ``chunk_size`` and
-``accum_dtype`` already resolved; the ops decode it and resolve the backend (once per op
-call, before any work).  A gradient output that is not computed is an empty tensor
+``plan`` is :meth:`LossPlan.encode` of the plan the entry point resolved (backend steps, path,
+chunk rows, dtypes, which gradients); the ops decode it (cached) and run it as it is.  A
+gradient output that is not computed is an empty tensor
 (custom ops cannot return None); so is a stats sum that is not computed.  For
 ``mean``/``sum`` the forward op already returns the gradients for ``grad_output = 1``
 and the registered backward scales them in place (:func:`dft_kernels.chunked.scale_stash`;
@@ -31,8 +30,7 @@ import torch
 from torch import Tensor
 
 from . import chunked
-from .backends import resolve_backend
-from .options import decode
+from .options import decode_plan
 
 __all__ = ["lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "IMPLEMENTATIONS"]
 
@@ -49,8 +47,8 @@ def _or_none(t: Tensor, wanted: bool) -> Optional[Tensor]:
     return t if wanted else None
 
 
-def _stats_fake(device, options: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    opts = decode(options)
+def _stats_fake(device, plan: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    opts = decode_plan(plan).options
     f32 = chunked.wide_dtype(dtype)
     shape = () if opts.return_stats else (0,)
     ent_shape = () if opts.return_stats and opts.objective.needs_entropy else (0,)
@@ -58,14 +56,14 @@ def _stats_fake(device, options: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
             torch.empty(shape, dtype=f32, device=device), torch.empty(ent_shape, dtype=f32, device=device))
 
 
-def _per_token_loss(rows: Tensor, options: str) -> Tensor:
+def _per_token_loss(rows: Tensor, plan: str) -> Tensor:
     out_dtype = chunked.wide_dtype(rows.dtype)
-    return rows.new_empty((rows.shape[0],) if decode(options).reduction == "none" else (), dtype=out_dtype)
+    return rows.new_empty((rows.shape[0],) if decode_plan(plan).options.reduction == "none" else (), dtype=out_dtype)
 
 
 def _autocast_off(impl):
     """Run an op's implementation with ``torch.autocast`` off: the ops compute in the dtypes of
-    their inputs (the precision policy of :mod:`dft_kernels.gemm_policy`), which an enclosing
+    their inputs (the precision policy of :class:`dft_kernels.chunked.HeadGemms`), which an enclosing
     autocast would otherwise silently change (e.g. float32 GEMMs run in bfloat16).  The entry
     points cast the inputs to the autocast dtype instead (:mod:`dft_kernels.functional`)."""
 
@@ -82,13 +80,11 @@ def _autocast_off(impl):
 
 @_autocast_off
 def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      token_weights: Optional[Tensor], divisor: Optional[Tensor], options: str,
-                      need_dx: bool, need_dw: bool, need_db: bool) -> _T8:
-    opts = decode(options)
-    be = resolve_backend(opts.backend, x.device)
-    loss, dx, dw, db, stats = chunked.linear_forward(
-        x, weight, bias, target, token_weights, divisor, opts, be, need_dx, need_dw, need_db, compact=True)
-    stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(opts.accum_dtype)
+                      token_weights: Optional[Tensor], divisor: Optional[Tensor], plan: str) -> _T8:
+    p = decode_plan(plan)
+    loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, p,
+                                                     compact=True)
+    stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(p.accum_dtype)
     return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
             *stats)
 
@@ -97,25 +93,22 @@ lce_forward = torch.library.custom_op("dft_kernels::lce_forward", mutates_args=(
 
 
 @lce_forward.register_fake
-def _(x, weight, bias, target, token_weights, divisor, options, need_dx, need_dw, need_db):
-    opts = decode(options)
-    grads = opts.reduction != "none"
-    dx = x.new_empty(x.shape if grads and need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
-    stash_w = chunked.stash_dtype(opts.accum_dtype)
-    dw = weight.new_empty(weight.shape if grads and need_dw else (0,), dtype=stash_w)
-    has_db = grads and need_db and bias is not None
+def _(x, weight, bias, target, token_weights, divisor, plan):
+    p = decode_plan(plan)
+    grads = p.options.reduction != "none"
+    dx = x.new_empty(x.shape if grads and p.need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
+    stash_w = chunked.stash_dtype(p.accum_dtype)
+    dw = weight.new_empty(weight.shape if grads and p.need_dw else (0,), dtype=stash_w)
+    has_db = grads and p.need_db and bias is not None
     db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=stash_w)
-    return (_per_token_loss(x, options), dx, dw, db, *_stats_fake(x.device, options, x.dtype))
+    return (_per_token_loss(x, plan), dx, dw, db, *_stats_fake(x.device, plan, x.dtype))
 
 
 @_autocast_off
 def _lce_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                            token_weights: Optional[Tensor], grad_loss: Tensor, options: str,
-                            need_dx: bool, need_dw: bool, need_db: bool) -> _T3:
-    opts = decode(options)
-    be = resolve_backend(opts.backend, x.device)
-    dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, opts, be,
-                                              need_dx, need_dw, need_db, compact=True)
+                            token_weights: Optional[Tensor], grad_loss: Tensor, plan: str) -> _T3:
+    dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, decode_plan(plan),
+                                              compact=True)
     return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
 
 
@@ -124,25 +117,27 @@ lce_backward_none = torch.library.custom_op("dft_kernels::lce_backward_none", mu
 
 
 @lce_backward_none.register_fake
-def _(x, weight, bias, target, token_weights, grad_loss, options, need_dx, need_dw, need_db):
-    dx = x.new_empty(x.shape if need_dx else (0,))
-    dw = weight.new_empty(weight.shape if need_dw else (0,))
-    db = weight.new_empty((weight.shape[0],) if need_db and bias is not None else (0,))
+def _(x, weight, bias, target, token_weights, grad_loss, plan):
+    p = decode_plan(plan)
+    dx = x.new_empty(x.shape if p.need_dx else (0,))
+    dw = weight.new_empty(weight.shape if p.need_dw else (0,))
+    db = weight.new_empty((weight.shape[0],) if p.need_db and bias is not None else (0,))
     return dx, dw, db
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, token_weights, _divisor, options, need_dx, need_dw, need_db = inputs
+    x, weight, bias, target, token_weights, _divisor, plan = inputs
+    p = decode_plan(plan)
     ctx.num_inputs = len(inputs)
-    ctx.reduction = decode(options).reduction
-    ctx.need = (need_dx, need_dw, need_db and bias is not None)
+    ctx.reduction = p.options.reduction
+    ctx.need = (p.need_dx, p.need_dw, p.need_db and bias is not None)
     # Only the loss is differentiable.  Without this, backward would materialise zero
     # gradients for the dx/dw/db outputs: one more [V, H] (and [N, H]) buffer at the peak.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     if ctx.reduction == "none":
         ctx.save_for_backward(x, weight, bias, target, token_weights)
-        ctx.options = options
+        ctx.plan = plan
     else:
         ctx.save_for_backward(*output[1:4])
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -154,8 +149,8 @@ def _lce_backward(ctx, grad_loss, *_unused):
         return (None,) * ctx.num_inputs
     if ctx.reduction == "none":
         x, weight, bias, target, token_weights = ctx.saved_tensors
-        dx, dw, db = torch.ops.dft_kernels.lce_backward_none(
-            x, weight, bias, target, token_weights, grad_loss, ctx.options, need_dx, need_dw, need_db)
+        dx, dw, db = torch.ops.dft_kernels.lce_backward_none(x, weight, bias, target, token_weights, grad_loss,
+                                                             ctx.plan)
         grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
     else:
         stashes = (t if wanted else None for t, wanted in zip(ctx.saved_tensors, ctx.need))
@@ -171,10 +166,8 @@ torch.library.register_autograd("dft_kernels::lce_forward", _lce_backward, setup
 
 @_autocast_off
 def _ce_forward_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
-                     options: str, need_grad: bool) -> _T6:
-    opts = decode(options)
-    be = resolve_backend(opts.backend, logits.device)
-    loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, opts, be, need_grad)
+                     plan: str) -> _T6:
+    loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, decode_plan(plan))
     return (loss, _or_empty(grad, logits, chunked.stash_dtype(logits.dtype)), *stats)
 
 
@@ -182,18 +175,17 @@ ce_forward = torch.library.custom_op("dft_kernels::ce_forward", mutates_args=())
 
 
 @ce_forward.register_fake
-def _(logits, target, token_weights, divisor, options, need_grad):
-    has_grad = decode(options).reduction != "none" and need_grad
+def _(logits, target, token_weights, divisor, plan):
+    p = decode_plan(plan)
+    has_grad = p.options.reduction != "none" and p.need_dx
     grad = logits.new_empty(logits.shape if has_grad else (0,), dtype=chunked.stash_dtype(logits.dtype))
-    return (_per_token_loss(logits, options), grad, *_stats_fake(logits.device, options, logits.dtype))
+    return (_per_token_loss(logits, plan), grad, *_stats_fake(logits.device, plan, logits.dtype))
 
 
 @_autocast_off
 def _ce_backward_none_impl(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], grad_loss: Tensor,
-                           options: str) -> Tensor:
-    opts = decode(options)
-    be = resolve_backend(opts.backend, logits.device)
-    return chunked.logits_backward_none(logits, target, token_weights, grad_loss, opts, be)
+                           plan: str) -> Tensor:
+    return chunked.logits_backward_none(logits, target, token_weights, grad_loss, decode_plan(plan))
 
 
 ce_backward_none = torch.library.custom_op("dft_kernels::ce_backward_none", mutates_args=())(
@@ -201,20 +193,21 @@ ce_backward_none = torch.library.custom_op("dft_kernels::ce_backward_none", muta
 
 
 @ce_backward_none.register_fake
-def _(logits, target, token_weights, grad_loss, options):
+def _(logits, target, token_weights, grad_loss, plan):
     return torch.empty_like(logits)
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, token_weights, _divisor, options, need_grad = inputs
+    logits, target, token_weights, _divisor, plan = inputs
+    p = decode_plan(plan)
     ctx.num_inputs = len(inputs)
-    ctx.reduction, ctx.need_grad, ctx.logits_dtype = decode(options).reduction, need_grad, logits.dtype
+    ctx.reduction, ctx.need_grad, ctx.logits_dtype = p.options.reduction, p.need_dx, logits.dtype
     # Only the loss is differentiable (else backward would allocate zeros for the [N, V] grad output).
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     if ctx.reduction == "none":
         ctx.save_for_backward(logits, target, token_weights)
-        ctx.options = options
+        ctx.plan = plan
     else:
         ctx.save_for_backward(output[1])
 
@@ -224,7 +217,7 @@ def _ce_backward(ctx, grad_loss, *_unused):
     if ctx.need_grad and grad_loss is not None:  # None: no gradient reached the loss
         if ctx.reduction == "none":
             logits, target, token_weights = ctx.saved_tensors
-            grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, ctx.options)
+            grad = torch.ops.dft_kernels.ce_backward_none(logits, target, token_weights, grad_loss, ctx.plan)
         else:
             (stash,) = ctx.saved_tensors
             (grad,) = chunked.scale_stashes(ctx, (stash,), grad_loss, (ctx.logits_dtype,))

@@ -4,10 +4,16 @@
 references in :mod:`dft_kernels.reference`, :class:`dft_kernels.LinearCrossEntropyLoss`,
 ``dk.patch``, ``dk.hf.compute_loss_func`` and the trainer's ``loss_kwargs`` all take these
 options by keyword with these defaults and check them by building one :class:`LossOptions`.
-The custom ops in :mod:`dft_kernels.ops` receive them as one encoded string
-(:meth:`LossOptions.encode` / :func:`decode`), so a new option crosses every layer as a
-new field here, its keyword in the public signatures (``tests/test_options.py`` checks
-that they agree with the fields) and the code that uses it.
+Every knob of the library is a field here (no environment variable is read inside an op); a
+new option crosses every layer as a new field, its keyword in the public signatures
+(``tests/test_options.py`` checks that they agree with the fields) and the code that uses it.
+At the entry point the options are resolved once, with the call's tensors, into a
+:class:`LossPlan`: the backend steps, the gradient path, the chunk rows and the dtypes.  The
+plan travels down unchanged; the custom ops in :mod:`dft_kernels.ops` receive it as one
+encoded string (:meth:`LossPlan.encode` / :func:`decode_plan`).
+
+:class:`LossParams` is the subset a row kernel reads (the backend contract in
+:mod:`dft_kernels.backends`).
 
 Per-batch *data* is not an option: ``input``, ``weight``, ``bias``, ``target``,
 ``token_weights`` and ``num_items_in_batch`` are call arguments, checked in
@@ -20,17 +26,20 @@ import ast
 import functools
 import inspect
 import math
+import sys
 import textwrap
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 
+from . import backends
 from .backends import BACKEND_NAMES
 from .objectives import OBJECTIVES, Objective, ObjectiveLike, get_objective
-from .params import LossParams
 
-__all__ = ["LossOptions", "OPTION_NAMES", "LINEAR_ONLY_OPTIONS", "REDUCTIONS", "decode", "document_options"]
+__all__ = ["LossOptions", "LossParams", "LossPlan", "OPTION_NAMES", "LINEAR_ONLY_OPTIONS", "REDUCTIONS",
+           "decode_plan", "document_options", "make_loss_params", "plan_linear", "plan_logits", "is_dtensor",
+           "default_chunk_size", "CHUNK_BYTES", "MM_OUT_DTYPE"]
 
 REDUCTIONS = ("mean", "sum", "none")
 LOGITS_DTYPES = (torch.bfloat16, torch.float16)  # the fast mode's; None is the accurate default
@@ -84,9 +93,14 @@ class LossOptions:
         "auto", "row-kernel backend: ``auto``, ``triton``, ``cuda`` or ``torch``; an unavailable one raises "
                 "with the reason.")
     chunk_size: Optional[int] = _option(
-        None, "token rows per chunk; None: the most rows, a multiple of 256, whose chunk buffers fit the "
-              "device's byte budget (1.5 GiB on CUDA, ``DFT_KERNELS_CHUNK_BYTES`` overrides it), capped by the "
-              "number of tokens; docs/design.md, Chunk size.")
+        None, "token rows per chunk; None: the most rows, a multiple of 256, whose chunk buffers fit "
+              "``chunk_bytes``, capped by the number of tokens; docs/design.md, Chunk size.")
+    chunk_bytes: Optional[int] = _option(
+        None, "byte budget of the chunk buffers when ``chunk_size`` is None; None: the device's "
+              "(1.5 GiB on CUDA, 64 MiB on CPU).")
+    autotune: bool = _option(
+        False, "triton backend: autotune the row kernel's block size and warps per vocabulary size (the "
+               "first call of each shape runs every configuration).")
     accum_dtype: Optional[torch.dtype] = _option(
         torch.float32, "dtype of the ``dW``/``db`` accumulators; None: the weight's dtype.", linear_only=True)
     logits_dtype: Optional[torch.dtype] = _option(
@@ -94,6 +108,17 @@ class LossOptions:
               "``torch.bfloat16``/``torch.float16`` (equal to the input's dtype): the fast mode, where the GEMM "
               "writes 16-bit logits and the row kernel reads them with float32 math (docs/api.md lists its "
               "error per objective).", linear_only=True)
+    factored: Optional[bool] = _option(
+        None, "the one-read factored gradient of the triton backend (the row kernel writes the gradient as a "
+              "per-row factor times a matrix, the GEMMs apply the factor).  None: where it applies (float32 or "
+              "bfloat16, no bias gradient, no label smoothing or z-loss), else the two-pass kernel; True: "
+              "required (ValueError with the reason where it does not apply); False: the two-pass kernel.",
+        linear_only=True)
+    fused_head: bool = _option(
+        False, "experimental, not yet measured on a GPU (``dft_kernels.experimental.fused_head``): a Triton "
+               "logits GEMM that writes the factored gradient itself, so no logits tensor exists.  Triton "
+               "backend, float32/bfloat16, no bias, no label smoothing or z-loss; ValueError elsewhere.",
+        linear_only=True)
     process_group: Optional[object] = _option(
         None, "vocab-parallel head: a ``torch.distributed`` ProcessGroup whose ranks each hold a contiguous "
               "slice of the vocabulary (``weight``/``bias`` rows, or ``logits`` columns); the loss and stats "
@@ -149,28 +174,30 @@ class LossOptions:
             raise TypeError(f"accum_dtype must be a floating torch.dtype or None, got {self.accum_dtype!r}")
         if self.logits_dtype is not None and self.logits_dtype not in LOGITS_DTYPES:
             raise TypeError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got {self.logits_dtype!r}")
+        if self.chunk_bytes is not None:
+            if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int):
+                raise TypeError(f"chunk_bytes must be an int or None, got {type(self.chunk_bytes).__name__}")
+            if self.chunk_bytes < 1:
+                raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        if self.factored is not None and not isinstance(self.factored, bool):
+            raise TypeError(f"factored must be None, True or False, got {self.factored!r}")
+        for flag in ("fused_head", "autotune"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+        if self.fused_head and self.factored is False:
+            raise ValueError("fused_head=True writes the factored gradient; it cannot run with factored=False")
 
     @classmethod
     def from_arguments(cls, arguments: dict) -> "LossOptions":
-        """The options among a call's arguments (``locals()`` of a public function); the ones it
-        does not take keep their defaults."""
+        """The options among a call's arguments (``locals()`` of a function that is not compiled: the
+        reference, the module); the ones it does not take keep their defaults."""
         return cls(**{name: arguments[name] for name in OPTION_NAMES if name in arguments})
 
     @property
-    def row_params(self) -> LossParams:
+    def row_params(self) -> "LossParams":
         """What the row kernel needs (the backend contract in ``dft_kernels.backends``)."""
         return LossParams(self.objective, self.ignore_index, self.softcap, self.label_smoothing, self.z_loss,
-                          self.return_stats)
-
-    def encode(self, **resolved) -> str:
-        """These options (with ``resolved`` values replacing some, e.g. the chunk size chosen for
-        the call) as one string, the custom ops' options argument; :func:`decode` inverts it.
-        Built from constants only, so ``torch.compile`` folds it into the graph.  The ops are the
-        single-process path: a ``process_group`` does not cross them."""
-        if resolved.get("process_group", self.process_group) is not None:
-            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
-        return repr(tuple(_encode_value(resolved[name] if name in resolved else getattr(self, name))
-                          for name in OPTION_NAMES))
+                          self.return_stats, self.autotune)
 
 
 def _is_process_group(value) -> bool:
@@ -181,7 +208,178 @@ def _is_process_group(value) -> bool:
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))
 LINEAR_ONLY_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(LossOptions) if f.metadata["linear_only"])
-_OBJECTIVE_TAG, _DTYPE_TAG = "objective", "dtype"
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (without importing ``torch.distributed.tensor``, ~1 s: a DTensor
+    exists only once it is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Per-row loss options every backend receives (the subset of :class:`LossOptions` a row
+    kernel reads, already checked there).
+
+    ``objective``: a resolved :class:`Objective`; ``ignore_index``: targets equal to it
+    (and, when unvalidated, any target outside ``[0, V)``) contribute nothing;
+    ``softcap``: ``z = softcap * tanh(z0 / softcap)`` when set; ``label_smoothing`` and
+    ``z_loss``: see docs/design.md, Math; ``with_stats``: also compute the argmax flag for
+    accuracy; ``autotune``: the triton backend autotunes its launch configuration.
+    """
+
+    objective: Objective
+    ignore_index: int = -100
+    softcap: Optional[float] = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    with_stats: bool = False
+    autotune: bool = False
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.objective.needs_entropy
+
+
+def make_loss_params(objective: ObjectiveLike, *, ignore_index: int = -100, softcap=None,
+                     label_smoothing: float = 0.0, z_loss: float = 0.0, with_stats: bool = False) -> LossParams:
+    """Checked row-kernel options (for calling a backend directly); errors name the argument."""
+    return LossOptions(objective=objective, ignore_index=ignore_index, softcap=softcap,
+                       label_smoothing=label_smoothing, z_loss=z_loss, return_stats=with_stats).row_params
+
+
+# ---------------------------------------------------------------- what the device's GEMMs can do
+
+
+def _cuda_mm_out_dtype(a, b, out_dtype: torch.dtype, *, out=None, accumulate: bool = False):
+    """``a @ b`` of 16-bit ``a``, ``b`` written in ``out_dtype`` (float32) from a float32 accumulator:
+    into ``out`` when given, and added to ``out`` in place with ``accumulate`` (cuBLAS, beta = 1)."""
+    if accumulate:
+        return torch.addmm(out, a, b, out_dtype=out_dtype, out=out)
+    if out is None:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return torch.mm(a, b, out_dtype=out_dtype, out=out)
+
+
+# device type -> the device's GEMM that writes (or accumulates into) float32 from 16-bit operands,
+# with the signature of :func:`_cuda_mm_out_dtype`, or None where it has none.  Probed once per device
+# type (CUDA: ``mm``/``addmm`` with ``out_dtype``; CPU: none); tests put an exact emulation of cuBLAS
+# here for "cpu", to run the CUDA policy on CPU.
+MM_OUT_DTYPE: dict = {}
+
+
+def _probe_cuda(device: torch.device) -> bool:
+    for dt in (torch.bfloat16, torch.float16):
+        a = torch.ones(2, 2, dtype=dt, device=device)
+        acc = _cuda_mm_out_dtype(a, a, torch.float32)
+        _cuda_mm_out_dtype(a, a, torch.float32, out=acc, accumulate=True)
+        if acc.dtype != torch.float32 or not bool((acc == 4.0).all()):
+            return False
+    return True
+
+
+def mm_out_dtype(device: torch.device):
+    """The device's float32-output GEMM for 16-bit operands (:data:`MM_OUT_DTYPE`), or None."""
+    dev = device.type
+    if dev not in MM_OUT_DTYPE:
+        mm = None
+        if dev == "cuda":
+            try:
+                mm = _cuda_mm_out_dtype if _probe_cuda(device) else None
+            except (RuntimeError, TypeError, NotImplementedError):
+                mm = None
+        MM_OUT_DTYPE[dev] = mm
+    return MM_OUT_DTYPE[dev]
+
+
+def head_dtypes(x_dtype: torch.dtype, logits_dtype: Optional[torch.dtype],
+                device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """``(logits dtype, gradient dtype)`` of the chunk buffers for inputs of ``x_dtype``
+    (docs/design.md, Precision policy): float32 logits (float64 for float64; the fast mode's
+    16 bits), and the gradient in the dtype the ``dX``/``dW`` GEMMs read: float32 where the
+    device has no float32-output 16-bit GEMM (CPU: a 16-bit weight is upcast once per call),
+    else the input dtype for bfloat16 and float32 for float16 (rescaled into float16's range
+    by the GEMMs)."""
+    compute = torch.promote_types(x_dtype, torch.float32)
+    logits = compute if logits_dtype is None else logits_dtype
+    if x_dtype == compute or mm_out_dtype(device) is None:
+        return logits, compute
+    return logits, x_dtype if x_dtype == torch.bfloat16 else torch.float32
+
+
+# ---------------------------------------------------------------- the plan
+
+# Bytes of chunk buffers (logits, plus the gradient buffer where it has its own dtype) per device
+# type: on a GPU large enough chunks keep the GEMMs compute-bound (2048 rows at V = 128256 for
+# 16-bit inputs: 1.5 GiB); on CPU chunks only bound memory, and 64 MiB of them is as fast as more.
+CHUNK_BYTES = {"cuda": 3 << 29, "cpu": 1 << 26}
+DEFAULT_CHUNK_BYTES = 1 << 30  # other device types
+CHUNK_ROWS_MULTIPLE = 256  # GEMM tile friendly, without the halving a power of two can cost
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, row_element_bytes: int,
+                       budget: Optional[int] = None, device_type: str = "cuda") -> int:
+    """Rows per chunk: the most rows whose chunk buffers (``row_element_bytes`` per logit:
+    the logits buffer plus any separate gradient buffer) fit the byte budget (default
+    :data:`CHUNK_BYTES` of ``device_type``), rounded down to a multiple of 256 (fewer rows only
+    when not even 256 fit), and no more than the tokens need: ``num_tokens`` rounded up to a
+    multiple of 256 (a power of two below 256), so that small batches keep small chunks while
+    the chunk sizes, which enter the compiled graph, stay few."""
+    budget = CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES) if budget is None else budget
+    rows = max(1, budget // max(1, vocab_size * row_element_bytes))
+    chunk = rows - rows % CHUNK_ROWS_MULTIPLE if rows >= CHUNK_ROWS_MULTIPLE else rows
+    n = max(1, num_tokens)
+    cap = (1 << (n - 1).bit_length()) if n < CHUNK_ROWS_MULTIPLE else -(-n // CHUNK_ROWS_MULTIPLE) * CHUNK_ROWS_MULTIPLE
+    return max(1, min(chunk, cap))
+
+
+# The gradient paths of a row step (docs/design.md, Data path):
+ROWS = "rows"          # the row kernel reads the logits twice and writes the gradient
+FACTORED = "factored"  # one read; the gradient as a per-row factor times a matrix, the factor in the GEMMs
+FUSED = "fused"        # experimental: a logits GEMM that writes the factored gradient (no logits)
+_FACTORABLE_DTYPES = (torch.float32, torch.bfloat16)  # float16's gradient is rescaled by the GEMMs instead
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What one call runs, resolved once at the entry point from the options and the call's
+    tensors, and passed down unchanged (to the custom ops as :meth:`encode`'s string).
+
+    ``options``: the checked options; ``steps``: ``(backend, path)`` pairs in the order tried,
+    the first serves the call and, with ``backend="auto"`` only, a step that raises (anything
+    but out-of-memory) hands the rest of *this call* to the next one, with a logged reason;
+    ``chunk_size``: token rows per chunk; ``logits_dtype``/``grad_dtype``: the chunk buffers'
+    (:func:`head_dtypes`); ``accum_dtype``: the ``dW``/``db`` accumulators'; ``need_*``: which
+    gradients the call computes."""
+
+    options: LossOptions
+    steps: tuple
+    chunk_size: int
+    logits_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    accum_dtype: torch.dtype
+    need_dx: bool = False
+    need_dw: bool = False
+    need_db: bool = False
+
+    @property
+    def params(self) -> LossParams:
+        return self.options.row_params
+
+    @property
+    def path(self) -> str:
+        return self.steps[0][1]
+
+    def encode(self) -> str:
+        """This plan as one string, the custom ops' argument; :func:`decode_plan` inverts it.  Built
+        from constants only, so ``torch.compile`` folds it into the graph.  The ops are the
+        single-process path: a ``process_group`` does not cross them."""
+        if self.options.process_group is not None:
+            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
+        opts = tuple(_encode_value(getattr(self.options, name)) for name in OPTION_NAMES)
+        rest = tuple(_encode_value(getattr(self, f.name)) for f in fields(self) if f.name != "options")
+        return repr((opts, rest))
 
 
 def _encode_value(value):
@@ -196,19 +394,100 @@ def _encode_value(value):
 
 
 def _decode_value(value):
-    if isinstance(value, tuple) and value[0] == _OBJECTIVE_TAG:
+    if isinstance(value, tuple) and value and value[0] == _OBJECTIVE_TAG:
         return OBJECTIVES[value[1]](*value[2])
-    if isinstance(value, tuple) and value[0] == _DTYPE_TAG:
+    if isinstance(value, tuple) and value and value[0] == _DTYPE_TAG:
         return getattr(torch, value[1])
     return value
 
 
+_OBJECTIVE_TAG, _DTYPE_TAG = "objective", "dtype"
+
+
 @functools.lru_cache(maxsize=256)
-def decode(encoded: str) -> LossOptions:
-    """The :class:`LossOptions` that :meth:`LossOptions.encode` wrote (cached: a training loop
-    decodes the same few strings over and over)."""
-    values = ast.literal_eval(encoded)
-    return LossOptions(**{name: _decode_value(v) for name, v in zip(OPTION_NAMES, values, strict=True)})
+def decode_plan(encoded: str) -> LossPlan:
+    """The :class:`LossPlan` that :meth:`LossPlan.encode` wrote (cached: a training loop decodes
+    the same few strings over and over)."""
+    opts, rest = ast.literal_eval(encoded)
+    options = LossOptions(**{name: _decode_value(v) for name, v in zip(OPTION_NAMES, opts, strict=True)})
+    names = [f.name for f in fields(LossPlan) if f.name != "options"]
+    return LossPlan(options, **{name: _decode_value(v) for name, v in zip(names, rest, strict=True)})
+
+
+def _budget(opts: LossOptions, device: torch.device) -> int:
+    return opts.chunk_bytes or CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
+
+
+def _steps(opts: LossOptions, device: torch.device, factor_reason: str) -> tuple:
+    """``(backend, path)`` steps for ``opts`` on ``device``; ``factor_reason``: why the chunk loop's
+    GEMMs cannot apply a factored gradient here ("" where they can)."""
+    names = backends.candidates(opts.backend, device)
+    params = opts.row_params
+    if opts.fused_head:
+        reason = factor_reason or backends.get_backend(names[0]).supports(FACTORED, params)
+        if names[0] != "triton":
+            reason = f"the fused head is a Triton kernel, and the backend is {names[0]!r}"
+        if reason:
+            raise ValueError(f"fused_head: not available for this call: {reason}")
+        return (("triton", FUSED),)
+    steps = []
+    for name in names:
+        reason = factor_reason or backends.get_backend(name).supports(FACTORED, params)
+        if opts.factored and not steps and reason:
+            raise ValueError(f"factored=True: the factored gradient does not apply to this call: {reason}")
+        if opts.factored is not False and not reason:
+            steps.append((name, FACTORED))
+        if not opts.factored:
+            steps.append((name, ROWS))
+    return tuple(steps) if opts.backend == "auto" else tuple(steps[:1])
+
+
+def plan_linear(opts: LossOptions, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                need_dx: bool, need_dw: bool, need_db: bool) -> LossPlan:
+    """The plan of :func:`dft_kernels.linear_cross_entropy` on ``x`` ``[N, H]`` and ``weight`` ``[V, H]``."""
+    need_db = need_db and bias is not None
+    if opts.logits_dtype is not None and opts.logits_dtype != x.dtype:
+        raise ValueError(f"logits_dtype={opts.logits_dtype} (the fast mode) needs input and weight of that dtype, "
+                         f"got {x.dtype}")
+    factor_reason = ""
+    if x.dtype not in _FACTORABLE_DTYPES:
+        factor_reason = f"the input is {x.dtype} (the factored gradient is for float32 and bfloat16)"
+    elif need_db:
+        factor_reason = "the bias needs a gradient (a column sum of the unfactored gradient)"
+    elif opts.fused_head and bias is not None:
+        factor_reason = "the head has a bias"
+    logits_dtype, grad_dtype = head_dtypes(x.dtype, opts.logits_dtype, x.device)
+    row_bytes = grad_dtype.itemsize if opts.fused_head else (
+        logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype else 0))
+    chunk = opts.chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, _budget(opts, x.device))
+    accum = weight.dtype if opts.accum_dtype is None else torch.promote_types(opts.accum_dtype, weight.dtype)
+    return LossPlan(opts, _steps(opts, x.device, factor_reason), chunk, logits_dtype, grad_dtype, accum,
+                    need_dx, need_dw, need_db)
+
+
+def plan_logits(opts: LossOptions, logits: torch.Tensor, need_grad: bool) -> LossPlan:
+    """The plan of :func:`dft_kernels.cross_entropy` on given ``logits`` ``[N, V]``: the row kernel
+    writes the gradient into a buffer of its own (the only chunk-sized one)."""
+    grad_dtype = logits.dtype if logits.dtype != torch.float16 else torch.float32  # float16 waits in float32
+    chunk = opts.chunk_size or default_chunk_size(logits.shape[0], logits.shape[1], max(4, logits.element_size()),
+                                                  _budget(opts, logits.device))
+    steps = _steps(opts, logits.device, "the logits are given (the gradient is the logits')")
+    return LossPlan(opts, steps, chunk, logits.dtype, grad_dtype, torch.promote_types(logits.dtype, torch.float32),
+                    need_dx=need_grad)
+
+
+
+def plan_vocab_parallel(opts: LossOptions, rows: torch.Tensor, max_local_size: int, weight_dtype: torch.dtype,
+                        need_dx: bool, need_dw: bool = False, need_db: bool = False) -> LossPlan:
+    """The plan of a vocab-parallel call on ``rows`` (``x`` ``[N, H]``, or this rank's ``[N, V_r]``
+    logits): the vocab-parallel row kernel over this rank's slice (the chunk loop is given it), and
+    the default chunk from the largest slice, so that every rank loops over the same chunks."""
+    logits_dtype, grad_dtype = head_dtypes(rows.dtype, None, rows.device)
+    chunk = opts.chunk_size or default_chunk_size(rows.shape[0], max_local_size, max(4, rows.element_size()),
+                                                  _budget(opts, rows.device))
+    accum = weight_dtype if opts.accum_dtype is None else torch.promote_types(opts.accum_dtype, weight_dtype)
+    return LossPlan(opts, (("vocab-parallel", ROWS),), chunk, logits_dtype, grad_dtype, accum, need_dx, need_dw,
+                    need_db)
 
 
 def document_options(obj):

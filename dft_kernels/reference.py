@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import NumItems, check_linear_args, check_logits, prepare
+from .functional import NumItems, check_linear_args, check_logits, prepare
 from .objectives import ObjectiveLike
 from .options import LossOptions, document_options
 from .stats import LossStats
@@ -125,7 +125,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, objective: ObjectiveLike = 
                   reduction: str = "mean", num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
                   label_smoothing: float = 0.0, z_loss: float = 0.0, token_weights: Optional[Tensor] = None,
                   shift: bool = False, return_stats: bool = False, backend: str = "auto",
-                  chunk_size: Optional[int] = None, process_group=None, validate: bool = True):
+                  chunk_size: Optional[int] = None, chunk_bytes: Optional[int] = None, autotune: bool = False,
+                  process_group=None, validate: bool = True):
     """Reference for :func:`dft_kernels.cross_entropy` (on given logits)."""
     opts = _one_process(LossOptions.from_arguments(locals()))
     return _loss_from_logits(check_logits(logits), target, opts, num_items_in_batch, token_weights)
@@ -138,8 +139,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias:
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
                          token_weights: Optional[Tensor] = None, shift: bool = False,
                          return_stats: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
+                         chunk_bytes: Optional[int] = None, autotune: bool = False,
                          accum_dtype: Optional[torch.dtype] = torch.float32,
-                         logits_dtype: Optional[torch.dtype] = None, process_group=None,
+                         logits_dtype: Optional[torch.dtype] = None, factored: Optional[bool] = None,
+                         fused_head: bool = False, process_group=None,
                          allreduce_dgrad: bool = True, validate: bool = True):
     """Materialising reference for :func:`dft_kernels.linear_cross_entropy`."""
     opts = _one_process(LossOptions.from_arguments(locals()))

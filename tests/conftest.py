@@ -115,10 +115,10 @@ def backend(request):
 @pytest.fixture
 def cuda_gemm_policy(monkeypatch):
     """Run the CUDA branch of the GEMM policy (16-bit operands, float32 products) on CPU."""
-    from dft_kernels import gemm_policy
+    from dft_kernels import options
     from helpers import cublas_mm_out_dtype
 
-    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
+    monkeypatch.setitem(options.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
 
 
 @pytest.fixture(autouse=True)

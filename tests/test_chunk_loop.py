@@ -8,7 +8,7 @@ import torch
 import dft_kernels as dk
 from dft_kernels import chunked
 from dft_kernels.backends import get_backend
-from dft_kernels.params import LossParams
+from dft_kernels.options import LossParams
 from helpers import check_linear_against_reference, leaf, make_inputs
 
 
@@ -139,10 +139,10 @@ def test_grad_out_is_checked():
 def test_accumulator_dtypes_under_the_cuda_policy(monkeypatch, dtype, accum_dtype):
     """dW written by the first chunk and accumulated in place in every accumulator dtype, with the
     CUDA GEMM policy emulated (16-bit operands, float32 products)."""
-    from dft_kernels import gemm_policy
+    from dft_kernels import options
     from helpers import cublas_mm_out_dtype
 
-    monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
-    monkeypatch.setattr(gemm_policy, "_DW_BLOCK_ROWS", 64)  # several row blocks of dW
+    monkeypatch.setitem(options.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
+    monkeypatch.setattr(chunked, "_DW_BLOCK_ROWS", 64)  # several row blocks of dW
     x, w, b, t = make_inputs(48, 16, 200)
     check_linear_against_reference(x, w, b, t, dtype, chunk_size=16, accum_dtype=accum_dtype)

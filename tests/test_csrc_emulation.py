@@ -19,7 +19,7 @@ import dft_kernels as dk
 from dft_kernels.backends import _cuda_build, valid_rows
 from dft_kernels.backends import cuda as cuda_backend
 from dft_kernels.backends import torch as torch_backend
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
 
 NVCC = _cuda_build.find_nvcc()

@@ -16,7 +16,7 @@ import dft_kernels as dk
 from dft_kernels import backends
 from dft_kernels.backends import cuda as cuda_backend
 from dft_kernels.backends import torch as torch_backend
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 from helpers import (
     LOSS_OPTIONS,
     OBJECTIVES,

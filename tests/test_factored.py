@@ -18,7 +18,7 @@ import dft_kernels as dk
 from dft_kernels import backends, chunked
 from dft_kernels.backends import triton as tb
 from dft_kernels.objectives import OBJECTIVES
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 from helpers import leaf, make_inputs, rel_err
 
 pytestmark = pytest.mark.skipif(not tb._interpreting(), reason="runs the triton kernel under TRITON_INTERPRET=1")

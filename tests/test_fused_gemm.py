@@ -24,7 +24,7 @@ from dft_kernels import chunked
 from dft_kernels.backends import triton as tb
 from dft_kernels.backends import triton_fused as tf
 from dft_kernels.objectives import OBJECTIVES
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 from helpers import leaf, make_inputs, rel_err
 
 interpreted = pytest.mark.skipif(not tb._interpreting(), reason="runs the triton kernels under TRITON_INTERPRET=1")
@@ -179,7 +179,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 from dft_kernels.backends import triton_fused as tf
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from dft_kernels import gemm_policy
+from dft_kernels import options
 from dispatch_recorder import FreshTensors, LargestOutput
 from helpers import cublas_mm_out_dtype, leaf, make_inputs
 
@@ -81,7 +81,7 @@ def test_chunk_loop_allocations(backend, policy, reduction, monkeypatch):
     buffer and mask; and nothing of N * V elements."""
     dtype, emulate, logits_dtype, buffers = POLICIES[policy]
     if emulate:
-        monkeypatch.setitem(gemm_policy.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
+        monkeypatch.setitem(options.MM_OUT_DTYPE, "cpu", cublas_mm_out_dtype)
     x, w, b, t = make_inputs(N, H, V, dtype=dtype, bias=False, ignore="none")
     x, w = leaf(x), leaf(w)
     with FreshTensors(watch_numel=CHUNK * V) as rec:

@@ -22,7 +22,7 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels.backends import get_backend
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 from helpers import TOL, rel_err
 
 INT32_MAX = 2**31 - 1

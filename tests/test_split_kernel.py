@@ -10,7 +10,7 @@ import torch
 from dft_kernels.backends import split
 from dft_kernels.backends.split import RowGradCoefficients, resolve_split_backend
 from dft_kernels.objectives import get_objective
-from dft_kernels.params import LossParams
+from dft_kernels.options import LossParams
 from helpers import rel_err
 
 CPU = torch.device("cpu")

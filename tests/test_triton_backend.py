@@ -125,7 +125,7 @@ def test_ties_at_the_max_across_blocks(small_blocks):
 def test_invalid_targets_give_zero_rows_and_no_out_of_bounds(small_blocks):
     """Targets == ignore_index, < 0 or >= V: zero loss and zero gradient rows; the rows next to
     them (a poisoned neighbour would show an out-of-bounds write) are untouched by them."""
-    from dft_kernels.params import make_loss_params
+    from dft_kernels.options import make_loss_params
 
     v = 200
     z = torch.randn(6, v) * 2
@@ -142,7 +142,7 @@ def test_invalid_targets_give_zero_rows_and_no_out_of_bounds(small_blocks):
 
 
 def test_forward_only_leaves_logits_untouched():
-    from dft_kernels.params import make_loss_params
+    from dft_kernels.options import make_loss_params
 
     z = torch.randn(5, 100)
     logits = z.clone()
@@ -163,7 +163,7 @@ def test_availability_reasons():
     assert tb.is_available(torch.device("cpu"))[0] == tb._interpreting()
     with pytest.raises(TypeError, match="logits"):
         tb.row_loss_grad(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long),
-                         dk.params.make_loss_params("ce"))
+                         dk.options.make_loss_params("ce"))
 
 
 @pytest.mark.parametrize("v", [1, 2])

@@ -36,7 +36,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from dft_kernels.backends import triton as tb
 from dft_kernels.objectives import OBJECTIVES
-from dft_kernels.params import make_loss_params
+from dft_kernels.options import make_loss_params
 
 kernel = tb._row_loss_grad_kernel
 CAPABILITY = 90

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dft_kernels as dk
-from dft_kernels.params import LossParams
+from dft_kernels.options import LossParams
 from helpers import OBJECTIVES, TOL, leaf, make_inputs, obj_id, rel_err
 
 H = 16

@@ -10,7 +10,7 @@ Inputs
     ``target``: ``[n]`` int64.  A row is *valid* when ``0 <= target < V`` and
     ``target != params.ignore_index``; every other row (ignored or out of range) gives
     zero loss and a zero gradient row and is never used as an index.
-    ``params``: :class:`~dft_kernels.params.LossParams`.
+    ``params``: :class:`~dft_kernels.options.LossParams`.
     ``token_weights``: ``None`` or ``[n]`` float32; multiplies the row's whole loss.
     ``grad_scale``: ``None`` for a forward-only call, else a float32 tensor of shape
     ``[]`` or ``[n]`` (the reduction's normaliser, or the incoming per-token gradient).
@@ -34,41 +34,40 @@ Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, float64 for float64 logit
     ``entropy`` (None unless the objective needs it), ``correct`` (1.0 where
     ``argmax == target``; None unless ``params.with_stats``).
 
-Factored gradient (optional)
-    A backend may also expose
-    ``row_loss_grad_factored(logits, target, params, token_weights, grad_scale, grad_out, row_scale)``:
-    the same outputs, with the gradient written as a per-row factor times a matrix, i.e.
-    ``row_scale[:, None] * grad_out`` (or ``* logits`` in place) equals the gradient above;
-    ``row_scale`` is a float32 ``[n]`` tensor it fills (0 at invalid rows, whose matrix rows
-    are zeros).  It returns None, writing nothing, for options it does not factor.  The point
-    is one read of the logits instead of two: the entries ``e^{z_j - c}`` can be written before
-    the row's ``lse`` is known, and the chunk loop's GEMMs apply the factor on chunk-sized
-    operands (docs/design.md, Data path).  The triton backend has it (not with label smoothing
-    or a z-loss).
+Paths (every backend module also exposes ``supports(path, params) -> str``: "" where it runs
+``path`` for ``params``, else the reason it does not)
+    ``"rows"``: :func:`row_loss_grad` above; every backend.
+    ``"factored"``: ``row_loss_grad_factored(logits, target, params, token_weights, grad_scale,
+    grad_out, row_scale)``: the same outputs, with the gradient written as a per-row factor times
+    a matrix, i.e. ``row_scale[:, None] * grad_out`` (or ``* logits`` in place) equals the
+    gradient above; ``row_scale`` is a float32 ``[n]`` tensor it fills (0 at invalid rows, whose
+    matrix rows are zeros).  The point is one read of the logits instead of two: the entries
+    ``e^{z_j - c}`` can be written before the row's ``lse`` is known, and the chunk loop's GEMMs
+    apply the factor on chunk-sized operands (docs/design.md, Data path).  The triton backend
+    has it (not with label smoothing or a z-loss).
 
 Adding a backend is one file in this package plus one line in ``BACKENDS``.
 
-``backend="auto"`` on a CUDA device returns a :class:`FallbackBackend` over
-``AUTO_ORDER["cuda"]``: it runs the first available backend and, when that one is
-unavailable or raises, logs the reason once (logger ``dft_kernels``) and uses the next
-one for good.
+Which backend and path a call runs is decided once, at the entry point, by
+:func:`dft_kernels.options.plan_linear` (``plan_logits``): :func:`candidates` gives the
+available backends in order.  With ``backend="auto"`` the chunk loop hands the rest of a call
+to the next step when one raises (anything but out-of-memory), logging the reason; nothing is
+switched off for later calls.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import threading
 from typing import NamedTuple, Optional
 
 from torch import Tensor
 from torch import device as Device
-from torch.cuda import OutOfMemoryError
 
 # No module-level name 'torch' here: it would shadow the backends.torch submodule.
 
-__all__ = ["RowOutputs", "BACKENDS", "BACKEND_NAMES", "FallbackBackend", "get_backend", "resolve_backend",
-           "valid_rows", "check_grad_out", "via_in_place"]
+__all__ = ["RowOutputs", "BACKENDS", "BACKEND_NAMES", "candidates", "get_backend", "resolve_backend",
+           "valid_rows", "check_grad_out", "via_in_place", "log_once"]
 
 logger = logging.getLogger("dft_kernels")
 
@@ -141,126 +140,43 @@ def _availability(name: str, device: Device) -> tuple[bool, str]:
 _logged: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def log_once(message: str) -> None:
+    """A warning on logger ``dft_kernels``, once per distinct message."""
     if message not in _logged:
         _logged.add(message)
         logger.warning(message)
 
 
-class FallbackBackend:
-    """Row backend for ``"auto"`` on one device: the first of ``names`` that is available
-    and does not raise.
-
-    When the current backend raises (anything but out-of-memory), the reason is logged
-    once and the next available backend serves this call and every later one; the last
-    backend's errors propagate.  The exceptions this catches (a Triton compile or launch
-    failure, a missing toolchain) come before the failing kernel writes anything, so
-    re-running the call on the same ``logits`` is sound.
-    """
-
-    NAME = "auto"
-
-    def __init__(self, names: tuple[str, ...], device: Device):
-        self.device = device
-        self._names = list(names)
-        self._lock = threading.Lock()
-        self._module = None
-        self.name: Optional[str] = None
-        self._disabled: set[str] = set()  # optional entry points that raised
-        self._next_available(None)  # raises ValueError when nothing is available
-
-    def _next_available(self, failed: Optional[str]) -> None:
-        """Move to the next available backend (logging why others are skipped)."""
-        while self._names:
-            name = self._names.pop(0)
-            ok, reason = _availability(name, self.device)
+def candidates(name: str, device: Device) -> tuple[str, ...]:
+    """The backends a call with ``backend=name`` may run on ``device``, in order: a named backend
+    alone (ValueError with the reason when it is unavailable); ``"auto"``: the available ones of
+    :data:`AUTO_ORDER` for the device type (an unavailable one is skipped, and why is logged
+    once; ValueError when none is)."""
+    if name == "auto":
+        found, skipped = [], []
+        for candidate in AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER):
+            ok, reason = _availability(candidate, device)
             if ok:
-                if failed is not None:
-                    _log_once(f"dft_kernels: backend 'auto' on {self.device}: {failed}; using {name!r} from now on")
-                self._module, self.name = get_backend(name), name
-                return
-            failed = f"{name!r} is not available ({reason})"
-        raise ValueError(f"backend: no backend is available on device {self.device}"
-                         + ("" if failed is None else f"; last: {failed}"))
-
-    def row_loss_grad_factored(self, logits, target, params, token_weights, grad_scale, grad_out, row_scale):
-        """The current backend's ``row_loss_grad_factored`` (see the module docstring), or None
-        where it has none.  If it raises (anything but out-of-memory), the reason is logged once
-        and this returns None from then on: the caller then uses :meth:`row_loss_grad`, with
-        its own fallbacks (the factored kernel writes nothing before a compile or launch error)."""
-        return self._optional("row_loss_grad_factored", "factored gradient", "two-pass kernel",
-                              logits, target, params, token_weights, grad_scale, grad_out, row_scale)
-
-    def linear_loss_grad_fused(self, x, weight, target, params, token_weights, grad_scale, grad_out, row_scale):
-        """The current backend's fused head (triton), or None; on an error as
-        :meth:`row_loss_grad_factored` (the chunk loop then makes the logits itself)."""
-        return self._optional("linear_loss_grad_fused", "fused GEMM", "chunk loop's own GEMMs",
-                              x, weight, target, params, token_weights, grad_scale, grad_out, row_scale)
-
-    def _optional(self, name: str, what: str, instead: str, *args):
-        fn = None if name in self._disabled else getattr(self._module, name, None)
-        if fn is None:
-            return None
-        try:
-            return fn(*args)
-        except OutOfMemoryError:
-            raise
-        except Exception as exc:
-            self._disabled.add(name)
-            _log_once(f"dft_kernels: backend 'auto' on {self.device}: the {what} of {self.name!r} "
-                      f"failed ({type(exc).__name__}: {exc}); using the {instead} from now on")
-            return None
-
-    def row_loss_grad(self, logits, target, params, token_weights=None, grad_scale=None, grad_out=None):
-        kw = {} if grad_out is None else {"grad_out": grad_out}
-        while True:
-            module, name = self._module, self.name
-            if not self._names:  # the last candidate: its errors are the user's
-                return module.row_loss_grad(logits, target, params, token_weights, grad_scale, **kw)
-            try:
-                return module.row_loss_grad(logits, target, params, token_weights, grad_scale, **kw)
-            except OutOfMemoryError:
-                raise
-            except Exception as exc:
-                with self._lock:
-                    if self.name == name:  # another thread may have moved on already
-                        failed = f"{name!r} failed ({type(exc).__name__}: {exc})"
-                        try:
-                            self._next_available(failed)
-                        except ValueError:
-                            raise exc from None
-
-
-_auto_backends: dict[str, FallbackBackend] = {}
-_auto_lock = threading.Lock()
-
-
-def resolve_backend(name: str, device: Device):
-    """Return the backend for ``name`` on ``device``.
-
-    A named backend is its module (ValueError with the reason when it is unavailable).
-    ``"auto"`` picks from ``AUTO_ORDER`` for the device type: off CUDA the first
-    available module; on CUDA a :class:`FallbackBackend`, one per device, kept for the
-    process so that a fallback is permanent and logged once.
-    """
+                found.append(candidate)
+            else:
+                skipped.append(f"{candidate!r} is not available ({reason})")
+        if not found:
+            raise ValueError(f"backend: no backend is available on device {device}"
+                             + (f"; {'; '.join(skipped)}" if skipped else ""))
+        if skipped and len(AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)) > 1:
+            log_once(f"dft_kernels: backend 'auto' on {device.type}: {'; '.join(skipped)}; using {found[0]!r}")
+        return tuple(found)
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    if name == "auto":
-        order = AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)
-        if len(order) > 1:
-            key = str(device)
-            with _auto_lock:
-                if key not in _auto_backends:
-                    _auto_backends[key] = FallbackBackend(order, device)
-                return _auto_backends[key]
-        for candidate in order:
-            ok, _ = _availability(candidate, device)
-            if ok:
-                return get_backend(candidate)
-        raise ValueError(f"backend: no backend is available on device {device}")
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {list(BACKEND_NAMES)}")
     ok, reason = _availability(name, device)
     if not ok:
         raise ValueError(f"backend: {name!r} is not available on device {device}: {reason}")
-    return get_backend(name)
+    return (name,)
+
+
+def resolve_backend(name: str, device: Device):
+    """The module of the backend a call with ``backend=name`` runs first on ``device``
+    (see :func:`candidates`)."""
+    return get_backend(candidates(name, device)[0])

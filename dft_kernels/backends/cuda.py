@@ -18,11 +18,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..params import LossParams
+from ..options import LossParams
 from . import RowOutputs, check_grad_out, via_in_place
 from . import _cuda_build as build
 
 NAME = "cuda"
+
+
+def supports(path: str, params) -> str:
+    """"" for the two-pass ``"rows"`` path, the only one this backend has (the contract's paths)."""
+    return "" if path == "rows" else f"the {NAME} backend has no {path!r} path"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()

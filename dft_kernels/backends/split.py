@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 from torch import device as Device
 
-from . import BACKEND_NAMES, _log_once
+from . import BACKEND_NAMES, log_once
 from . import _availability as _row_backend_availability
 
 __all__ = ["PartialRowStats", "RowGradCoefficients", "SPLIT_BACKENDS", "resolve_split_backend", "owned_rows"]
@@ -128,7 +128,7 @@ def resolve_split_backend(name: str, device: Device):
         ok, reason = _availability(candidate, device)
         if ok:
             if name == "cuda":
-                _log_once(f"dft_kernels: backend 'cuda' has no vocab-parallel (split) row kernel; "
+                log_once(f"dft_kernels: backend 'cuda' has no vocab-parallel (split) row kernel; "
                           f"using {candidate!r} for process_group calls")
             return _module(candidate)
         reasons.append(f"{candidate!r}: {reason}")

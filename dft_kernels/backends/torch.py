@@ -25,10 +25,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..params import LossParams
+from ..options import LossParams
 from . import RowOutputs, check_grad_out, valid_rows
 
 NAME = "torch"
+
+
+def supports(path: str, params) -> str:
+    """"" for the two-pass ``"rows"`` path, the only one this backend has (the contract's paths)."""
+    return "" if path == "rows" else f"the {NAME} backend has no {path!r} path"
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..params import LossParams
+from ..options import LossParams
 from .split import PartialRowStats, RowGradCoefficients, owned_rows
 
 NAME = "torch"

@@ -27,13 +27,12 @@ as in ``F.cross_entropy``).
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported) - which is how CI tests it.
-``DFT_KERNELS_AUTOTUNE=1`` autotunes block size and warps per vocabulary size.
+The ``autotune`` option (``LossParams.autotune``) autotunes block size and warps per vocabulary size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -41,11 +40,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..params import LossParams
+from .. import objectives
+from ..options import LossParams
 from . import RowOutputs, check_grad_out
 
 NAME = "triton"
-AUTOTUNE_ENV = "DFT_KERNELS_AUTOTUNE"
 MAX_BLOCK = 8192
 # The interpreter runs each tl op as a numpy call per program: fewer, wider blocks are faster.
 MAX_BLOCK_INTERPRETER = 1 << 16
@@ -68,14 +67,14 @@ def _device_fn(fn):
     return fn if type(jitted).__name__ == "InterpretedFunction" else jitted
 
 
-# objectives.py kernel ids
-OBJ_CE = tl.constexpr(0)
-OBJ_DFT = tl.constexpr(1)
-OBJ_POWER = tl.constexpr(2)
-OBJ_FOCAL = tl.constexpr(3)
-OBJ_CHORD = tl.constexpr(4)
-OBJ_PROB = tl.constexpr(5)
-OBJ_ENTROPY = tl.constexpr(6)
+# the epilogue each objective selects (its kernel_id)
+OBJ_CE = tl.constexpr(objectives.CE.kernel_id)
+OBJ_DFT = tl.constexpr(objectives.DFT.kernel_id)
+OBJ_POWER = tl.constexpr(objectives.Power.kernel_id)
+OBJ_FOCAL = tl.constexpr(objectives.Focal.kernel_id)
+OBJ_CHORD = tl.constexpr(objectives.Chord.kernel_id)
+OBJ_PROB = tl.constexpr(objectives.Prob.kernel_id)
+OBJ_ENTROPY = tl.constexpr(objectives.Entropy.kernel_id)
 
 
 @_device_fn
@@ -451,10 +450,6 @@ def _interpreting() -> bool:
     return type(_row_loss_grad_kernel).__name__ == "InterpretedFunction"
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "") not in ("", "0") and not _interpreting()
-
-
 def block_config(vocab_size: int) -> tuple[int, int, int]:
     """``(ROWS, BLOCK, num_warps)``.  On GPUs: one row per program, BLOCK the next power of
     two of V capped at ``MAX_BLOCK``, warps growing with the block.  Under the interpreter:
@@ -497,23 +492,21 @@ def _as_float32(value: float) -> float:
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
                   grad_scale: Optional[Tensor] = None, grad_out: Optional[Tensor] = None) -> RowOutputs:
+    """The contract's row kernel (``dft_kernels.backends``): two reads of each row."""
     return _launch(logits, target, params, token_weights, grad_scale, grad_out, None)
 
 
-def linear_loss_grad_fused(x: Tensor, weight: Tensor, target: Tensor, params: LossParams,
-                           token_weights: Optional[Tensor], grad_scale: Optional[Tensor], grad_out: Optional[Tensor],
-                           row_scale: Optional[Tensor]) -> Optional[RowOutputs]:
-    """The fused head of :mod:`dft_kernels.backends.triton_fused` (logits never formed; opt-in
-    through the chunk loop, ``DFT_KERNELS_FUSED_GEMM=1``)."""
-    from .triton_fused import linear_loss_grad_fused as fused
-
-    return fused(x, weight, target, params, token_weights, grad_scale, grad_out, row_scale)
-
-
-def factored_supported(params: LossParams) -> bool:
-    """Whether :func:`row_loss_grad_factored` serves ``params``: not with label smoothing or a
-    z-loss, whose gradients have terms that are not a multiple of the softmax."""
-    return _as_float32(params.label_smoothing) == 0.0 and _as_float32(params.z_loss) == 0.0
+def supports(path: str, params: LossParams) -> str:
+    """"" where this backend runs ``path`` for ``params`` (the contract's paths), else why not: the
+    factored gradient has no label smoothing or z-loss, whose gradients have terms that are not a
+    multiple of the softmax."""
+    if path == "rows":
+        return ""
+    if path != "factored":
+        return f"the triton backend has no {path!r} path"
+    if _as_float32(params.label_smoothing) != 0.0 or _as_float32(params.z_loss) != 0.0:
+        return "label smoothing and z-loss have gradient terms that are not a multiple of the softmax"
+    return ""
 
 
 def row_loss_grad_factored(logits: Tensor, target: Tensor, params: LossParams, token_weights: Optional[Tensor],
@@ -521,10 +514,11 @@ def row_loss_grad_factored(logits: Tensor, target: Tensor, params: LossParams, t
     """The contract's gradient in one read of the logits, as a per-row factor times a matrix:
     ``row_scale[:, None] * grad_out`` (or ``* logits`` with ``grad_out`` None: in place) is the
     gradient :func:`row_loss_grad` writes.  ``row_scale`` is a float32 ``[n]`` tensor this
-    fills (0 at invalid rows, whose rows are written as zeros).  Returns None, writing nothing,
-    where :func:`factored_supported` is false."""
-    if not factored_supported(params):
-        return None
+    fills (0 at invalid rows, whose rows are written as zeros).  ValueError where :func:`supports`
+    says no."""
+    reason = supports("factored", params)
+    if reason:
+        raise ValueError(f"params: no factored gradient: {reason}")
     if row_scale.dtype != torch.float32 or row_scale.shape != (logits.shape[0],) or not row_scale.is_contiguous():
         raise ValueError(f"row_scale must be a contiguous float32 tensor of shape ({logits.shape[0]},), got "
                          f"{row_scale.dtype} {tuple(row_scale.shape)}")
@@ -591,7 +585,7 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
     )
     # Triton launches on the current CUDA device: make it the logits' one
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        if _autotune_enabled():
+        if params.autotune and not _interpreting():
             _row_loss_grad_kernel_autotuned[(n,)](*args, **flags, ROWS=1)
         else:
             rows, block, warps = block_config(vocab)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..params import LossParams
+from ..options import LossParams
 from .split import PartialRowStats, RowGradCoefficients
 from .triton import (
     _SUPPORTED_DTYPES,

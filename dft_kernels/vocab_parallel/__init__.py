@@ -10,7 +10,7 @@ slice's logits gradient; ``dX`` is all-reduced once per call.  See ``docs/distri
 
 Modules: ``shard`` (slice layout, DTensor unwrapping), ``row_kernel`` (the combine step and the
 objective epilogue as a row backend), ``autograd`` (the autograd Functions over the chunk drivers of
-``dft_kernels.chunked``), ``functional`` (the branch the public functions take).
+``dft_kernels.chunked``).  The branch the public functions take is in ``dft_kernels.functional``.
 """
 
 from .row_kernel import VocabParallelRowKernel, packed_columns

@@ -20,23 +20,23 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import chunked
-from ..options import LossOptions
+from ..options import LossPlan
 
 __all__ = ["ParallelRun", "linear_loss", "logits_loss"]
 
 
 @dataclass(frozen=True)
 class ParallelRun:
-    """What one vocab-parallel call runs with, besides its tensors: the options (chunk size and
-    accumulator dtype resolved), the row kernel over this rank's slice, the group, and which
-    gradients are wanted."""
+    """What one vocab-parallel call runs with, besides its tensors: the plan (chunk rows,
+    accumulator dtype, which gradients), the row kernel over this rank's slice, the group."""
 
-    opts: LossOptions
+    plan: LossPlan
     kernel: object                 # VocabParallelRowKernel
     group: object                  # the tensor-parallel ProcessGroup
-    need_dx: bool = False
-    need_dw: bool = False
-    need_db: bool = False
+
+    @property
+    def opts(self):
+        return self.plan.options
 
 
 def _autocast_off(method):
@@ -60,8 +60,8 @@ class _LinearLoss(torch.autograd.Function):
     @staticmethod
     @_autocast_off
     def forward(ctx, x, weight, bias, target, token_weights, divisor, run: ParallelRun):
-        loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, run.opts,
-                                                         run.kernel, run.need_dx, run.need_dw, run.need_db)
+        loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, run.plan,
+                                                         run.kernel)
         _allreduce_dgrad(dx, run)
         ctx.run = run
         ctx.mark_non_differentiable(*stats)
@@ -81,8 +81,8 @@ class _LinearLoss(torch.autograd.Function):
             return (None,) * 7
         if run.opts.reduction == "none":
             x, weight, bias, target, token_weights = ctx.saved_tensors
-            dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, run.opts,
-                                                      run.kernel, run.need_dx, run.need_dw, run.need_db)
+            dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, run.plan,
+                                                      run.kernel)
             _allreduce_dgrad(dx, run)
         else:
             dx, dw, db = chunked.scale_stashes(ctx, ctx.saved_tensors, grad_loss, ctx.dtypes)
@@ -93,8 +93,7 @@ class _LogitsLoss(torch.autograd.Function):
     @staticmethod
     @_autocast_off
     def forward(ctx, logits, target, token_weights, divisor, run: ParallelRun):
-        loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, run.opts, run.kernel,
-                                                   run.need_dx)
+        loss, grad, stats = chunked.logits_forward(logits, target, token_weights, divisor, run.plan, run.kernel)
         ctx.run = run
         ctx.mark_non_differentiable(*stats)
         ctx.set_materialize_grads(False)
@@ -109,11 +108,11 @@ class _LogitsLoss(torch.autograd.Function):
     @_autocast_off
     def backward(ctx, grad_loss, *_stats):
         run: ParallelRun = ctx.run
-        if grad_loss is None or not run.need_dx:
+        if grad_loss is None or not run.plan.need_dx:
             return (None,) * 5
         if run.opts.reduction == "none":
             logits, target, token_weights = ctx.saved_tensors
-            grad = chunked.logits_backward_none(logits, target, token_weights, grad_loss, run.opts, run.kernel)
+            grad = chunked.logits_backward_none(logits, target, token_weights, grad_loss, run.plan, run.kernel)
         else:
             (stash,) = ctx.saved_tensors
             (grad,) = chunked.scale_stashes(ctx, (stash,), grad_loss, (ctx.logits_dtype,))
@@ -129,5 +128,5 @@ def linear_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tenso
 
 def logits_loss(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
                 run: ParallelRun):
-    """The same on this rank's ``[N, V_r]`` slice of the logits (``run.need_dx``: the logits need a gradient)."""
+    """The same on this rank's ``[N, V_r]`` slice of the logits (``run.plan.need_dx``: the logits need a gradient)."""
     return _LogitsLoss.apply(logits, target, token_weights, divisor, run)

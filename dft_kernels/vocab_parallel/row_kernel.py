@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..backends import RowOutputs, valid_rows, via_in_place
 from ..backends.split import PartialRowStats, RowGradCoefficients
-from ..params import LossParams
+from ..options import LossParams
 from .shard import VocabShard
 
 __all__ = ["GlobalRowStats", "combine_row_stats", "epilogue", "VocabParallelRowKernel", "packed_columns"]

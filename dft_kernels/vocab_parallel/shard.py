@@ -9,13 +9,14 @@ so no rank is left waiting in a collective.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ..options import is_dtensor
 
 __all__ = ["VocabShard", "gather_layout", "is_dtensor", "is_vocab_sharded", "unwrap_head", "unwrap_logits",
            "unwrap_replicated"]
@@ -63,12 +64,6 @@ def gather_layout(group, local_size: int, num_tokens: int, chunk_size: Optional[
                          f"rank order are {sizes}")
     return VocabShard(group=group, rank=rank, world_size=world, vocab_start=sum(sizes[:rank]), local_size=local_size,
                       vocab_size=sum(sizes), max_local_size=max(sizes))
-
-
-def is_dtensor(t) -> bool:
-    # without importing torch.distributed.tensor (~1 s): a DTensor exists only once it is imported
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_vocab_sharded(weight) -> bool:

@@ -1,5 +1,5 @@
-"""Triton fused head (opt-in, ``DFT_KERNELS_FUSED_GEMM=1``): the logits GEMM writes the factored
-gradient itself, so no logits tensor exists and no kernel reads one.
+"""Triton fused head (experimental: ``fused_head=True``; not yet measured on a GPU): the logits GEMM
+writes the factored gradient itself, so no logits tensor exists and no kernel reads one.
 
 For a chunk ``x_c`` ``[n, H]`` and the head ``W`` ``[V, H]``, with ``c_i`` the target's logit
 (``z_iy``, from a gathered dot product) and ``z = softcap * tanh(z0 / softcap)`` (or ``z0``)::
@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..params import LossParams
-from . import RowOutputs
-from .triton import (
+from ..backends import RowOutputs
+from ..backends.triton import (
     FACTORED_SHIFT_LIMIT,
     LOG2E,
     _as_float32,
@@ -48,8 +47,9 @@ from .triton import (
     _row_epilogue,
     _sech2,
     _tanh,
-    factored_supported,
+    supports,
 )
+from ..options import LossParams
 
 
 @triton.jit
@@ -231,7 +231,7 @@ def tile_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 
 
 def supported(x: Tensor, weight: Tensor, params: LossParams) -> bool:
-    return (factored_supported(params) and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+    return (not supports("factored", params) and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
             and x.dim() == 2 and weight.dim() == 2 and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
