@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dft_kernels as dk
-from dft_kernels import chunked, ops, options
+from dft_kernels import ops, options
 from dft_kernels.backends import RowOutputs
 
 from .shapes import GPU_SHAPES, Shape

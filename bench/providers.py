@@ -13,10 +13,8 @@ with the reason (not installed, not available on this device, unsupported option
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +22,6 @@ from torch import Tensor
 
 import dft_kernels as dk
 from dft_kernels.backends import BACKENDS, resolve_backend
-from dft_kernels.chunked import FACTORED_ENV
 
 from .check import Result, capture
 from .inputs import IGNORE_INDEX, Inputs
@@ -120,15 +117,17 @@ def _require_backend(backend: str, device: torch.device) -> None:
         raise Skip(str(exc)) from None
 
 
-def ours(backend: str) -> Provider:
+def ours(backend: str, **options) -> Provider:
+    """Ours with ``options`` (none: the defaults)."""
     def build(inp: Inputs, device: torch.device) -> Runner:
         _require_backend(backend, device)
         return Runner(inp, lambda i: dk.linear_cross_entropy(i.x, i.w, i.t, objective="dft", softcap=i.softcap,
-                                                             ignore_index=IGNORE_INDEX, backend=backend))
-    return Provider(f"ours[{backend}]", "ours", build, "dft_kernels at default settings")
+                                                             ignore_index=IGNORE_INDEX, backend=backend, **options))
+    note = ", ".join(f"{k}={v}" for k, v in options.items()) or "dft_kernels at default settings"
+    return Provider(f"ours[{backend}]", "ours", build, note)
 
 
-def ours_fast(backend: str) -> Provider:
+def ours_fast(backend: str, **options) -> Provider:
     """Ours in the fast mode: 16-bit chunk logits (``logits_dtype`` = the input dtype)."""
     def build(inp: Inputs, device: torch.device) -> Runner:
         _require_backend(backend, device)
@@ -136,23 +135,16 @@ def ours_fast(backend: str) -> Provider:
             raise Skip(f"the fast mode is for 16-bit inputs; this shape is {inp.x.dtype}")
         return Runner(inp, lambda i: dk.linear_cross_entropy(i.x, i.w, i.t, objective="dft", softcap=i.softcap,
                                                              ignore_index=IGNORE_INDEX, backend=backend,
-                                                             logits_dtype=i.x.dtype))
-    return Provider(f"ours[{backend}] fast", "ours", build, "logits_dtype = the 16-bit input dtype")
+                                                             logits_dtype=i.x.dtype, **options))
+    note = "; ".join(["logits_dtype = the 16-bit input dtype"] + [f"{k}={v}" for k, v in options.items()])
+    return Provider(f"ours[{backend}] fast", "ours", build, note)
 
 
 def ours_two_pass(backend: str, fast: bool = False) -> Provider:
-    """Ours with the two-pass row kernel (``DFT_KERNELS_FACTORED=0``): the factored gradient's
+    """Ours with the two-pass row kernel (``factored=False``): the factored gradient's
     side-by-side control."""
-    inner = ours_fast(backend) if fast else ours(backend)
-
-    def build(inp: Inputs, device: torch.device) -> Runner:
-        fn = inner.build(inp, device).loss_fn
-
-        def loss(i: Inputs) -> Tensor:
-            with mock.patch.dict(os.environ, {FACTORED_ENV: "0"}):
-                return fn(i)
-        return Runner(inp, loss)
-    return Provider(f"{inner.name} two-pass", "ours", build, f"{inner.note}; DFT_KERNELS_FACTORED=0")
+    inner = (ours_fast if fast else ours)(backend, factored=False)
+    return Provider(f"{inner.name} two-pass", "ours", inner.build, inner.note)
 
 
 def liger_chunk_size(n: int, h: int, v: int) -> int:

@@ -271,16 +271,14 @@ def test_csv_keeps_small_values(tmp_path):
 # ------------------------------------------------------------ the factored gradient's controls
 
 def test_fast_and_two_pass_providers(monkeypatch):
-    """``ours[triton] two-pass`` really runs the two-pass kernel (and restores the setting), the
+    """``ours[triton] two-pass`` really runs the two-pass kernel (``factored=False``), the
     default ``ours[triton]`` the factored one; the fast mode skips fp32 shapes with a reason."""
     from bench.providers import ours_fast, ours_two_pass
     from dft_kernels.backends import triton as tb
-    from dft_kernels.chunked import FACTORED_ENV
 
     calls = []
     real = tb.row_loss_grad_factored
     monkeypatch.setattr(tb, "row_loss_grad_factored", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.delenv(FACTORED_ENV, raising=False)
     shape = Shape("tiny-bf16", 64, 32, 500, "bf16")
     for provider, factored in ((ours("triton"), True), (ours_two_pass("triton"), False),
                                (ours_two_pass("triton", fast=True), False), (ours_fast("triton"), True)):
@@ -288,6 +286,5 @@ def test_fast_and_two_pass_providers(monkeypatch):
         runner = provider.build(make_inputs(shape, CPU, seed=2), CPU)
         assert torch.isfinite(runner.step())
         assert bool(calls) == factored, provider.name
-        assert FACTORED_ENV not in os.environ
     with pytest.raises(Skip, match="16-bit"):
         ours_fast("torch").build(make_inputs(SMALL, CPU, seed=2), CPU)

@@ -1,6 +1,6 @@
-"""The chunk loop's choices (docs/design.md, Data path and Chunk size): the default chunk size, the
-compaction of ignored rows, the side-stream overlap flag, and the ``grad_out`` of the backend
-contract, each against the float64 reference or the in-place path."""
+"""The chunk loop's choices (docs/design.md, Data path and Chunk size): the default chunk size and its
+byte budget, the compaction of ignored rows, and the ``grad_out`` of the backend contract, each
+against the float64 reference or the in-place path."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 import dft_kernels as dk
 from dft_kernels import chunked
 from dft_kernels.backends import get_backend
-from dft_kernels.options import LossParams
+from dft_kernels.options import CHUNK_BYTES, LossOptions, LossParams, default_chunk_size, plan_linear
 from helpers import check_linear_against_reference, leaf, make_inputs
 
 
@@ -22,18 +22,17 @@ from helpers import check_linear_against_reference, leaf, make_inputs
     (16384, 2 ** 31 // 64, 6, 8),  # not even 256 rows fit: what fits
 ])
 def test_default_chunk_size(n, v, row_bytes, expected):
-    assert chunked.default_chunk_size(n, v, row_bytes, device_type="cuda") == expected
+    assert default_chunk_size(n, v, row_bytes, device_type="cuda") == expected
 
 
-def test_chunk_budget_per_device_and_env(monkeypatch):
-    monkeypatch.delenv(chunked.CHUNK_BYTES_ENV, raising=False)
-    assert chunked.chunk_bytes_budget("cuda") == chunked.CHUNK_BYTES["cuda"]
-    assert chunked.chunk_bytes_budget("cpu") == chunked.CHUNK_BYTES["cpu"]
-    monkeypatch.setenv(chunked.CHUNK_BYTES_ENV, str(256 * 1000 * 4))
-    assert chunked.default_chunk_size(10 ** 6, 1000, 4) == 256
-    monkeypatch.setenv(chunked.CHUNK_BYTES_ENV, "-3")
-    with pytest.raises(ValueError, match=chunked.CHUNK_BYTES_ENV):
-        chunked.chunk_bytes_budget()
+def test_chunk_budget_per_device_and_option():
+    x, w = torch.randn(10 ** 5, 8), torch.randn(1000, 8)
+    plan = lambda **kw: plan_linear(LossOptions(**kw), x, w, None, True, True, False)  # noqa: E731
+    assert plan().chunk_size == CHUNK_BYTES["cpu"] // (1000 * 4) // 256 * 256
+    assert plan(chunk_bytes=256 * 1000 * 4).chunk_size == 256
+    assert plan(chunk_bytes=256 * 1000 * 4, chunk_size=7).chunk_size == 7
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        LossOptions(chunk_bytes=-3)
 
 
 def _ignored_tail(n, v, valid, seed=0, **kw):
@@ -70,25 +69,6 @@ def test_compaction_with_every_row_ignored():
     loss = dk.linear_cross_entropy(x, w, t, bias=b, chunk_size=8, backend="torch")
     loss.backward()
     assert loss == 0 and all((a.grad == 0).all() for a in (x, w, b))
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_overlap_flag_gives_identical_results_on_cpu(monkeypatch, reduction):
-    """DFT_KERNELS_OVERLAP=1 is a CUDA side stream; on CPU it changes nothing, bit for bit."""
-    x, w, b, t = make_inputs(50, 16, 200, dtype=torch.bfloat16)
-
-    def run():
-        xs, ws, bs = leaf(x), leaf(w), leaf(b)
-        loss = dk.linear_cross_entropy(xs, ws, t, bias=bs, chunk_size=16, backend="torch", reduction=reduction)
-        loss.sum().backward()
-        return loss, xs.grad, ws.grad, bs.grad
-
-    monkeypatch.delenv(chunked.OVERLAP_ENV, raising=False)
-    plain = run()
-    monkeypatch.setenv(chunked.OVERLAP_ENV, "1")
-    assert chunked.overlap_enabled()
-    for a, b_ in zip(plain, run()):
-        assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -108,18 +108,19 @@ def test_rows_far_from_their_target_against_the_reference(objective, softcap, mo
         assert rel_err(full[i], dz[i]) <= 1e-5, (i, rel_err(full[i], dz[i]))
 
 
-def test_options_it_does_not_factor_return_none_and_write_nothing():
+def test_options_it_does_not_factor_raise_and_write_nothing():
     logits = torch.randn(4, 100)
     target = torch.randint(0, 100, (4,))
-    for opts in (dict(label_smoothing=0.1), dict(z_loss=1e-4)):
+    for opts, reason in ((dict(label_smoothing=0.1), "label smoothing"), (dict(z_loss=1e-4), "z-loss")):
         g = torch.full((4, 100), 7.0)
         row_scale = torch.full((4,), 7.0)
         params = make_loss_params("dft", **opts)
-        assert not tb.factored_supported(params)
-        assert tb.row_loss_grad_factored(logits, target, params, None, torch.tensor(1.0), g, row_scale) is None
+        assert reason in tb.supports("factored", params)
+        with pytest.raises(ValueError, match=reason):
+            tb.row_loss_grad_factored(logits, target, params, None, torch.tensor(1.0), g, row_scale)
         assert (g == 7.0).all() and (row_scale == 7.0).all()
     # below float32's range the option is off, as in the two-pass kernel
-    assert tb.factored_supported(make_loss_params("dft", label_smoothing=1e-50))
+    assert tb.supports("factored", make_loss_params("dft", label_smoothing=1e-50)) == ""
 
 
 def test_row_scale_is_checked():
@@ -179,9 +180,8 @@ def test_chunk_loop_with_the_factored_gradient(cuda_gemm_policy, spy, monkeypatc
     out_f, grads_f, grad_out = _run(x, w, None, t, dtype, **kw)
     chunks = spy.factored
     assert chunks >= 2 and spy.two_pass == (chunks if reduction == "none" else 0)  # none: forward is loss-only
-    monkeypatch.setenv(chunked.FACTORED_ENV, "0")
     spy.factored = spy.two_pass = 0
-    out_t, grads_t, _ = _run(x, w, None, t, dtype, **kw)
+    out_t, grads_t, _ = _run(x, w, None, t, dtype, factored=False, **kw)
     assert spy.factored == 0 and spy.two_pass == (2 * chunks if reduction == "none" else chunks)
     assert torch.equal(out_f, out_t)
     _, refs = _reference(x, w, None, t, dtype, grad_out, **kw)
@@ -204,7 +204,19 @@ def test_where_the_gradient_is_not_factored(cuda_gemm_policy, spy, case):
     assert spy.factored == 0 and spy.two_pass > 0
 
 
-def test_auto_falls_back_to_the_two_pass_kernel_when_the_factored_one_raises(monkeypatch, caplog):
+@pytest.mark.parametrize("case", ["bias", "float16", "label_smoothing"])
+def test_factored_true_where_it_does_not_apply_raises_with_the_reason(cuda_gemm_policy, case):
+    x, w, b, t = make_inputs(24, 16, 200, bias=case == "bias")
+    dtype = torch.float16 if case == "float16" else torch.bfloat16
+    kw = dict(label_smoothing=0.1) if case == "label_smoothing" else {}
+    reason = {"bias": "bias", "float16": "float16", "label_smoothing": "label smoothing"}[case]
+    with pytest.raises(ValueError, match=f"factored=True: .*{reason}"):
+        _run(x, w, b, t, dtype, factored=True, **kw)
+
+
+def test_auto_falls_back_to_the_two_pass_kernel_for_the_call_when_the_factored_one_raises(monkeypatch, caplog):
+    """backend="auto": a factored kernel that raises hands the rest of the call to the next step,
+    with a logged reason; the next call tries it again (nothing is switched off for the process)."""
     mod = types.ModuleType("fake_factored")
     mod.calls = 0
 
@@ -213,12 +225,27 @@ def test_auto_falls_back_to_the_two_pass_kernel_when_the_factored_one_raises(mon
         raise RuntimeError("ptxas: out of registers")
 
     mod.row_loss_grad_factored, mod.row_loss_grad = row_loss_grad_factored, lambda *a, **k: "two-pass"
-    fb = backends.FallbackBackend.__new__(backends.FallbackBackend)
-    fb.device, fb._names, fb._module, fb.name, fb._disabled = torch.device("cuda", 0), [], mod, "triton", set()
+    monkeypatch.setattr(chunked, "get_backend", lambda name: mod)
     monkeypatch.setattr(backends, "_logged", set())
     caplog.set_level(logging.WARNING, logger="dft_kernels")
-    for _ in range(3):
-        assert fb.row_loss_grad_factored(None, None, None, None, None, None, None) is None
-    assert mod.calls == 1 and fb.row_loss_grad(None, None, None) == "two-pass"
+    opts = dk.options.LossOptions(backend="auto")
+    plan = dk.options.LossPlan(opts, (("triton", "factored"), ("triton", "rows")), 8, torch.float32, torch.float32,
+                               torch.float32, True, True)
+    scale, grad = torch.ones(()), torch.empty(2, 3)
+    for call in range(1, 3):
+        rows = chunked.RowSteps(plan)
+        assert rows(None, None, None, scale, grad, torch.empty(2)) == ("two-pass", None)
+        assert rows(None, None, None, scale, grad, torch.empty(2)) == ("two-pass", None)  # the rest of the call
+        assert mod.calls == call
     messages = [r.getMessage() for r in caplog.records if r.name == "dft_kernels"]
     assert len(messages) == 1 and "factored" in messages[0] and "out of registers" in messages[0]
+
+
+def test_a_named_backend_raises_instead_of_falling_back(monkeypatch):
+    mod = types.ModuleType("fake_factored")
+    mod.row_loss_grad_factored = lambda *a: (_ for _ in ()).throw(RuntimeError("ptxas: out of registers"))
+    monkeypatch.setattr(chunked, "get_backend", lambda name: mod)
+    opts = dk.options.LossOptions(backend="triton")
+    plan = dk.options.LossPlan(opts, (("triton", "factored"),), 8, torch.float32, torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match="out of registers"):
+        chunked.RowSteps(plan)(None, None, None, torch.ones(()), torch.empty(2, 3), torch.empty(2))

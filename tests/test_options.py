@@ -1,5 +1,6 @@
 """The loss options are declared once (dft_kernels.options.LossOptions): every public entry point
-takes exactly those options with those defaults, and the ops' encoding round-trips them."""
+takes exactly those options with those defaults; the plan they resolve into round-trips through
+the ops' encoding; no environment variable is read inside the kernel package."""
 
 import inspect
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels.objectives import OBJECTIVES
-from dft_kernels.options import LINEAR_ONLY_OPTIONS, OPTION_NAMES, LossOptions, decode
+from dft_kernels.options import LINEAR_ONLY_OPTIONS, OPTION_NAMES, LossOptions, LossPlan, decode_plan
 
 DEFAULTS = {name: f.default for name, f in LossOptions.__dataclass_fields__.items()}
 
@@ -46,16 +47,27 @@ def test_patch_and_compute_loss_func_options_are_derived():
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-def test_encode_decode_round_trip(objective):
+def test_plan_encode_decode_round_trip(objective):
     obj = OBJECTIVES[objective]()
     opts = LossOptions(obj, ignore_index=7, reduction="sum", softcap=12.5, shift=True, return_stats=True,
-                       backend="torch", chunk_size=3, accum_dtype=torch.bfloat16, logits_dtype=torch.bfloat16,
-                       validate=False,
+                       backend="torch", chunk_size=3, chunk_bytes=1 << 20, autotune=True,
+                       accum_dtype=torch.bfloat16, logits_dtype=torch.bfloat16, factored=False, validate=False,
                        **({"label_smoothing": 0.1, "z_loss": 1e-4} if obj.is_weighted_nll else {}))
-    assert decode(opts.encode()) == opts
-    resolved = decode(opts.encode(chunk_size=64, accum_dtype=torch.float64))
-    assert (resolved.chunk_size, resolved.accum_dtype, resolved.objective) == (64, torch.float64, obj)
-    assert decode(LossOptions(dk.DFT(min_weight=0.1 + 1e-12)).encode()).objective.min_weight == 0.1 + 1e-12
+    plan = LossPlan(opts, (("torch", "rows"),), 64, torch.bfloat16, torch.float32, torch.float64, True, False, True)
+    assert decode_plan(plan.encode()) == plan
+    assert decode_plan(LossPlan(LossOptions(dk.DFT(min_weight=0.1 + 1e-12)), (("torch", "rows"),), 1, torch.float32,
+                                torch.float32, torch.float32).encode()).options.objective.min_weight == 0.1 + 1e-12
+
+
+def test_plan_is_resolved_once_from_the_options_and_tensors():
+    x, w = torch.randn(300, 8, dtype=torch.bfloat16), torch.randn(1000, 8, dtype=torch.bfloat16)
+    plan = dk.options.plan_linear(LossOptions(accum_dtype=None), x, w, None, True, True, False)
+    assert plan.steps == (("torch", "rows"),) and plan.chunk_size == 512  # 300 tokens: a multiple of 256
+    assert (plan.logits_dtype, plan.grad_dtype, plan.accum_dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="factored=True: .*torch backend"):
+        dk.options.plan_linear(LossOptions(factored=True), x, w, None, True, True, False)
+    with pytest.raises(ValueError, match="fused_head: .*torch"):
+        dk.options.plan_linear(LossOptions(fused_head=True), x, w, None, True, True, False)
 
 
 def test_unregistered_objective_subclass_is_refused_by_the_ops():
@@ -63,12 +75,27 @@ def test_unregistered_objective_subclass_is_refused_by_the_ops():
         pass
 
     with pytest.raises(TypeError, match="objective.*not a registered objective"):
-        LossOptions(MyDFT()).encode()
+        LossPlan(LossOptions(MyDFT()), (("torch", "rows"),), 1, torch.float32, torch.float32, torch.float32).encode()
+
+
+def test_no_environment_variable_is_read_inside_the_kernel_package():
+    """Every knob is an option: outside the trainer, the integrations and the CUDA build (its
+    conventional variables), no file of the package reads ``os.environ``."""
+    import pathlib
+
+    root = pathlib.Path(dk.__file__).parent
+    allowed = {root / "backends" / "_cuda_build.py", root / "backends" / "cuda.py"}
+    readers = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if p not in allowed and not p.relative_to(root).parts[0] in ("train", "integrations")
+               and ("os.environ" in p.read_text() or "getenv" in p.read_text())]
+    assert readers == []
 
 
 @pytest.mark.parametrize("kwargs,exc,name", [
     (dict(backend=3), TypeError, "backend"), (dict(backend="cudnn"), ValueError, "backend"),
     (dict(chunk_size=0), ValueError, "chunk_size"), (dict(accum_dtype=torch.int8), TypeError, "accum_dtype"),
+    (dict(chunk_bytes=0), ValueError, "chunk_bytes"), (dict(factored=1), TypeError, "factored"),
+    (dict(fused_head="yes"), TypeError, "fused_head"), (dict(autotune=None), TypeError, "autotune"),
     (dict(logits_dtype=torch.float32), TypeError, "logits_dtype"),
     (dict(objective="prob", label_smoothing=0.2), ValueError, "label_smoothing"),
 ])

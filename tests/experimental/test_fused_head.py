@@ -1,4 +1,4 @@
-"""The triton fused head (``DFT_KERNELS_FUSED_GEMM=1``): the logits GEMM writes the factored
+"""The experimental triton fused head (``fused_head=True``): the logits GEMM writes the factored
 gradient, no logits tensor exists.
 
 Against the row kernel on the same logits (materialised here for the check only): the same losses
@@ -6,7 +6,7 @@ and stats to float32 accuracy and the same gradient to one rounding, including r
 more than 40 nats above the target (recomputed tiles), ignored rows and tails of every tile size;
 through the chunk loop, the float64 reference's loss and gradients within 3x the two-pass path's
 error, with the fused head really taking every chunk; where it does not fuse, the chunk loop's
-own GEMMs take over.  Its kernels compile for sm_90 (wgmma) without
+own GEMMs take over.  Where it does not apply, the option raises with the reason.  Its kernels compile for sm_90 (wgmma) without
 spills; nothing here runs on a GPU.
 """
 
@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from dft_kernels import chunked
 from dft_kernels.backends import triton as tb
-from dft_kernels.backends import triton_fused as tf
+from dft_kernels.experimental import fused_head as tf
 from dft_kernels.objectives import OBJECTIVES
 from dft_kernels.options import make_loss_params
 from helpers import leaf, make_inputs, rel_err
@@ -101,7 +100,7 @@ def test_fused_head_refuses_what_it_does_not_fuse():
 @pytest.fixture
 def spy(monkeypatch):
     calls = types.SimpleNamespace(fused=0, row=0)
-    real_fused = tb.linear_loss_grad_fused
+    real_fused = tf.linear_loss_grad_fused
     real_f, real_r = tb.row_loss_grad_factored, tb.row_loss_grad
 
     def fused(*args):
@@ -115,7 +114,7 @@ def spy(monkeypatch):
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(tb, "linear_loss_grad_fused", fused)
+    monkeypatch.setattr(tf, "linear_loss_grad_fused", fused)
     monkeypatch.setattr(tb, "row_loss_grad_factored", row(real_f))
     monkeypatch.setattr(tb, "row_loss_grad", row(real_r))
     return calls
@@ -140,12 +139,9 @@ def test_chunk_loop_with_the_fused_head(cuda_gemm_policy, spy, monkeypatch, dtyp
                                         reduction):
     x, w, _, t = make_inputs(40, 32, 300, bias=False)
     kw = dict(objective=objective, reduction=reduction, logits_dtype=logits_dtype, softcap=30.0, return_stats=True)
-    monkeypatch.setenv(chunked.FUSED_GEMM_ENV, "1")
-    out_f, stats_f, grads_f, grad_out = _grads(x, w, None, t, dtype, **kw)
+    out_f, stats_f, grads_f, grad_out = _grads(x, w, None, t, dtype, fused_head=True, **kw)
     assert spy.fused >= 2 and spy.row == 0
-    monkeypatch.setenv(chunked.FUSED_GEMM_ENV, "0")
-    monkeypatch.setenv(chunked.FACTORED_ENV, "0")
-    out_t, stats_t, grads_t, _ = _grads(x, w, None, t, dtype, **kw)
+    out_t, stats_t, grads_t, _ = _grads(x, w, None, t, dtype, factored=False, **kw)
     kw.pop("return_stats")
     xr, wr = leaf(x.to(dtype).double()), leaf(w.to(dtype).double())
     ref = dk.reference.linear_cross_entropy(xr, wr, t, **kw)
@@ -162,13 +158,25 @@ def test_chunk_loop_with_the_fused_head(cuda_gemm_policy, spy, monkeypatch, dtyp
 
 
 @interpreted
-@pytest.mark.parametrize("case", ["bias", "label_smoothing", "float16"])
-def test_chunk_loop_without_the_fused_head(cuda_gemm_policy, spy, monkeypatch, case):
-    monkeypatch.setenv(chunked.FUSED_GEMM_ENV, "1")
+@pytest.mark.parametrize("case,reason", [("bias", "bias"), ("label_smoothing", "label smoothing"),
+                                         ("float16", "float16")])
+def test_fused_head_where_it_does_not_apply(cuda_gemm_policy, spy, case, reason):
+    """``fused_head=True`` where the fused head does not apply raises with the reason, before any
+    kernel runs; without the option the chunk loop's own GEMMs serve the same call."""
     x, w, b, t = make_inputs(24, 16, 200, bias=case == "bias")
     dtype = torch.float16 if case == "float16" else torch.bfloat16
-    _grads(x, w, b, t, dtype, **(dict(label_smoothing=0.1) if case == "label_smoothing" else {}))
+    kw = dict(label_smoothing=0.1) if case == "label_smoothing" else {}
+    with pytest.raises(ValueError, match=f"fused_head: .*{reason}"):
+        _grads(x, w, b, t, dtype, fused_head=True, **kw)
+    assert spy.fused == 0 and spy.row == 0
+    _grads(x, w, b, t, dtype, **kw)
     assert spy.fused == 0 and spy.row > 0
+
+
+def test_fused_head_is_off_by_default_and_not_with_factored_false():
+    assert not dk.options.LossOptions().fused_head
+    with pytest.raises(ValueError, match="fused_head"):
+        dk.options.LossOptions(fused_head=True, factored=False)
 
 
 FUSED_CODEGEN = r"""
@@ -178,7 +186,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
-from dft_kernels.backends import triton_fused as tf
+from dft_kernels.experimental import fused_head as tf
 from dft_kernels.options import make_loss_params
 
 target = GPUTarget("cuda", 90, 32)
