@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -108,11 +107,17 @@ class RowKernelPasses:
                     0.0, nbytes + n * per_row)
         return self._outputs(logits, params)
 
+    def supports(self, path, params) -> str:
+        """The triton backend's paths (its ``supports``), the fused head only with a rate to price it."""
+        if path == "fused" and self.record_triton_gemm is None:
+            return "no Triton GEMM rate given"
+        from dft_kernels.backends.triton import supports
+
+        return supports("factored" if path == "fused" else path, params)
+
     def row_loss_grad_factored(self, logits, target, params, token_weights, grad_scale, grad_out, row_scale):
         """The factored kernel: one read of the logits, the gradient matrix written once, and a
-        float32 factor per row (None where the triton kernel does not factor: smoothing, z-loss)."""
-        if params.label_smoothing != 0.0 or params.z_loss != 0.0:
-            return None
+        float32 factor per row."""
         n, v = logits.shape
         vectors = 4 + (1 if params.needs_entropy else 0) + (1 if params.with_stats else 0)
         per_row = 8 + 4 * vectors + (4 if token_weights is not None else 0) + (4 if grad_scale.dim() == 1 else 0)
@@ -121,7 +126,7 @@ class RowKernelPasses:
         return self._outputs(logits, params)
 
     def linear_loss_grad_fused(self, x, weight, target, params, token_weights, grad_scale, grad_out, row_scale):
-        """The fused head (``DFT_KERNELS_FUSED_GEMM=1``): one Triton GEMM reads ``x`` and ``W`` and
+        """The fused head (``fused_head=True``): one Triton GEMM reads ``x`` and ``W`` and
         writes the factored gradient (no logits), priced at the assumed Triton GEMM rate; plus
         the per-tile statistics (two to four float32 per row and 128-column tile, written and
         read), the target-logit dot products and the per-row vectors."""
@@ -241,21 +246,28 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
             trace.add(name, flops, nbytes, tflops * fused_rate, tbps, rec.in_loop)
     backend = RowKernelPasses(rec.record, triton_gemm)
     policy = options._cuda_mm_out_dtype if cuda_policy else None
-    if chunk_size is None:
-        # the CUDA chunk budget, whatever device traces it
-        with _policy(policy):
-            row_bytes = dk.chunked.chunk_row_bytes(dtype, dtype if fast and dtype != torch.float32 else None,
-                                                   torch.device(device))
-        chunk_size = dk.chunked.default_chunk_size(shape.n, shape.v, row_bytes, device_type="cuda")
     logits_dtype = dtype if fast and dtype != torch.float32 else None
-    env = {dk.chunked.FACTORED_ENV: "1" if factored else "0",
-           dk.chunked.FUSED_GEMM_ENV: "1" if fused_rate is not None else "0"}
-    with _policy(policy), mock.patch.object(ops, "resolve_backend", lambda name, dev: backend), _no_autocast(), \
-            mock.patch.dict(os.environ, env):
+    fused = fused_rate is not None
+    # the plan of a CUDA device with the triton backend (priced by ``backend``), whatever device traces it
+    budget = options.CHUNK_BYTES["cuda"]
+    with contextlib.ExitStack() as stack:
+        for cm in (_policy(policy), _no_autocast(),
+                   mock.patch.object(dk.backends, "candidates", lambda name, dev: ("triton",)),
+                   mock.patch.object(dk.backends, "get_backend", lambda name: backend),
+                   mock.patch.object(dk.chunked, "get_backend", lambda name: backend)):
+            stack.enter_context(cm)
+        if fused:
+            stack.enter_context(mock.patch("dft_kernels.experimental.fused_head.linear_loss_grad_fused",
+                                           backend.linear_loss_grad_fused))
+        if chunk_size is None:
+            chunk_size = options.plan_linear(
+                options.LossOptions(chunk_bytes=budget, logits_dtype=logits_dtype, fused_head=fused),
+                x.reshape(-1, shape.h), w, None, True, True, False).chunk_size
         with rec:
             rec.in_loop = True
             loss = dk.linear_cross_entropy(x, w, t, objective=objective, chunk_size=chunk_size,
-                                           logits_dtype=logits_dtype, softcap=shape.softcap, validate=False)
+                                           logits_dtype=logits_dtype, softcap=shape.softcap, validate=False,
+                                           factored=factored or fused, fused_head=fused)
             rec.in_loop = False
             loss.backward()
     floor = 6.0 * shape.n * shape.h * shape.v / (tflops * 1e12)
