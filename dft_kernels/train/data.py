@@ -266,7 +266,7 @@ def load_train_examples(path: str, tokenizer, *, max_length: int, data_format: s
 
 def load_eval_examples(path: str, *, data_format: str = "auto", system_prompt: Optional[str] = None,
                        limit: int = 0) -> list[EvalExample]:
-    from .evaluate import extract_answer
+    from .answers import extract_answer
 
     ds, locs = load_records(path)
     fmt = detect_format(ds.column_names, path, data_format)

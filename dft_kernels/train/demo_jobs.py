@@ -93,7 +93,7 @@ def sample_verified(model_dir: str, problems_file: str, out_file: str, *, num_sa
 def keep_verified(examples, completions: list, num_samples: int) -> list[dict]:
     """The completions (``num_samples`` per example, in order) whose extracted answer matches the
     example's reference answer, as problem/solution records."""
-    from .evaluate import extract_answer, is_match
+    from .answers import extract_answer, is_match
 
     if len(completions) != len(examples) * num_samples:
         raise ValueError(f"completions: expected {len(examples)} x {num_samples}, got {len(completions)}")
