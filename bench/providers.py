@@ -117,14 +117,14 @@ def _require_backend(backend: str, device: torch.device) -> None:
         raise Skip(str(exc)) from None
 
 
-def ours(backend: str, **options) -> Provider:
-    """Ours with ``options`` (none: the defaults)."""
+def ours(backend: str, suffix: str = "", **options) -> Provider:
+    """Ours with ``options`` (none: the defaults), named ``ours[backend]`` + ``suffix``."""
     def build(inp: Inputs, device: torch.device) -> Runner:
         _require_backend(backend, device)
         return Runner(inp, lambda i: dk.linear_cross_entropy(i.x, i.w, i.t, objective="dft", softcap=i.softcap,
                                                              ignore_index=IGNORE_INDEX, backend=backend, **options))
     note = ", ".join(f"{k}={v}" for k, v in options.items()) or "dft_kernels at default settings"
-    return Provider(f"ours[{backend}]", "ours", build, note)
+    return Provider(f"ours[{backend}]{suffix}", "ours", build, note)
 
 
 def ours_fast(backend: str, **options) -> Provider:
@@ -243,6 +243,9 @@ CCE = Provider("cce", "peer", _cce, "cut_cross_entropy.linear_cross_entropy(redu
 FLOOR = Provider("gemm floor", "floor", _floor, "x W^T, dz W, dz^T x in the input dtype")
 
 
+PREVIOUS_CPU_CHUNK_BYTES = 1 << 28
+
+
 def default_providers(device: torch.device) -> list[Provider]:
     """Every provider, ours first (the first of ours that runs is the loss-check reference)."""
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch", "triton", "cuda")
@@ -250,6 +253,8 @@ def default_providers(device: torch.device) -> list[Provider]:
     provs.append(ours_fast(order[0]))
     if order[0] == "triton":  # the backend with a factored gradient: its two-pass control beside
         provs += [ours_two_pass("triton"), ours_two_pass("triton", fast=True)]
+    if device.type == "cpu":  # the CPU chunk budget before it became 64 MiB: its side-by-side control
+        provs.append(ours("torch", " 256MiB chunks", chunk_bytes=PREVIOUS_CPU_CHUNK_BYTES))
     provs.append(ours_liger_config(order[0]))
     provs += [EAGER, COMPILED, TORCH_CHUNKED, LIGER, CCE, FLOOR]
     return provs

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,8 @@ __all__ = [
     "Power",
     "Prob",
     "WeightedNLL",
+    "RowEpilogue",
+    "epilogue",
     "get_objective",
 ]
 
@@ -238,3 +240,42 @@ def get_objective(objective: ObjectiveLike) -> Objective:
             )
         return cls()
     raise TypeError(f"objective: expected a string or an Objective, got {type(objective).__name__}")
+
+
+class RowEpilogue(NamedTuple):
+    """Per-row results of :func:`epilogue` (tensors shaped like ``logp``)."""
+
+    loss: Tensor                  # the row's loss, before token weights
+    w: Tensor                     # -g, the objective's weight (the stop-gradient weight of WeightedNLL)
+    a: Tensor                     # the softmax coefficient of the gradient: w + 2 z_loss lse
+    c: Optional[Tensor]           # the uniform term w eps / V (label smoothing), else None
+    target_grad: Tensor           # the target entry a p - w (1 - eps) - c, in a form that does not cancel
+
+
+def epilogue(objective: Objective, logp: Tensor, entropy: Optional[Tensor], lse: Tensor, z_mean: Optional[Tensor],
+             label_smoothing: float, z_loss: float, vocab_size: int) -> RowEpilogue:
+    """The loss and gradient coefficients of a row from its statistics (docs/design.md, Math)::
+
+        L = (1 - eps) L_obj(logp, H) + eps w (lse - mean_j z_j) + lam lse^2,   w = -g
+        dL/dz_j = a softmax_j - w (1 - eps) [j == y] - c,   a = w + 2 lam lse,   c = w eps / V
+
+    with the target entry ``a p - w (1 - eps) - c`` written as ``a expm1(logp) + 2 lam lse +
+    w eps (1 - 1/V)``, which does not cancel when ``p ~ 1`` (nor when ``V = 1`` with smoothing).
+    The eager backends (torch, the vocab-parallel combine) share it; the Triton kernels have the
+    same arithmetic as a device function."""
+    eps, lam = label_smoothing, z_loss
+    w = -objective.coefficient(logp, entropy)
+    loss = objective.loss(logp, entropy)
+    if eps != 0.0:
+        loss = (1.0 - eps) * loss + eps * w * (lse - z_mean)
+    if lam != 0.0:
+        loss = loss + lam * lse * lse
+    a = w + 2.0 * lam * lse if lam != 0.0 else w
+    target_grad = a * torch.expm1(logp)
+    if lam != 0.0:
+        target_grad = target_grad + 2.0 * lam * lse
+    c = None
+    if eps != 0.0:
+        c = w * (eps / vocab_size)
+        target_grad = target_grad + w * (eps * (1.0 - 1.0 / vocab_size))
+    return RowEpilogue(loss, w, a, c, target_grad)

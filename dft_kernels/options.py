@@ -418,12 +418,14 @@ def _budget(opts: LossOptions, device: torch.device) -> int:
     return opts.chunk_bytes or CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
 
 
-def _steps(opts: LossOptions, device: torch.device, factor_reason: str) -> tuple:
-    """``(backend, path)`` steps for ``opts`` on ``device``; ``factor_reason``: why the chunk loop's
-    GEMMs cannot apply a factored gradient here ("" where they can)."""
-    names = backends.candidates(opts.backend, device)
-    params = opts.row_params
-    if opts.fused_head:
+def _steps(backend: str, factored: Optional[bool], fused_head: bool, label_smoothing: float, z_loss: float,
+           device: torch.device, factor_reason: str) -> tuple:
+    """``(backend, path)`` steps of a call on ``device``; ``factor_reason``: why the chunk loop's
+    GEMMs cannot apply a factored gradient here ("" where they can).  Plain values in, a tuple of
+    strings out: torch.compile takes the result as a constant (see below)."""
+    names = backends.candidates(backend, device)
+    params = LossParams(get_objective("ce"), label_smoothing=label_smoothing, z_loss=z_loss)
+    if fused_head:
         reason = factor_reason or backends.get_backend(names[0]).supports(FACTORED, params)
         if names[0] != "triton":
             reason = f"the fused head is a Triton kernel, and the backend is {names[0]!r}"
@@ -433,13 +435,26 @@ def _steps(opts: LossOptions, device: torch.device, factor_reason: str) -> tuple
     steps = []
     for name in names:
         reason = factor_reason or backends.get_backend(name).supports(FACTORED, params)
-        if opts.factored and not steps and reason:
+        if factored and not steps and reason:
             raise ValueError(f"factored=True: the factored gradient does not apply to this call: {reason}")
-        if opts.factored is not False and not reason:
+        if factored is not False and not reason:
             steps.append((name, FACTORED))
-        if not opts.factored:
+        if not factored:
             steps.append((name, ROWS))
-    return tuple(steps) if opts.backend == "auto" else tuple(steps[:1])
+    return tuple(steps) if backend == "auto" else tuple(steps[:1])
+
+
+# Resolving the steps imports the backend modules and asks the device what it has, which
+# torch.compile cannot trace; the steps depend on nothing else, so dynamo calls these at trace time
+# and keeps their results as constants.  (This is what torch.compiler.assume_constant_result(fn)
+# does; it would import torch._dynamo with dft_kernels.)
+_steps._dynamo_marked_constant = True
+head_dtypes._dynamo_marked_constant = True
+
+
+def _plan_steps(opts: LossOptions, device: torch.device, factor_reason: str) -> tuple:
+    return _steps(opts.backend, opts.factored, opts.fused_head, opts.label_smoothing, opts.z_loss, device,
+                  factor_reason)
 
 
 def plan_linear(opts: LossOptions, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -461,7 +476,7 @@ def plan_linear(opts: LossOptions, x: torch.Tensor, weight: torch.Tensor, bias: 
         logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype else 0))
     chunk = opts.chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, _budget(opts, x.device))
     accum = weight.dtype if opts.accum_dtype is None else torch.promote_types(opts.accum_dtype, weight.dtype)
-    return LossPlan(opts, _steps(opts, x.device, factor_reason), chunk, logits_dtype, grad_dtype, accum,
+    return LossPlan(opts, _plan_steps(opts, x.device, factor_reason), chunk, logits_dtype, grad_dtype, accum,
                     need_dx, need_dw, need_db)
 
 
@@ -471,7 +486,7 @@ def plan_logits(opts: LossOptions, logits: torch.Tensor, need_grad: bool) -> Los
     grad_dtype = logits.dtype if logits.dtype != torch.float16 else torch.float32  # float16 waits in float32
     chunk = opts.chunk_size or default_chunk_size(logits.shape[0], logits.shape[1], max(4, logits.element_size()),
                                                   _budget(opts, logits.device))
-    steps = _steps(opts, logits.device, "the logits are given (the gradient is the logits')")
+    steps = _plan_steps(opts, logits.device, "the logits are given (the gradient is the logits')")
     return LossPlan(opts, steps, chunk, logits.dtype, grad_dtype, torch.promote_types(logits.dtype, torch.float32),
                     need_dx=need_grad)
 

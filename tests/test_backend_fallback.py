@@ -14,7 +14,7 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels import backends, chunked
-from dft_kernels.options import LossOptions, LossPlan, _steps
+from dft_kernels.options import LossOptions, LossPlan, _plan_steps
 from helpers import check_linear_against_reference, make_inputs
 
 GPU = torch.device("cuda", 0)
@@ -61,7 +61,7 @@ def warnings_of(caplog):
 def steps(name="auto", device=GPU):
     """The row steps of one call planned with ``backend=name`` on ``device``."""
     opts = LossOptions(backend=name)
-    plan = LossPlan(opts, _steps(opts, device, "fake GEMMs"), 8, torch.float32, torch.float32, torch.float32)
+    plan = LossPlan(opts, _plan_steps(opts, device, "fake GEMMs"), 8, torch.float32, torch.float32, torch.float32)
     return chunked.RowSteps(plan)
 
 

@@ -104,8 +104,9 @@ def _op_args(reduction):
     x, w, b = (a.requires_grad_() for a in (x, w, b))
     options = dk.options.LossOptions("dft", return_stats=True, label_smoothing=0.1, reduction=reduction,
                                      backend="torch", chunk_size=4)
+    plan = dk.options.plan_linear(options, x, w, b, True, True, True)
     divisor = torch.tensor(9.0) if reduction == "mean" else None
-    return (x, w, b, t, None, divisor, options.encode(), True, True, True)
+    return (x, w, b, t, None, divisor, plan.encode())
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -121,7 +122,8 @@ def test_opcheck_logits_op():
     for reduction in ("sum", "none"):
         options = dk.options.LossOptions("entropy", return_stats=True, reduction=reduction, backend="torch",
                                          chunk_size=4)
-        torch.library.opcheck(dk.ops.ce_forward, (z, t, None, None, options.encode(), True),
+        plan = dk.options.plan_logits(options, z, True)
+        torch.library.opcheck(dk.ops.ce_forward, (z, t, None, None, plan.encode()),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

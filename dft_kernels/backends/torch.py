@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..objectives import epilogue
 from ..options import LossParams
 from . import RowOutputs, check_grad_out, valid_rows
 
@@ -95,35 +96,20 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         # H = -sum_j softmax_j log softmax_j: non-negative terms, no cancellation.
         entropy = -torch.special.xlogy(softmax, softmax).sum(dim=1)
 
-    obj = params.objective
-    eps, lam = params.label_smoothing, params.z_loss
-    w = -obj.coefficient(logp, entropy)  # -g; the stop-gradient weight for weighted-NLL objectives
-    loss = obj.loss(logp, entropy)
-    if eps != 0.0:
-        loss = (1.0 - eps) * loss + eps * w * (lse - z_mean)
-    if lam != 0.0:
-        loss = loss + lam * lse * lse
+    ep = epilogue(params.objective, logp, entropy, lse, z_mean, params.label_smoothing, params.z_loss, vocab)
 
     zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
     row_weight = valid.to(compute_dtype)
     if token_weights is not None:
         row_weight = row_weight * token_weights.to(compute_dtype)
-    loss = torch.where(valid, loss * row_weight, zero)  # ignored rows: 0, even where their stand-in loss is inf
+    loss = torch.where(valid, ep.loss * row_weight, zero)  # ignored rows: 0, even where their stand-in loss is inf
 
     if grad_scale is not None:
-        # softmax becomes the gradient in place: a * softmax - b * onehot - c.  The target
-        # entry a * p - b - c is written as a * expm1(logp) + 2 lam lse + w eps (1 - 1/V),
-        # which does not cancel when p ~ 1 (nor when V = 1 with smoothing).
-        a = w + 2.0 * lam * lse if lam != 0.0 else w
-        grad = softmax.mul_(a.unsqueeze(1))
-        if eps != 0.0:
-            grad.sub_((w * (eps / vocab)).unsqueeze(1))
-        target_grad = a * torch.expm1(logp)
-        if lam != 0.0:
-            target_grad = target_grad + 2.0 * lam * lse
-        if eps != 0.0:
-            target_grad = target_grad + w * (eps * (1.0 - 1.0 / vocab))
-        grad.scatter_(1, safe_target, target_grad.unsqueeze(1))
+        # softmax becomes the gradient in place: a * softmax - c, with the target entry of the epilogue
+        grad = softmax.mul_(ep.a.unsqueeze(1))
+        if ep.c is not None:
+            grad.sub_(ep.c.unsqueeze(1))
+        grad.scatter_(1, safe_target, ep.target_grad.unsqueeze(1))
         if cap is not None:
             # chain factor of the cap, 1 - (z / c)^2 = 1 / cosh(z0 / c)^2 (no cancellation
             # near the cap), from the raw logits (a copy: they stay untouched).

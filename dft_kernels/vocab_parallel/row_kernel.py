@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..backends import RowOutputs, valid_rows, via_in_place
 from ..backends.split import PartialRowStats, RowGradCoefficients
+from ..objectives import epilogue
 from ..options import LossParams
 from .shard import VocabShard
 
@@ -101,31 +102,26 @@ def combine_row_stats(partial: PartialRowStats, target: Tensor, params: LossPara
                           entropy=entropy, z_mean=z_mean, correct=correct)
 
 
-def epilogue(stats: GlobalRowStats, target: Tensor, params: LossParams, vocab_size: int,
-             token_weights: Optional[Tensor], grad_scale: Optional[Tensor]):
-    """``(RowOutputs, RowGradCoefficients or None)`` from the global statistics: the objective's loss and
-    ``w = -g``, label smoothing and z-loss as in the single-rank kernels (``dft_kernels.backends.torch``)."""
+def global_epilogue(stats: GlobalRowStats, target: Tensor, params: LossParams, vocab_size: int,
+                    token_weights: Optional[Tensor], grad_scale: Optional[Tensor]):
+    """``(RowOutputs, RowGradCoefficients or None)`` from the global statistics: the objective's
+    epilogue (:func:`dft_kernels.objectives.epilogue`, as in the single-rank torch backend)."""
     lse, entropy = stats.lse, stats.entropy
     valid = valid_rows(target, params.ignore_index, vocab_size)
     # rows without a valid target have no z_y (0 stands in): logp = 0 keeps their zero-weighted
     # terms finite whatever the row holds (masked -inf columns), as in the single-process kernels
     logp = stats.logp.masked_fill(~valid, 0.0)
     dtype = logp.dtype
-    obj = params.objective
-    eps, lam = params.label_smoothing, params.z_loss
-    w = -obj.coefficient(logp, entropy)
-    loss = obj.loss(logp, entropy)
-    if eps != 0.0:
-        loss = (1.0 - eps) * loss + eps * w * (lse - stats.z_mean)
-    if lam != 0.0:
-        loss = loss + lam * lse * lse
+    # ignored rows get all-zero coefficients, so pass 2 writes exact zeros whatever their statistics
+    ep = epilogue(params.objective, logp, entropy, lse, stats.z_mean, params.label_smoothing, params.z_loss,
+                  vocab_size)
     row_weight = valid.to(dtype)
     if token_weights is not None:
         row_weight = row_weight * token_weights.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     # the row contract's outputs: float32, float64 for float64 logits (the compute dtype)
     outputs = RowOutputs(
-        loss=torch.where(valid, loss * row_weight, zero),
+        loss=torch.where(valid, ep.loss * row_weight, zero),
         nll=torch.where(valid, -logp, zero),
         prob=torch.where(valid, torch.exp(logp), zero),
         entropy=None if entropy is None else torch.where(valid, entropy, zero),
@@ -133,17 +129,7 @@ def epilogue(stats: GlobalRowStats, target: Tensor, params: LossParams, vocab_si
     )
     if grad_scale is None:
         return outputs, None
-    # ignored rows get all-zero coefficients, so pass 2 writes exact zeros whatever their statistics
-    w = torch.where(valid, w, zero)
-    a = w + 2.0 * lam * lse if lam != 0.0 else w
-    target_grad = a * torch.expm1(logp)
-    if lam != 0.0:
-        target_grad = target_grad + 2.0 * lam * lse
-    c = None
-    if eps != 0.0:
-        c = w * (eps / vocab_size)
-        target_grad = target_grad + w * (eps * (1.0 - 1.0 / vocab_size))
-    target_grad = torch.where(valid, target_grad, zero)
+    a, c, target_grad = (None if t is None else torch.where(valid, t, zero) for t in (ep.a, ep.c, ep.target_grad))
     scale = row_weight * grad_scale.to(dtype)
     return outputs, RowGradCoefficients(max=stats.max, inv_sum=stats.inv_sum, a=a, c=c, target_grad=target_grad,
                                         scale=scale)
@@ -169,7 +155,7 @@ class VocabParallelRowKernel:
         shard = self.shard
         partial = self.split.partial_row_stats(logits, target, shard.vocab_start, params)
         stats = combine_row_stats(partial, target, params, shard, shard.vocab_size)
-        outputs, coefficients = epilogue(stats, target, params, shard.vocab_size, token_weights, grad_scale)
+        outputs, coefficients = global_epilogue(stats, target, params, shard.vocab_size, token_weights, grad_scale)
         if coefficients is not None:
             self.split.row_grad(logits, target, shard.vocab_start, params, coefficients)
         return outputs
