@@ -11,13 +11,13 @@ is a stand-in backend (:class:`RowKernelPasses`) that counts the triton kernel's
 memory: with a gradient, the factored kernel the chunk loop uses by default reads the chunk's
 logits once and writes the gradient matrix once (into ``grad_out`` or in place), and the GEMMs
 apply its per-row factor on chunk-sized operands (recorded as they run); the two-pass kernel
-(``--two-pass``, i.e. ``DFT_KERNELS_FACTORED=0``, and wherever the options are not factored)
+(``--two-pass``, i.e. ``factored=False``, and wherever the options are not factored)
 reads them twice; plus its per-row vectors.
 
 Each recorded kernel is priced as ``max(flops / peak, bytes / bandwidth)`` (H100 SXM
 defaults: 700 TFLOP/s dense 16-bit, 3.0 TB/s; ``--tflops``/``--tbps`` override them) and the
 steps are summed.  The floor is the three GEMMs alone, ``6 N H V`` flops at the peak.  With
-``DFT_KERNELS_OVERLAP=1`` (the side stream) the chunk loop is priced at
+a side stream (an overlap the library does not have: deleted until a GPU measures it) the chunk loop is priced at
 ``max(its GEMM time, its bytes / bandwidth)`` instead, i.e. perfect sharing of the GPU
 between the GEMMs and the row kernel: an optimistic bound, printed separately.
 """
@@ -231,8 +231,8 @@ def predict(shape: Shape, fast: bool, tflops: float = DEFAULT_TFLOPS, tbps: floa
             chunk_size: Optional[int] = None, objective: str = "dft", device: str = "meta",
             cuda_policy: bool = True, factored: bool = True, fused_rate: Optional[float] = None) -> Prediction:
     """Trace one forward + backward (``mean``, no ignored rows) on ``device`` tensors and price it;
-    ``factored`` False prices the two-pass row kernel (``DFT_KERNELS_FACTORED=0``); ``fused_rate``
-    (a fraction of ``tflops``) prices the fused head (``DFT_KERNELS_FUSED_GEMM=1``) with its Triton
+    ``factored`` False prices the two-pass row kernel (``factored=False``); ``fused_rate``
+    (a fraction of ``tflops``) prices the fused head (``fused_head=True``) with its Triton
     GEMM at that rate: an assumption until a GPU measures it."""
     dtype = shape.torch_dtype
     trace = Trace()
@@ -359,9 +359,9 @@ def main(argv=None) -> int:
                         "the GPU benchmark shapes of bench/shapes.py")
     parser.add_argument("--steps", action="store_true", help="print the step table of every shape and mode")
     parser.add_argument("--two-pass", action="store_true", help="also price the two-pass row kernel "
-                        "(DFT_KERNELS_FACTORED=0): a column in the table, and its step tables with --steps")
+                        "(factored=False): a column in the table, and its step tables with --steps")
     parser.add_argument("--fused", type=float, nargs="?", const=1.0, metavar="RATE",
-                        help="also price the fused head (DFT_KERNELS_FUSED_GEMM=1) with its Triton GEMM at RATE "
+                        help="also price the fused head (fused_head=True) with its Triton GEMM at RATE "
                         "times the peak (default 1.0: as fast as cuBLAS; an assumption until measured)")
     args = parser.parse_args(argv)
     from .shapes import parse_shape
