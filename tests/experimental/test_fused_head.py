@@ -6,8 +6,8 @@ and stats to float32 accuracy and the same gradient to one rounding, including r
 more than 40 nats above the target (recomputed tiles), ignored rows and tails of every tile size;
 through the chunk loop, the float64 reference's loss and gradients within 3x the two-pass path's
 error, with the fused head really taking every chunk; where it does not fuse, the chunk loop's
-own GEMMs take over.  Where it does not apply, the option raises with the reason.  Its kernels compile for sm_90 (wgmma) without
-spills; nothing here runs on a GPU.
+own GEMMs take over.  Where it does not apply, the option raises with the reason.  Its kernels
+compile for sm_90 (wgmma) without spills; nothing here runs on a GPU.
 """
 
 import json
