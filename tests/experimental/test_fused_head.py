@@ -5,8 +5,8 @@ Against the row kernel on the same logits (materialised here for the check only)
 and stats to float32 accuracy and the same gradient to one rounding, including rows whose max is
 more than 40 nats above the target (recomputed tiles), ignored rows and tails of every tile size;
 through the chunk loop, the float64 reference's loss and gradients within 3x the two-pass path's
-error, with the fused head really taking every chunk; where it does not fuse, the chunk loop's
-own GEMMs take over.  Where it does not apply, the option raises with the reason.  Its kernels
+error, with the fused head really taking every chunk.  Where it does not apply, the option raises
+with the reason, and without it the chunk loop's own GEMMs serve the same call.  Its kernels
 compile for sm_90 (wgmma) without spills; nothing here runs on a GPU.
 """
 
