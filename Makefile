@@ -1,6 +1,6 @@
 # Two entry points that work from a fresh clone with nothing but Python >= 3.10:
 #   make demo   the main job (see README)
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (CI runs it, with make lint and make test-min)
 # Both create or reuse .venv, an isolated venv (no system site-packages).  A torch already
 # installed for $(PYTHON) (a GPU box's CUDA torch) is reused: tools/link_system_torch.py links
 # it and its requirements, and nothing else, into the venv.  Otherwise $(TORCH) is installed.
@@ -14,7 +14,7 @@ EXTRAS ?= dev,hf,train
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean venv-min test-min
 
 $(STAMP):
 	@if grep -qs "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then \
@@ -38,10 +38,38 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check dft_kernels tests
+	$(PY) -m ruff check dft_kernels tests bench tools integration setup.py
+
+# The minimum stack that pyproject.toml and the README declare, in a venv of its own: torch
+# $(MIN_TORCH) from PyPI (a CUDA build, several GB of nvidia wheels, that runs on the CPU too), the
+# Triton that torch release pins, numpy < 2.4 (older than the default stack's 2.4 or 2.5).  The
+# versions are pinned on both pip calls, so that the project's own requirements cannot move them,
+# and printed.  DFT_KERNELS_BUILD_CUDA=0: the editable install shares dft_kernels/ with .venv, so
+# an extension (or its failure record) built here against torch $(MIN_TORCH) must not land there.
+# MIN_PYTHON=/path/to/python3.10 runs it on another Python (make test-min MIN_PYTHON=...).
+MIN_PYTHON ?= $(PYTHON)
+MIN_VENV ?= .venv-min
+MIN_TORCH ?= 2.11.0
+MIN_TRITON ?= 3.6.0
+MIN_PINS := torch==$(MIN_TORCH) triton==$(MIN_TRITON) "numpy<2.4"
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_STAMP := $(MIN_VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksum | cut -d' ' -f1)
+
+$(MIN_STAMP):
+	$(MIN_PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install "setuptools>=77" $(MIN_PINS)
+	DFT_KERNELS_BUILD_CUDA=0 $(MIN_PY) -m pip install --no-build-isolation -e ".[$(EXTRAS)]" $(MIN_PINS)
+	$(MIN_PY) -c "import sys, numpy, torch, triton; print('minimum stack: Python', sys.version.split()[0], \
+	    '| torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__)"
+	touch $(MIN_STAMP)
+
+venv-min: $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info dft_kernels/_C*.so dft_kernels/_C.build-error.txt
+	rm -rf $(VENV) $(MIN_VENV) build dist *.egg-info dft_kernels/_C*.so dft_kernels/_C.build-error.txt
 
 # The trainer integrations end to end (LLaMA-Factory, axolotl, TRL, ms-swift): one pinned virtual
 # environment per trainer, cached in .integration/, a smoke test each, a table. Not part of `make test`

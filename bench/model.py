@@ -78,6 +78,24 @@ class Trace:
         step.seconds += max(flops / (tflops * 1e12), nbytes / (tbps * 1e12))
 
 
+def _run_op(func, args, kwargs):
+    """``func(*args, **kwargs)``, but ``addmm`` with ``out_dtype`` (the CUDA policy's accumulating dW GEMM)
+    on ``meta`` tensors gets its result here: torch 2.11's meta decomposition of that overload takes
+    ``out_dtype`` for ``beta`` and raises a TypeError (fixed by 2.13).  A meta result is only a shape
+    and a dtype: ``out``, or a new ``[M, N]`` tensor of ``out_dtype``."""
+    if func.overloadpacket is torch.ops.aten.addmm and func._overloadname in ("dtype", "dtype_out") \
+            and args[0].device.type == "meta":
+        mat1, mat2, out_dtype = args[1], args[2], args[3]
+        shape = (mat1.shape[0], mat2.shape[1])
+        out = kwargs.get("out")
+        if out is None:
+            return torch.empty(shape, dtype=out_dtype, device="meta")
+        if tuple(out.shape) != shape or out.dtype != out_dtype:
+            raise RuntimeError(f"addmm: out is {tuple(out.shape)} {out.dtype}, expected {shape} {out_dtype}")
+        return out
+    return func(*args, **kwargs)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -178,7 +196,7 @@ class _Recorder(TorchDispatchMode):
         if impl is not None:
             with self:
                 return impl(*args, **kwargs)
-        out = func(*args, **kwargs)
+        out = _run_op(func, args, kwargs)
         name = func.overloadpacket.__name__.rstrip("_")
         if name in _FREE:
             return out

@@ -95,7 +95,8 @@ def leaf(a):
 
 def check_linear_against_reference(x, w, b, t, dtype, *, backend="torch", chunk_size=16, check_grads=True,
                                    device=None, **kwargs):
-    """Run ours in ``dtype`` and the reference in float64 on the same values; assert the tolerances of docs/design.md, Tests.
+    """Run ours in ``dtype`` and the reference in float64 on the same values; assert the tolerances of
+    docs/design.md, Tests.
 
     ``device`` (default: where the inputs are) moves the inputs, targets and token weights there
     first; the reference runs on that device too."""

@@ -225,7 +225,8 @@ def test_trl_sft_trainer_with_model_loss_mixin(tmp_path, bf16):
     trainer.train()
     assert model.dft_kernels_fused_calls == STEPS * GA
     assert any((b["labels"][:, 1:] == -100).any() for b in recorder.batches)
-    # bf16 autocast: the head GEMM runs in bfloat16 (16-bit tolerance 1e-2, docs/design.md, Tests), parameters stay float32
+    # bf16 autocast: the head GEMM runs in bfloat16 (16-bit tolerance 1e-2, docs/design.md, Tests),
+    # parameters stay float32
     check_logged(trainer, model, recorder, "dft", tol=2e-2 if bf16 else 1e-5)
 
 

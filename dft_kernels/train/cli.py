@@ -15,7 +15,10 @@ def main(argv: Optional[list] = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, parse_args
     from .data import DataError
+    from .loop import TrainingStopped, train
 
+    # An exception passing an except clause evaluates the clause's name, argparse's SystemExit on
+    # --help included: TrainingStopped must be bound however parse_args leaves (was an UnboundLocalError).
     try:
         cfg, extra = parse_args(argv)
         if extra["demo"]:
@@ -23,8 +26,6 @@ def main(argv: Optional[list] = None) -> int:
 
             run_demo()
             return 0
-        from .loop import TrainingStopped, train
-
         summary = train(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dft-train: error: {e}", file=sys.stderr)

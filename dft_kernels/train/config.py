@@ -249,6 +249,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
             else:
                 HfArgumentParser._parse_dataclass_field(parser, f)
 
+        def error(self, message):
+            # one line naming the option, like a ConfigError; argparse would print the usage first,
+            # and dft-train's usage is forty lines long
+            self.exit(2, f"{self.prog}: error: {message} (dft-train --help lists the options)\n")
+
     p = ConfigParser(TrainConfig, prog="dft-train",
                      description="Thin SFT/DFT trainer on top of dft_kernels (docs/trainer.md). "
                                  "Precedence: defaults < --config file < flags.")

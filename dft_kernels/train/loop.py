@@ -193,6 +193,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) ->
     cfg.validate()
     if not cfg.train_file:
         raise ConfigError("train_file: required (a .jsonl/.json/.parquet file); or run dft-train --demo")
+    for name in ("train_file", "eval_file"):  # before anything loads: the error names the option
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{name}: file not found: {path}")
     d = Dist()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:

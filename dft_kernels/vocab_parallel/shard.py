@@ -128,13 +128,37 @@ def unwrap_head(weight: Tensor, bias: Optional[Tensor], process_group):
     return weight.to_local(), bias, group
 
 
+class _LocalShard(torch.autograd.Function):
+    """``t.to_local()`` whose gradient is a DTensor with exactly ``t``'s placements, shape and stride.
+
+    DTensor's own ``to_local`` infers the gradient's global stride from the local shard, assuming even
+    shards: for logits whose vocabulary does not split evenly (V = 257 over 2 ranks) it declares a
+    stride ``t`` does not have, so autograd copies the gradient to ``t``'s layout before storing it,
+    and torch 2.11's copy makes it a Replicate DTensor (all of dlogits on every rank) instead of
+    ``t``'s Shard.  With the stride given, ``t.grad`` is the shard the loss computed, on any torch."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.layout = (t.device_mesh, t.placements, t.shape, t.stride())
+        local = t.to_local()  # grad mode is off here: the local tensor itself
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = ctx.layout
+        return DTensor.from_local(grad.contiguous(), mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
 def unwrap_logits(logits: Tensor, process_group):
     """``(logits, group)``: a DTensor sharded over its last dim on a 1-D mesh gives its local slice and the
-    mesh's group (``loss_parallel``-style logits); a replicated one its local copy."""
+    mesh's group (``loss_parallel``-style logits), its gradient a DTensor laid out like it; a replicated one
+    its local copy."""
     if not is_dtensor(logits):
         return logits, process_group
     if _sharded_on(logits, logits.dim() - 1):
-        return logits.to_local(), _group_of("logits", logits, process_group)
+        return _LocalShard.apply(logits), _group_of("logits", logits, process_group)
     if _replicated(logits) and logits.device_mesh.ndim == 1:
         return logits.to_local(), process_group
     raise ValueError(f"logits is a DTensor with placements {logits.placements}; the loss takes logits sharded over "
