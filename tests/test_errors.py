@@ -6,14 +6,13 @@ import pytest
 import torch
 
 import dft_kernels as dk
+from helpers import make_inputs
 
 N, H, V = 6, 8, 50
 
 
 def _inputs():
-    x = torch.randn(N, H)
-    w = torch.randn(V, H)
-    t = torch.randint(0, V, (N,))
+    x, w, _, t = make_inputs(N, H, V, bias=False, ignore="none")
     return x, w, t
 
 

@@ -2,14 +2,15 @@
 (the checks that need a process group run in tests/test_vocab_parallel.py)."""
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import dft_kernels as dk
+from helpers import make_inputs
 
 
 def _inputs():
-    return torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    x, w, _, t = make_inputs(4, 8, 10, bias=False, ignore="none")
+    return x, w, t
 
 
 def test_process_group_must_be_a_process_group():
