@@ -11,6 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,hf,train
+PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py Makefile | cksum | cut -d' ' -f1)
 
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	$(PY) -m dft_kernels.train.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check dft_kernels tests bench tools integration setup.py
@@ -66,7 +67,7 @@ $(MIN_STAMP):
 venv-min: $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)
-	$(MIN_PY) -m pytest -q tests
+	$(MIN_PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build dist *.egg-info dft_kernels/_C*.so dft_kernels/_C.build-error.txt
