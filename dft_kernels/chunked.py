@@ -365,6 +365,11 @@ def run_chunks(chunks, target: Tensor, token_weights: Optional[Tensor], params: 
         grad_scale = None
     with_grad = grad_scale is not None
     starts = range(0, chunks.num_rows, chunk_size)
+    if chunks.num_rows == 0:
+        # no row to compute (all ignored and compacted away): the backend still sees an empty chunk in
+        # the logits' dtype, so that a dtype it rejects fails whatever the targets are
+        dtype = chunks.logits.dtype if isinstance(chunks, GivenChunks) else chunks.gemms.logits_dtype
+        _row_call(backend, torch.empty((0, 1), dtype=dtype, device=target.device), None, target[:0], None, params, None)
     factored = None
     if with_grad and getattr(chunks, "factorable", False) and factored_enabled():
         factored = getattr(backend, "row_loss_grad_factored", None)
