@@ -395,7 +395,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, eager: Optional[tor
     # where the formulas cancel, what the backends' precision and the reference's own rounding
     # leave (_floors): no computation in that precision does better, and eager's error, one sample,
     # can be far below it by luck
-    e_floor = 0.0 if floor is None else float(floor / want.norm())
+    e_floor = 0.0 if floor is None else float(floor.detach() / want.norm())
     if dtype in LOW_PRECISION:
         # the fixed bound cannot hold where the true values are not representable in the output's
         # dtype (float16 gradients below its smallest subnormal): then the bar is the error of the
