@@ -85,3 +85,13 @@ integration:
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+# A long random bug hunt of tests/test_fuzz.py (not part of `make test`, whose examples are
+# derandomized): FUZZ_EXAMPLES per backend, Hypothesis's "hunt" profile, a fresh seed, printed;
+# `make fuzz SEED=N` replays a hunt.  A failure found goes into test_fuzz.py's FOUND (docs/design.md, Tests).
+FUZZ_EXAMPLES ?= 1000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	@seed=$(SEED); seed=$${seed:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "make fuzz: SEED=$$seed"; \
+	DFT_KERNELS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py \
+	    --hypothesis-profile=hunt --hypothesis-seed=$$seed --seed=$$seed

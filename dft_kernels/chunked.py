@@ -289,6 +289,10 @@ def run_chunks(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[T
     """
     if not chunks.wants_grad:
         grad_scale = None
+    if chunks.num_rows == 0 and chunks.logits is not None:
+        # no row to compute (all ignored and compacted away): the row step still sees an empty chunk in
+        # the logits' dtype, so that a dtype its backend rejects fails whatever the targets are
+        rows(chunks.logits[:0], target[:0], None, None, None, None)
     fused = None
     if rows.path == FUSED:
         from .experimental.fused_head import linear_loss_grad_fused as fused

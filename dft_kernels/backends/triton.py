@@ -531,7 +531,8 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
             grad_scale: Optional[Tensor], grad_out: Optional[Tensor], row_scale: Optional[Tensor]) -> RowOutputs:
     if logits.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
-    if logits.dim() != 2 or logits.stride(1) != 1:
+    # a stride along V of size 1 is never used (torch calls such a tensor contiguous whatever it is)
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
         raise ValueError(f"logits must be a [n, V] tensor with unit stride along V, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
     n, vocab = logits.shape
