@@ -31,7 +31,7 @@ def _reference_grads(x, w, t, grad_out, reduction, chunk=256, **kw):
 def test_fp16_gradients_under_a_loss_scale_cuda_policy(cuda_gemm_policy, reduction, objective, v):
     """float16 with GradScaler's scale 65536 under the CUDA policy: the 1/N-scaled DFT gradient
     (entries ~p/N, p ~ 1/V) must not flush to zero when cast to float16 (mean; at the shape of
-    the fp16 GPU test, tests/test_triton_gpu.py, dX was 73% and dW 20% off before the fix), nor
+    the fp16 GPU test, tests/backends/test_triton_gpu.py, dX was 73% and dW 20% off before the fix), nor
     overflow float16 when grad_output carries the scale (none: CE's target entry is ~ -1)."""
     n, h = 256, 256
     g = torch.Generator().manual_seed(11)

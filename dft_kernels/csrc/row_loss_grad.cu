@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kBlock) row_loss_grad_kernel(T* __restrict__ l
   // does, so it is computed in int64 (row and row_stride are int64), as is every per-row index
   // (target, weights, grad_scale, outputs).  Within a row the int column indices j, and j plus
   // the block size as a loop steps, stay below V + 2 * 512 <= INT_MAX: bindings.cpp rejects
-  // larger V (kMaxVocab).  Host-emulated past 2^31 in tests/test_csrc_emulation.py.
+  // larger V (kMaxVocab).  Host-emulated past 2^31 in tests/backends/test_csrc_emulation.py.
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
   T* z0 = logits + row * p.row_stride;

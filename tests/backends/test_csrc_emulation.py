@@ -1,11 +1,11 @@
 """The CUDA kernel's per-row code, run on the CPU, against the float64 reference.
 
 There is no GPU in CI, but the kernel's math lives in dft_kernels/csrc/row_kernel.cuh as
-__host__ __device__ functions.  tests/csrc_emulator.cu runs exactly that code on the host
+__host__ __device__ functions.  tests/backends/csrc_emulator.cu runs exactly that code on the host
 (threads one after another, tree merge, epilogue, pass 2), compiled with nvcc into a small
 shared library called through ctypes.  Plugged in behind the real ``dft_kernels.backends.cuda``
 wrapper, it gets the correctness checks of the other backends.  Needs nvcc (skips otherwise);
-what it cannot cover (cub reduction, launch, device libm) is left to tests/test_cuda_backend.py.
+what it cannot cover (cub reduction, launch, device libm) is left to tests/backends/test_cuda_backend.py.
 """
 
 import ctypes

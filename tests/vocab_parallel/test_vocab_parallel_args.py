@@ -1,5 +1,5 @@
 """Arguments of the vocab-parallel path that are checked in one process, before any communication
-(the checks that need a process group run in tests/test_vocab_parallel.py)."""
+(the checks that need a process group run in tests/vocab_parallel/test_vocab_parallel.py)."""
 
 import pytest
 import torch.distributed as dist

@@ -1,5 +1,5 @@
 """Runs ``dft-train`` in a subprocess with faults injected at stages of its checkpoint saves
-(used by tests/test_train_faults.py).
+(used by tests/train/test_train_faults.py).
 
     python train_fault_driver.py CONFIG.json [--sigterm-after STEP] [FAULT ...]
 

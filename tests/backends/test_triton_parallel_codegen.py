@@ -1,5 +1,5 @@
 """The Triton split kernels (vocab-parallel pass 1 and pass 2) compile for a CUDA GPU (sm_90) on a machine
-without one, as tests/test_triton_codegen.py checks for the fused kernel: the interpreter accepts code the
+without one, as tests/backends/test_triton_codegen.py checks for the fused kernel: the interpreter accepts code the
 compiler rejects.  Codegen only; nothing runs."""
 
 import os
@@ -41,7 +41,7 @@ def test_split_kernels_compile_for_sm90_without_a_gpu():
     from triton.backends.nvidia import compiler as nv  # noqa: F401  (skips below if absent)
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

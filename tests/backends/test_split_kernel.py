@@ -1,6 +1,6 @@
 """The split row kernel (dft_kernels.backends.split) of each backend on one slice, in one process, against
 its float64 definition: pass 1's partial statistics and pass 2's gradient.  The combine over ranks is
-tested on real process groups in tests/test_vocab_parallel.py."""
+tested on real process groups in tests/vocab_parallel/test_vocab_parallel.py."""
 
 import logging
 

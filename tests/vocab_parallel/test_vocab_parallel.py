@@ -2,10 +2,10 @@
 
 Every rank holds a slice of a random head (V = 257 over 2 ranks, 1001 over 3; even and skewed slice
 sizes) and compares the loss, the stats, dX and its own dW/db slice with the single-process float64
-reference on the whole head (tests/vocab_parallel_ranks.py): every objective with every reduction,
+reference on the whole head (tests/vocab_parallel/vocab_parallel_ranks.py): every objective with every reduction,
 each option on and off, the given-logits path, exact ties at the argmax, the Triton split kernels under
 TRITON_INTERPRET=1, DTensor operands, a transformers ``tp_plan="auto"`` model under ``dk.patch``
-(tests/vocab_parallel_hf.py), and inconsistent calls that must raise on every rank.  One process group
+(tests/vocab_parallel/vocab_parallel_hf.py), and inconsistent calls that must raise on every rank.  One process group
 per world size runs all of its cases (starting one costs seconds); after a case that raised, a new one
 runs the cases after it.
 """

@@ -1,4 +1,4 @@
-// Host emulation of the CUDA row kernel, for the CPU test suite (tests/test_csrc_emulation.py).
+// Host emulation of the CUDA row kernel, for the CPU test suite (tests/backends/test_csrc_emulation.py).
 // Runs the kernel's own per-row code (csrc/row_kernel.cuh: visit_row/push, merge,
 // finish_row, transform_row/GradOp) on the CPU, one "thread" after another: each thread's
 // pass-1 state, a pairwise tree merge like a block reduction, the epilogue, then each
