@@ -6,7 +6,8 @@ from . import reference
 from .functional import cross_entropy, linear_cross_entropy
 from .modules import LinearCrossEntropyLoss
 from .objectives import CE, DFT, Chord, Entropy, Focal, Objective, Power, Prob, get_objective
-from .stats import LossStats
+from .rl import linear_logprobs, logprobs
+from .stats import LogprobStats, LossStats
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,9 @@ __all__ = [
     "cross_entropy",
     "LinearCrossEntropyLoss",
     "LossStats",
+    "linear_logprobs",
+    "logprobs",
+    "LogprobStats",
     "Objective",
     "CE",
     "DFT",

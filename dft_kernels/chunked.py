@@ -38,7 +38,8 @@ from .options import FACTORED, FUSED, LossParams, LossPlan, mm_out_dtype
 
 __all__ = ["run_chunks", "linear_forward", "linear_backward_none", "logits_forward", "logits_backward_none",
            "LinearChunks", "GivenChunks", "RowSteps", "HeadGemms", "scale_stash", "scale_stashes", "wide_dtype",
-           "stash_dtype"]
+           "stash_dtype", "LogprobSteps", "logprobs_linear_forward", "logprobs_linear_backward",
+           "logprobs_logits_forward", "logprobs_logits_backward"]
 
 
 class _Accumulators:
@@ -256,16 +257,24 @@ class RowSteps:
                  grad_out: Optional[Tensor], row_scale: Optional[Tensor]):
         """The chunk's :class:`~dft_kernels.backends.RowOutputs`, and the per-row factors where the
         gradient was written factored (else None)."""
+
+        def call(module, path):
+            if path == FACTORED and scale is not None:
+                return module.row_loss_grad_factored(logits, target, self.params, token_weights, scale,
+                                                     grad_out, row_scale), row_scale
+            if scale is None or grad_out is None:
+                return module.row_loss_grad(logits, target, self.params, token_weights, scale), None
+            return module.row_loss_grad(logits, target, self.params, token_weights, scale, grad_out=grad_out), None
+
+        return self._run(call)
+
+    def _run(self, call):
+        """``call(module, path)`` on the current step, handing the rest of the call to the next step
+        when it raises (see the class docstring)."""
         while True:
             module, path, name = self._steps[0]
             try:
-                if path == FACTORED and scale is not None:
-                    return module.row_loss_grad_factored(logits, target, self.params, token_weights, scale,
-                                                         grad_out, row_scale), row_scale
-                if scale is None or grad_out is None:
-                    return module.row_loss_grad(logits, target, self.params, token_weights, scale), None
-                return module.row_loss_grad(logits, target, self.params, token_weights, scale,
-                                            grad_out=grad_out), None
+                return call(module, path)
             except OutOfMemoryError:
                 raise
             except Exception as exc:
@@ -277,47 +286,64 @@ class RowSteps:
                          f"{self._steps[0][2]!r}")
 
 
-def run_chunks(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[Tensor], chunk_size: int,
-               grad_scale: Optional[Tensor], per_token: Optional[Tensor] = None,
-               acc: Optional[_Accumulators] = None) -> None:
-    """One pass of the row step over ``chunks`` (:class:`LinearChunks` or :class:`GivenChunks`).
+def run_chunks(chunks, rows, per_row: tuple, chunk_size: int, with_grad: bool, sink=None) -> None:
+    """One pass of the row step ``rows`` over ``chunks`` (:class:`LinearChunks` or :class:`GivenChunks`).
 
-    ``grad_scale`` None (or chunks that want no gradient) means forward only; a 1-D
-    ``grad_scale`` is per token and is sliced per chunk.  ``per_token`` (if given) receives
-    each chunk's loss vector; ``acc`` the running sums.  ``target``, ``token_weights``,
-    ``grad_scale`` and ``per_token`` are indexed like the chunks' rows.
+    For each chunk of rows ``[start, end)``: its logits (``chunks.rows``), then
+    ``rows(logits, *args, grad_out, row_scale) -> (outputs, row_scale)`` where ``args`` are the
+    entries of ``per_row`` sliced to the chunk (``[N, ...]`` tensors; None and 0-d tensors pass
+    as they are; the first is the target): the loss's :class:`RowSteps` takes ``(target,
+    token_weights, grad_scale)``, the log-probs' :class:`LogprobSteps` ``(target, temperature,
+    row_stats, grad_logp, grad_entropy)``;
+    ``sink(start, end, outputs)`` when given; and, with ``with_grad``, the chunk's ``dX``/``dW``/``db``
+    GEMMs from the gradient the step wrote (``chunks.backward``).  The loss's experimental fused
+    head replaces the logits and the step by one kernel (``rows.path == FUSED``).
     """
-    if not chunks.wants_grad:
-        grad_scale = None
     if chunks.num_rows == 0 and chunks.logits is not None:
         # no row to compute (all ignored and compacted away): the row step still sees an empty chunk in
-        # the logits' dtype, so that a dtype its backend rejects fails whatever the targets are
-        rows(chunks.logits[:0], target[:0], None, None, None, None)
+        # the logits' dtype (forward only: the target, nothing else), so that a dtype its backend
+        # rejects fails whatever the targets are
+        rows(chunks.logits[:0], per_row[0][:0], *(None,) * (len(per_row) - 1), None, None)
     fused = None
     if rows.path == FUSED:
         from .experimental.fused_head import linear_loss_grad_fused as fused
     for start in range(0, chunks.num_rows, chunk_size):
         end = min(start + chunk_size, chunks.num_rows)
-        tgt = target[start:end]
-        tw = None if token_weights is None else token_weights[start:end]
-        scale = grad_scale[start:end] if grad_scale is not None and grad_scale.dim() == 1 else grad_scale
+        args = tuple(a[start:end] if a is not None and a.dim() > 0 else a for a in per_row)
         row_scale = None if chunks.row_scale is None else chunks.row_scale[:end - start]
         if fused is not None:  # the logits GEMM writes the factored gradient: no logits
+            tgt, tw, scale = args
             dlogits = None if scale is None else chunks.grad[:end - start]
             out = fused(chunks.x_rows(start, end), chunks.weight, tgt, rows.params, tw, scale, dlogits, row_scale)
             if out is None:
                 raise ValueError("fused_head: the fused head declined a chunk the plan gave it")
         else:
             logits, grad_out = chunks.rows(start, end)
-            out, row_scale = rows(logits, tgt, tw, scale, grad_out, row_scale)
+            out, row_scale = rows(logits, *args, grad_out, row_scale)
             dlogits = logits if grad_out is None else grad_out
+        if sink is not None:
+            sink(start, end, out)
+        if with_grad:
+            chunks.backward(dlogits, start, end, row_scale)
+    chunks.finish()
+
+
+def _loss_pass(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[Tensor], chunk_size: int,
+               grad_scale: Optional[Tensor], per_token: Optional[Tensor] = None,
+               acc: Optional[_Accumulators] = None) -> None:
+    """:func:`run_chunks` of the loss: ``grad_scale`` None (or chunks that want no gradient) means
+    forward only, a 1-D ``grad_scale`` is per token; ``per_token`` (if given) receives each chunk's
+    loss vector, ``acc`` the running sums."""
+    if not chunks.wants_grad:
+        grad_scale = None
+
+    def sink(start, end, out):
         if acc is not None:
             acc.add(out)
         if per_token is not None:
             per_token[start:end] = out.loss
-        if scale is not None:
-            chunks.backward(dlogits, start, end, row_scale)
-    chunks.finish()
+
+    run_chunks(chunks, rows, (target, token_weights, grad_scale), chunk_size, grad_scale is not None, sink)
 
 
 def _forward(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],
@@ -328,12 +354,12 @@ def _forward(chunks, rows: RowSteps, target: Tensor, token_weights: Optional[Ten
     acc = _Accumulators(device, out_dtype, params.with_stats, params.needs_entropy)
     if plan.options.reduction == "none":
         per_token = torch.empty(chunks.num_rows, dtype=out_dtype, device=device)
-        run_chunks(chunks, rows, target, token_weights, plan.chunk_size, None, per_token, acc)
+        _loss_pass(chunks, rows, target, token_weights, plan.chunk_size, None, per_token, acc)
         return (per_token if compaction is None else compaction.scatter(per_token)), acc.stats_outputs(device)
     grad_scale = torch.ones((), dtype=out_dtype, device=device)
     if divisor is not None:
         grad_scale = grad_scale / divisor
-    run_chunks(chunks, rows, target, token_weights, plan.chunk_size, grad_scale, acc=acc)
+    _loss_pass(chunks, rows, target, token_weights, plan.chunk_size, grad_scale, acc=acc)
     return (acc.loss * grad_scale).to(out_dtype), acc.stats_outputs(device)
 
 
@@ -381,7 +407,7 @@ def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     if compaction is not None:
         target, token_weights = compaction.gather(target), compaction.gather(token_weights)
         grad_loss = compaction.gather(grad_loss)
-    run_chunks(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size, grad_loss)
+    _loss_pass(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size, grad_loss)
     db = _cast(chunks.db, weight.dtype if bias is None else bias.dtype)
     return chunks.dx, _cast(chunks.dw, weight.dtype), db
 
@@ -402,9 +428,117 @@ def logits_backward_none(logits: Tensor, target: Tensor, token_weights: Optional
     """Backward of ``reduction="none"`` on given logits: the row kernel writes the gradient
     (``grad_output`` folded in) once, in the logits dtype."""
     chunks = GivenChunks(logits, True, logits.dtype)
-    run_chunks(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size,
+    _loss_pass(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size,
                grad_loss.to(wide_dtype(logits.dtype)).contiguous())
     return chunks.grad
+
+
+# ---------------------------------------------------------------- the log-prob family (docs/rl.md)
+
+
+class LogprobSteps(RowSteps):
+    """The plan's row steps of a log-prob call (path ``"logprobs"``), with :class:`RowSteps`' fallback.
+    :meth:`__call__` runs ``row_logprobs`` on a chunk in the forward pass (``row_stats`` None) and
+    ``row_logprobs_grad`` in the backward pass (the gradient written into ``grad_out``, or over the
+    logits in place)."""
+
+    def __call__(self, logits: Tensor, target: Tensor, temperature: Optional[Tensor], row_stats: Optional[Tensor],
+                 grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], grad_out: Optional[Tensor],
+                 row_scale: Optional[Tensor]):
+        if row_stats is None:
+            return self._run(lambda module, _: module.row_logprobs(logits, target, self.params, temperature)), None
+        self._run(lambda module, _: module.row_logprobs_grad(logits, target, self.params, row_stats, grad_logp,
+                                                             grad_entropy, temperature, grad_out))
+        return None, None
+
+
+class _LogprobOutputs:
+    """The per-token outputs of a log-prob forward pass over ``n`` rows, filled chunk by chunk
+    (:meth:`sink`); empty tensors where not computed (custom op outputs cannot be None)."""
+
+    def __init__(self, n: int, params, dtype: torch.dtype, device):
+        empty = lambda rows, dt=dtype: torch.empty(rows, dtype=dt, device=device)  # noqa: E731
+        self.logp = empty(n)
+        self.entropy = empty(n if params.with_entropy else 0)
+        self.row_stats = torch.empty((n, 3), dtype=dtype, device=device)
+        self.sum_sq = empty(n if params.with_stats else 0)
+        self.top1 = empty(n if params.with_stats else 0, torch.bool)
+
+    def sink(self, start: int, end: int, out) -> None:
+        self.logp[start:end] = out.logp
+        self.row_stats[start:end] = out.row_stats
+        if out.entropy is not None:
+            self.entropy[start:end] = out.entropy
+        if out.sum_sq is not None:
+            self.sum_sq[start:end] = out.sum_sq
+            self.top1[start:end] = out.top1
+
+    def tensors(self, compaction: Optional[_Compaction]) -> tuple:
+        """``(logp, entropy, row_stats, sum_sq, top1)`` over all rows (zero at the ignored ones)."""
+        outs = (self.logp, self.entropy, self.row_stats, self.sum_sq, self.top1)
+        if compaction is None:
+            return outs
+        return tuple(t if t.numel() == 0 else compaction.scatter(t) for t in outs)
+
+
+def logprobs_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                            temperature: Optional[Tensor], plan, compact: bool = False) -> tuple:
+    """Forward of :func:`dft_kernels.linear_logprobs`: ``(logp, entropy, row_stats, sum_sq, top1)``
+    (:class:`_LogprobOutputs`), each chunk's logits made and read once; no gradient is formed here
+    (backward recomputes the chunks, :func:`logprobs_linear_backward`).  ``x`` ``[N, H]`` contiguous,
+    ``target`` ``[N]`` int64, ``temperature`` ``[N]`` in :func:`wide_dtype` or None."""
+    compaction = _Compaction.plan(target, plan, weight.shape[0]) if compact else None
+    chunks = LinearChunks(x, weight, bias, plan, False, plan.accum_dtype, x.dtype, compaction)
+    if compaction is not None:
+        target, temperature = compaction.gather(target), compaction.gather(temperature)
+    outs = _LogprobOutputs(chunks.num_rows, plan.params, wide_dtype(x.dtype), x.device)
+    run_chunks(chunks, LogprobSteps(plan), (target, temperature, None, None, None), plan.chunk_size, False,
+               outs.sink)
+    return outs.tensors(compaction)
+
+
+def logprobs_linear_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                             temperature: Optional[Tensor], row_stats: Tensor, grad_logp: Optional[Tensor],
+                             grad_entropy: Optional[Tensor], plan, compact: bool = False):
+    """Backward of :func:`dft_kernels.linear_logprobs`: every chunk's logits recomputed, its gradient
+    for the upstream per-token ``grad_logp``/``grad_entropy`` (None: 0) written in one pass over the
+    row from the forward's ``row_stats``, then the ``dX``/``dW``/``db`` GEMMs.  Returns ``(dx, dw,
+    db)`` in the dtypes of ``x``, ``weight``, ``bias`` (None where the plan needs none)."""
+    compaction = _Compaction.plan(target, plan, weight.shape[0]) if compact else None
+    chunks = LinearChunks(x, weight, bias, plan, True, plan.accum_dtype, x.dtype, compaction)
+    per_row = _logprob_grad_rows(target, temperature, row_stats, grad_logp, grad_entropy, x.dtype, compaction)
+    run_chunks(chunks, LogprobSteps(plan), per_row, plan.chunk_size, chunks.wants_grad)
+    db = _cast(chunks.db, weight.dtype if bias is None else bias.dtype)
+    return chunks.dx, _cast(chunks.dw, weight.dtype), db
+
+
+def logprobs_logits_forward(logits: Tensor, target: Tensor, temperature: Optional[Tensor], plan) -> tuple:
+    """Forward of :func:`dft_kernels.logprobs` on given ``[N, V]`` logits (as
+    :func:`logprobs_linear_forward`)."""
+    chunks = GivenChunks(logits, False, logits.dtype)
+    outs = _LogprobOutputs(chunks.num_rows, plan.params, wide_dtype(logits.dtype), logits.device)
+    run_chunks(chunks, LogprobSteps(plan), (target, temperature, None, None, None), plan.chunk_size, False,
+               outs.sink)
+    return outs.tensors(None)
+
+
+def logprobs_logits_backward(logits: Tensor, target: Tensor, temperature: Optional[Tensor], row_stats: Tensor,
+                             grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], plan) -> Tensor:
+    """Backward of :func:`dft_kernels.logprobs`: the logits gradient, written once in their dtype."""
+    chunks = GivenChunks(logits, True, logits.dtype)
+    per_row = _logprob_grad_rows(target, temperature, row_stats, grad_logp, grad_entropy, logits.dtype, None)
+    run_chunks(chunks, LogprobSteps(plan), per_row, plan.chunk_size, True)
+    return chunks.grad
+
+
+def _logprob_grad_rows(target, temperature, row_stats, grad_logp, grad_entropy, dtype, compaction) -> tuple:
+    """The backward pass's per-row arguments of :class:`LogprobSteps`, in :func:`wide_dtype`, contiguous
+    (gathered to the valid rows with a compaction)."""
+    wide = lambda t: None if t is None else t.to(wide_dtype(dtype)).contiguous()  # noqa: E731
+    rows = (target, temperature, row_stats, wide(grad_logp), wide(grad_entropy))
+    if compaction is None:
+        return rows
+    return tuple(compaction.gather(t) for t in rows)
 
 
 # ---------------------------------------------------------------- the GEMMs of a chunk

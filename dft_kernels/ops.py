@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 
 from . import chunked
-from .options import decode_plan
+from .options import decode_logprob_plan, decode_plan
 
-__all__ = ["lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "IMPLEMENTATIONS"]
+__all__ = ["lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "linear_logprobs_forward",
+           "linear_logprobs_backward", "logprobs_forward", "logprobs_backward", "IMPLEMENTATIONS"]
 
 _T8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 _T6 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -235,3 +236,149 @@ IMPLEMENTATIONS = {
     "dft_kernels::ce_forward": _ce_forward_impl,
     "dft_kernels::ce_backward_none": _ce_backward_none_impl,
 }
+
+
+# ---------------------------------------------------------------- the log-prob family (docs/rl.md)
+#
+#   linear_logprobs_forward(x, weight, bias?, target, temperature?, plan)
+#       -> (logp, entropy, row_stats, sum_sq, top1)
+#   linear_logprobs_backward(x, weight, bias?, target, temperature?, row_stats, grad_logp?, grad_entropy?, plan)
+#       -> (dx, dw, db)
+#   logprobs_forward(logits, target, temperature?, plan) -> (logp, entropy, row_stats, sum_sq, top1)
+#   logprobs_backward(logits, target, temperature?, row_stats, grad_logp?, grad_entropy?, plan) -> grad
+#
+# ``plan`` is :meth:`LogprobPlan.encode`'s string.  ``logp`` and ``entropy`` are differentiable (an
+# entropy that was not asked for is an empty tensor); ``row_stats`` ([N, 3]: what backward reads
+# instead of a second pass over each row), ``sum_sq`` and ``top1`` are not.  Backward recomputes
+# every chunk's logits and writes the gradient of both outputs in one pass over each row.
+
+_T5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _logprob_outputs_fake(rows: Tensor, plan: str) -> _T5:
+    params = decode_logprob_plan(plan).params
+    n, wide = rows.shape[0], chunked.wide_dtype(rows.dtype)
+    new = lambda shape, dtype=wide: rows.new_empty(shape, dtype=dtype)  # noqa: E731
+    return (new((n,)), new((n if params.with_entropy else 0,)), new((n, 3)), new((n if params.with_stats else 0,)),
+            new((n if params.with_stats else 0,), torch.bool))
+
+
+@_autocast_off
+def _linear_logprobs_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                                  temperature: Optional[Tensor], plan: str) -> _T5:
+    return chunked.logprobs_linear_forward(x, weight, bias, target, temperature, decode_logprob_plan(plan),
+                                           compact=True)
+
+
+linear_logprobs_forward = torch.library.custom_op("dft_kernels::linear_logprobs_forward", mutates_args=())(
+    _linear_logprobs_forward_impl)
+
+
+@linear_logprobs_forward.register_fake
+def _(x, weight, bias, target, temperature, plan):
+    return _logprob_outputs_fake(x, plan)
+
+
+@_autocast_off
+def _linear_logprobs_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                                   temperature: Optional[Tensor], row_stats: Tensor, grad_logp: Optional[Tensor],
+                                   grad_entropy: Optional[Tensor], plan: str) -> _T3:
+    dx, dw, db = chunked.logprobs_linear_backward(x, weight, bias, target, temperature, row_stats, grad_logp,
+                                                  grad_entropy, decode_logprob_plan(plan), compact=True)
+    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
+
+
+linear_logprobs_backward = torch.library.custom_op("dft_kernels::linear_logprobs_backward", mutates_args=())(
+    _linear_logprobs_backward_impl)
+
+
+@linear_logprobs_backward.register_fake
+def _(x, weight, bias, target, temperature, row_stats, grad_logp, grad_entropy, plan):
+    p = decode_logprob_plan(plan)
+    dx = x.new_empty(x.shape if p.need_dx else (0,))
+    dw = weight.new_empty(weight.shape if p.need_dw else (0,))
+    db = weight.new_empty((weight.shape[0],) if p.need_db and bias is not None else (0,))
+    return dx, dw, db
+
+
+def _linear_logprobs_setup_context(ctx, inputs, output):
+    x, weight, bias, target, temperature, plan = inputs
+    p = decode_logprob_plan(plan)
+    ctx.num_inputs, ctx.plan = len(inputs), plan
+    ctx.need = (p.need_dx, p.need_dw, p.need_db and bias is not None)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, bias, target, temperature, output[2])
+
+
+def _linear_logprobs_backward(ctx, grad_logp, grad_entropy, *_unused):
+    if grad_logp is None and grad_entropy is None:  # no gradient reached either output
+        return (None,) * ctx.num_inputs
+    x, weight, bias, target, temperature, row_stats = ctx.saved_tensors
+    dx, dw, db = torch.ops.dft_kernels.linear_logprobs_backward(x, weight, bias, target, temperature, row_stats,
+                                                                grad_logp, grad_entropy, ctx.plan)
+    need_dx, need_dw, need_db = ctx.need
+    grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
+    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))
+
+
+torch.library.register_autograd("dft_kernels::linear_logprobs_forward", _linear_logprobs_backward,
+                                setup_context=_linear_logprobs_setup_context)
+
+
+@_autocast_off
+def _logprobs_forward_impl(logits: Tensor, target: Tensor, temperature: Optional[Tensor], plan: str) -> _T5:
+    return chunked.logprobs_logits_forward(logits, target, temperature, decode_logprob_plan(plan))
+
+
+logprobs_forward = torch.library.custom_op("dft_kernels::logprobs_forward", mutates_args=())(_logprobs_forward_impl)
+
+
+@logprobs_forward.register_fake
+def _(logits, target, temperature, plan):
+    return _logprob_outputs_fake(logits, plan)
+
+
+@_autocast_off
+def _logprobs_backward_impl(logits: Tensor, target: Tensor, temperature: Optional[Tensor], row_stats: Tensor,
+                            grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], plan: str) -> Tensor:
+    return chunked.logprobs_logits_backward(logits, target, temperature, row_stats, grad_logp, grad_entropy,
+                                            decode_logprob_plan(plan))
+
+
+logprobs_backward = torch.library.custom_op("dft_kernels::logprobs_backward", mutates_args=())(
+    _logprobs_backward_impl)
+
+
+@logprobs_backward.register_fake
+def _(logits, target, temperature, row_stats, grad_logp, grad_entropy, plan):
+    return torch.empty_like(logits)
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    logits, target, temperature, plan = inputs
+    ctx.num_inputs, ctx.plan = len(inputs), plan
+    ctx.need_grad = decode_logprob_plan(plan).need_dx
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(logits, target, temperature, output[2])
+
+
+def _logprobs_backward(ctx, grad_logp, grad_entropy, *_unused):
+    grad = None
+    if ctx.need_grad and (grad_logp is not None or grad_entropy is not None):
+        logits, target, temperature, row_stats = ctx.saved_tensors
+        grad = torch.ops.dft_kernels.logprobs_backward(logits, target, temperature, row_stats, grad_logp,
+                                                       grad_entropy, ctx.plan)
+    return (grad, *(None,) * (ctx.num_inputs - 1))
+
+
+torch.library.register_autograd("dft_kernels::logprobs_forward", _logprobs_backward,
+                                setup_context=_logprobs_setup_context)
+
+IMPLEMENTATIONS.update({
+    "dft_kernels::linear_logprobs_forward": _linear_logprobs_forward_impl,
+    "dft_kernels::linear_logprobs_backward": _linear_logprobs_backward_impl,
+    "dft_kernels::logprobs_forward": _logprobs_forward_impl,
+    "dft_kernels::logprobs_backward": _logprobs_backward_impl,
+})

@@ -505,14 +505,186 @@ def plan_vocab_parallel(opts: LossOptions, rows: torch.Tensor, max_local_size: i
                     need_db)
 
 
-def document_options(obj):
+def document_options(obj, options=None):
     """Decorator: append to a function's (or class's) docstring the documentation of the options
-    its signature takes, from the field docs above."""
+    its signature takes, from the field docs of ``options`` (default :class:`LossOptions`)."""
     params = inspect.signature(obj).parameters
     lines = [inspect.cleandoc(obj.__doc__ or ""), "", "Options::", ""]
-    for f in fields(LossOptions):
+    for f in fields(options or LossOptions):
         if f.name in params:
             lines.append(textwrap.fill(f"{f.name}={f.default!r}: {f.metadata['doc']}", 100,
                                        initial_indent="    ", subsequent_indent="        "))
     obj.__doc__ = "\n".join(lines)
     return obj
+
+
+# ---------------------------------------------------------------- the log-prob family (docs/rl.md)
+
+LOGPROBS = "logprobs"  # the row-kernel path of the log-prob family (backends: row_logprobs / row_logprobs_grad)
+
+
+def _logprob_option(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """The options of :func:`dft_kernels.linear_logprobs` and :func:`dft_kernels.logprobs`, checked
+    and normalised on construction (errors name the option).  The options shared with the loss
+    (``softcap``, ``ignore_index``, ``shift``, ``backend``, ``chunk_size``, ``process_group``,
+    ``validate``) are checked by :class:`LossOptions` itself, so they mean and reject the same.
+    A tensor ``temperature`` is per-token *data*: the entry point passes it apart and leaves 1.0 here."""
+
+    temperature: float = _logprob_option(
+        1.0, "a float > 0, or a tensor broadcastable to ``target`` (per-token or per-sequence temperatures, "
+             "taken at the target's positions, so shifted with it): the log-probs are those of "
+             "``softmax(z / temperature)``.")
+    softcap: Optional[float] = _logprob_option(
+        None, "when set, the logits are ``softcap * tanh(z / softcap)`` (Gemma-2 style), before the temperature.")
+    ignore_index: int = _logprob_option(
+        -100, "targets equal to it (and, with ``validate=False``, any target outside ``[0, V)``) give 0 and "
+              "no gradient.")
+    shift: bool = _logprob_option(
+        False, "predict ``target[..., 1:]`` from positions ``[..., :-1]`` (the causal-LM shift); the outputs "
+               "are then shaped like ``target[..., 1:]``.")
+    return_entropy: bool = _logprob_option(
+        False, "also return the per-token entropy of ``softmax(z / temperature)``, differentiable.")
+    return_stats: bool = _logprob_option(
+        False, "also return ``dk.LogprobStats`` (per-token ``sum_sq_probs`` and ``is_top1``, no gradient), "
+               "from the same pass.")
+    backend: str = _logprob_option(
+        "auto", "row-kernel backend: ``auto``, ``triton`` or ``torch`` (the ``cuda`` backend has no log-prob "
+                "kernel and says so).")
+    chunk_size: Optional[int] = _logprob_option(
+        None, "token rows per chunk; None: the most rows whose chunk buffers fit the device's budget "
+              "(docs/design.md, Chunk size).")
+    process_group: Optional[object] = _logprob_option(
+        None, "vocab-parallel heads are not supported yet: anything but None raises NotImplementedError.")
+    validate: bool = _logprob_option(
+        True, "check with one host sync that every target is in ``[0, V)`` or ``ignore_index`` and every "
+              "temperature of a valid token is finite and > 0; False skips it.")
+
+    def __post_init__(self):
+        put = functools.partial(object.__setattr__, self)
+        shared = LossOptions(ignore_index=self.ignore_index, softcap=self.softcap, shift=self.shift,
+                             backend=self.backend, chunk_size=self.chunk_size, process_group=self.process_group,
+                             validate=self.validate)
+        for name in ("ignore_index", "softcap", "shift", "backend", "chunk_size", "validate"):
+            put(name, getattr(shared, name))
+        put("temperature", _real("temperature", self.temperature))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for flag in ("return_entropy", "return_stats"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+
+    @property
+    def row_params(self) -> "LogprobParams":
+        return LogprobParams(self.ignore_index, self.softcap, self.temperature, self.return_entropy,
+                             self.return_stats)
+
+
+LOGPROB_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LogprobOptions))
+
+
+@dataclass(frozen=True)
+class LogprobParams:
+    """What a log-prob row kernel reads (``row_logprobs`` / ``row_logprobs_grad`` of the backend
+    contract): ``ignore_index``; ``softcap``; ``temperature``, the scalar temperature of every row
+    when no per-row temperature tensor is given; ``with_entropy``: compute the entropy (and keep
+    what its gradient needs); ``with_stats``: ``sum_sq_probs`` and ``is_top1``."""
+
+    ignore_index: int = -100
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+    with_entropy: bool = False
+    with_stats: bool = False
+
+
+@dataclass(frozen=True)
+class LogprobPlan:
+    """What one log-prob call runs (as :class:`LossPlan`, for the log-prob family): ``steps`` are
+    ``(backend, "logprobs")`` pairs, the rest is read by the chunk loop's buffers and GEMMs."""
+
+    options: LogprobOptions
+    steps: tuple
+    chunk_size: int
+    logits_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    accum_dtype: torch.dtype
+    need_dx: bool = False
+    need_dw: bool = False
+    need_db: bool = False
+
+    @property
+    def params(self) -> LogprobParams:
+        return self.options.row_params
+
+    @property
+    def path(self) -> str:
+        return self.steps[0][1]
+
+    def encode(self) -> str:
+        """This plan as one string, the log-prob ops' argument (:func:`decode_logprob_plan` inverts it)."""
+        if self.options.process_group is not None:
+            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
+        opts = tuple(_encode_value(getattr(self.options, name)) for name in LOGPROB_OPTION_NAMES)
+        rest = tuple(_encode_value(getattr(self, f.name)) for f in fields(self) if f.name != "options")
+        return repr((opts, rest))
+
+
+@functools.lru_cache(maxsize=256)
+def decode_logprob_plan(encoded: str) -> LogprobPlan:
+    """The :class:`LogprobPlan` that :meth:`LogprobPlan.encode` wrote (cached)."""
+    opts, rest = ast.literal_eval(encoded)
+    options = LogprobOptions(**{name: _decode_value(v) for name, v in zip(LOGPROB_OPTION_NAMES, opts, strict=True)})
+    names = [f.name for f in fields(LogprobPlan) if f.name != "options"]
+    return LogprobPlan(options, **{name: _decode_value(v) for name, v in zip(names, rest, strict=True)})
+
+
+def _logprob_steps(backend: str, device: torch.device) -> tuple:
+    """``(backend, "logprobs")`` steps of a log-prob call on ``device``: the candidates whose
+    ``supports("logprobs", ...)`` is "" (a named backend that declines raises with its reason)."""
+    steps = []
+    for name in backends.candidates(backend, device):
+        reason = backends.get_backend(name).supports(LOGPROBS, LogprobParams())
+        if not reason:
+            steps.append((name, LOGPROBS))
+        elif backend != "auto":
+            raise ValueError(f"backend: {name!r} cannot compute log-probs: {reason}")
+    if not steps:
+        raise ValueError(f"backend: no backend with a log-prob kernel is available on device {device}")
+    return tuple(steps) if backend == "auto" else tuple(steps[:1])
+
+
+_logprob_steps._dynamo_marked_constant = True  # as _steps: resolved at trace time, a constant
+
+
+def plan_logprobs_linear(opts: LogprobOptions, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         need_dx: bool, need_dw: bool, need_db: bool) -> LogprobPlan:
+    """The plan of :func:`dft_kernels.linear_logprobs` on ``x`` ``[N, H]`` and ``weight`` ``[V, H]``: the
+    loss's precision policy (float32 chunk logits, the gradient in the dtype the GEMMs read, a float32
+    ``dW`` accumulator)."""
+    logits_dtype, grad_dtype = head_dtypes(x.dtype, None, x.device)
+    row_bytes = logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype else 0)
+    chunk = opts.chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, _budget_of(x.device))
+    return LogprobPlan(opts, _logprob_steps(opts.backend, x.device), chunk, logits_dtype, grad_dtype,
+                       torch.promote_types(torch.float32, weight.dtype), need_dx, need_dw,
+                       need_db and bias is not None)
+
+
+def plan_logprobs_logits(opts: LogprobOptions, logits: torch.Tensor, need_grad: bool) -> LogprobPlan:
+    """The plan of :func:`dft_kernels.logprobs` on given ``logits`` ``[N, V]``: the gradient is written
+    once, in the logits' dtype."""
+    chunk = opts.chunk_size or default_chunk_size(logits.shape[0], logits.shape[1], max(4, logits.element_size()),
+                                                  _budget_of(logits.device))
+    return LogprobPlan(opts, _logprob_steps(opts.backend, logits.device), chunk, logits.dtype, logits.dtype,
+                       torch.promote_types(logits.dtype, torch.float32), need_dx=need_grad)
+
+
+def _budget_of(device: torch.device) -> int:
+    return CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
+
+
+__all__ += ["LogprobOptions", "LogprobParams", "LogprobPlan", "LOGPROB_OPTION_NAMES", "LOGPROBS",
+            "decode_logprob_plan", "plan_logprobs_linear", "plan_logprobs_logits"]

@@ -21,9 +21,10 @@ from torch import Tensor
 from .functional import NumItems, check_linear_args, check_logits, prepare
 from .objectives import ObjectiveLike
 from .options import LossOptions, document_options
-from .stats import LossStats
+from .rl import logprob_options, prepare_logprobs
+from .stats import LogprobStats, LossStats
 
-__all__ = ["linear_cross_entropy", "cross_entropy", "token_loss"]
+__all__ = ["linear_cross_entropy", "cross_entropy", "token_loss", "linear_logprobs", "logprobs"]
 
 
 def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: float, z_loss: float):
@@ -148,3 +149,66 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias:
     opts = _one_process(LossOptions.from_arguments(locals()))
     input, weight, bias = check_linear_args(input, weight, bias)
     return _loss_from_logits(F.linear(input, weight, bias), target, opts, num_items_in_batch, token_weights)
+
+
+# ---------------------------------------------------------------- the log-prob family (docs/rl.md)
+
+
+def _logprobs_from_logits(logits: Tensor, target: Tensor, temperature, opts) -> tuple:
+    """Per-token log-probs (and entropy, stats) of ``softmax(cap(logits) / T)`` on materialised logits,
+    with plain autograd; shares only the argument checks with the fast path."""
+    prepare_logprobs(logits, "logits", target, logits.shape[-1], opts, temperature)  # checks only
+    vocab = logits.shape[-1]
+    temp = None if temperature is None else temperature.broadcast_to(target.shape)
+    if opts.shift:
+        logits, target = logits[..., :-1, :], target[..., 1:]
+        temp = None if temp is None else temp[..., 1:]
+    valid = (target != opts.ignore_index) & (target >= 0) & (target < vocab)
+    z = logits
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    if temp is None:
+        z = z / opts.temperature
+    else:  # an ignored token's temperature may be anything (0 at padding): 1 there
+        t = torch.where(valid, temp.to(z.dtype), torch.ones((), dtype=z.dtype, device=z.device))
+        z = z / t.unsqueeze(-1)
+    log_pi = torch.log_softmax(z, dim=-1)
+    safe = torch.where(valid, target, 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    result = [torch.where(valid, log_pi.gather(-1, safe).squeeze(-1), zero)]
+    pi = log_pi.exp()
+    if opts.return_entropy:
+        # -sum pi log pi with 0 log 0 = 0 (masked, -inf logits contribute nothing)
+        result.append(torch.where(valid, torch.special.entr(pi).sum(-1), zero))
+    if opts.return_stats:
+        with torch.no_grad():
+            sum_sq = torch.where(valid, pi.square().sum(-1), zero)
+            result.append(LogprobStats(sum_sq_probs=sum_sq, is_top1=(z.argmax(-1) == target) & valid))
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def logprobs(logits: Tensor, target: Tensor, *, temperature=1.0, softcap: Optional[float] = None,
+             ignore_index: int = -100, shift: bool = False, return_entropy: bool = False, return_stats: bool = False,
+             backend: str = "auto", chunk_size: Optional[int] = None, process_group=None, validate: bool = True):
+    """Reference for :func:`dft_kernels.logprobs`: ``log_softmax`` and ``softmax`` of the whole logits
+    (in their dtype; the tests run it in float64), autograd for every gradient."""
+    temp, opts = logprob_options(temperature, softcap=softcap, ignore_index=ignore_index, shift=shift,
+                                 return_entropy=return_entropy, return_stats=return_stats, backend=backend,
+                                 chunk_size=chunk_size, process_group=process_group, validate=validate)
+    if opts.process_group is not None:
+        raise ValueError("process_group: the reference computes on the whole head in one process")
+    return _logprobs_from_logits(check_logits(logits), target, temp, opts)
+
+
+def linear_logprobs(input: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                    temperature=1.0, softcap: Optional[float] = None, ignore_index: int = -100, shift: bool = False,
+                    return_entropy: bool = False, return_stats: bool = False, backend: str = "auto",
+                    chunk_size: Optional[int] = None, process_group=None, validate: bool = True):
+    """Materialising reference for :func:`dft_kernels.linear_logprobs` (same signature)."""
+    temp, opts = logprob_options(temperature, softcap=softcap, ignore_index=ignore_index, shift=shift,
+                                 return_entropy=return_entropy, return_stats=return_stats, backend=backend,
+                                 chunk_size=chunk_size, process_group=process_group, validate=validate)
+    if opts.process_group is not None:
+        raise ValueError("process_group: the reference computes on the whole head in one process")
+    input, weight, bias = check_linear_args(input, weight, bias)
+    return _logprobs_from_logits(F.linear(input, weight, bias), target, temp, opts)

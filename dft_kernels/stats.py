@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-__all__ = ["LossStats"]
+__all__ = ["LossStats", "LogprobStats"]
 
 
 @dataclass
@@ -41,3 +41,16 @@ class LossStats:
     def as_dict(self) -> dict:
         """Python floats (one host sync per field), for logging."""
         return {k: (None if v is None else float(v)) for k, v in vars(self).items()}
+
+
+class LogprobStats(NamedTuple):
+    """Per-token statistics of :func:`dft_kernels.linear_logprobs` / :func:`dft_kernels.logprobs`
+    (``return_stats=True``), from the same pass, shaped like the log-probs, without gradient; 0
+    (False) at ignored positions.
+
+    ``sum_sq_probs``: ``sum_j pi_j^2`` of ``pi = softmax(z / temperature)`` (the collision
+    probability; ``1 / sum_sq_probs`` is the effective number of choices), float32 (float64 for
+    float64 inputs); ``is_top1``: bool, whether the target is the (first) argmax of the logits."""
+
+    sum_sq_probs: Tensor
+    is_top1: Tensor

@@ -46,6 +46,34 @@ Paths (every backend module also exposes ``supports(path, params) -> str``: "" w
     apply the factor on chunk-sized operands (docs/design.md, Data path).  The triton backend
     has it (not with label smoothing or a z-loss).
 
+The log-prob family (path ``"logprobs"``; docs/rl.md), for :func:`dft_kernels.linear_logprobs`
+and :func:`dft_kernels.logprobs`.  A backend whose ``supports("logprobs", params)`` is "" has::
+
+    row_logprobs(logits, target, params, temperature=None) -> LogprobRowOutputs
+    row_logprobs_grad(logits, target, params, row_stats, grad_logp, grad_entropy,
+                      temperature=None, grad_out=None) -> None
+
+    ``logits``, ``target`` and validity as above; ``params``: :class:`~dft_kernels.options.LogprobParams`.
+    Row ``i`` reads ``z = softcap * tanh(z0 / softcap) / T_i`` (no cap without ``softcap``), with
+    ``T_i = temperature[i]`` when the float32 (float64) ``[n]`` tensor ``temperature`` is given,
+    else ``params.temperature``; an invalid row's temperature is never used.
+    ``row_logprobs`` returns float32 (float64 for float64 logits) ``[n]`` tensors, zero (False) at
+    invalid rows: ``logp = z_y - lse``; ``entropy`` ``H = -sum_j pi_j log pi_j`` (None unless
+    ``params.with_entropy``); ``sum_sq`` ``sum_j pi_j^2`` and ``top1`` (bool, first argmax == y)
+    (None unless ``params.with_stats``); and ``row_stats``, ``[n, 3]`` in the same dtype:
+    ``(m, log1p(r), gap)`` with ``m = max_j z_j``, ``lse = m + log1p(r)`` and
+    ``gap = sum_j pi_j (m - z_j) = H - log1p(r)`` (the last 0 without ``with_entropy``), what
+    ``row_logprobs_grad`` reads back instead of a second pass.
+    ``row_logprobs_grad`` writes, from float32 math, in one read of the row, with ``a = grad_logp``
+    and ``c = grad_entropy`` (``[n]`` float32/float64, or None for 0)::
+
+        dL/dz0_j = (a (1[j=y] - pi_j) - c pi_j (log pi_j + H)) / T_i * (1 - (z_j T_i / softcap)^2)
+
+    with ``log pi_j + H = (z_j - m) + gap`` and the target entry as
+    ``-a expm1(logp) - c p ((z_y - m) + gap)`` (no cancellation when ``p ~ 1``); into
+    ``grad_out`` (as ``row_loss_grad``'s: any float dtype, unit stride along V) or, with
+    ``grad_out=None``, over ``logits`` in place; zero rows at invalid rows.
+
 Adding a backend is one file in this package plus one line in ``BACKENDS``.
 
 Which backend and path a call runs is decided once, at the entry point, by
@@ -66,8 +94,8 @@ from torch import device as Device
 
 # No module-level name 'torch' here: it would shadow the backends.torch submodule.
 
-__all__ = ["RowOutputs", "BACKENDS", "BACKEND_NAMES", "candidates", "get_backend", "resolve_backend",
-           "valid_rows", "check_grad_out", "via_in_place", "log_once"]
+__all__ = ["RowOutputs", "LogprobRowOutputs", "BACKENDS", "BACKEND_NAMES", "candidates", "get_backend",
+           "resolve_backend", "valid_rows", "check_grad_out", "via_in_place", "log_once"]
 
 logger = logging.getLogger("dft_kernels")
 
@@ -78,6 +106,16 @@ class RowOutputs(NamedTuple):
     prob: Tensor
     entropy: Optional[Tensor]
     correct: Optional[Tensor]
+
+
+class LogprobRowOutputs(NamedTuple):
+    """What ``row_logprobs`` returns (the log-prob family of the contract above)."""
+
+    logp: Tensor
+    entropy: Optional[Tensor]
+    sum_sq: Optional[Tensor]
+    top1: Optional[Tensor]
+    row_stats: Tensor
 
 
 # name -> module implementing the contract.

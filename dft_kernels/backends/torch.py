@@ -27,14 +27,14 @@ from torch import Tensor
 
 from ..objectives import epilogue
 from ..options import LossParams
-from . import RowOutputs, check_grad_out, valid_rows
+from . import LogprobRowOutputs, RowOutputs, check_grad_out, valid_rows
 
 NAME = "torch"
 
 
 def supports(path: str, params) -> str:
-    """"" for the two-pass ``"rows"`` path, the only one this backend has (the contract's paths)."""
-    return "" if path == "rows" else f"the {NAME} backend has no {path!r} path"
+    """"" for the two-pass ``"rows"`` path and the log-prob family ``"logprobs"`` (the contract's paths)."""
+    return "" if path in ("rows", "logprobs") else f"the {NAME} backend has no {path!r} path"
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -129,3 +129,100 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         entropy=None if entropy is None else torch.where(valid, entropy, zero).to(f32),
         correct=None if correct is None else correct * valid,
     )
+
+
+# ---------------------------------------------------------------- the log-prob family (docs/rl.md)
+
+
+def _scaled_logits(logits: Tensor, valid: Tensor, params, temperature: Optional[Tensor], dtype: torch.dtype,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """A working copy (into ``out`` when given) of ``z = softcap * tanh(z0 / softcap) / T`` in ``dtype``;
+    invalid rows use ``T = 1`` (their temperature may be anything)."""
+    work = logits.to(dtype, copy=True) if out is None else out.copy_(logits)
+    if params.softcap is not None:
+        work.div_(params.softcap).tanh_().mul_(params.softcap)
+    if temperature is not None:
+        t = temperature.to(dtype)
+        work.div_(torch.where(valid, t, torch.ones_like(t)).unsqueeze(1))
+    elif params.temperature != 1.0:
+        work.div_(params.temperature)
+    return work
+
+
+def row_logprobs(logits: Tensor, target: Tensor, params, temperature: Optional[Tensor] = None) -> LogprobRowOutputs:
+    """The contract's ``row_logprobs`` (``dft_kernels.backends``) with whole-row tensor ops:
+    ``lse = m + log1p(r)`` with ``r`` the sum of ``e^{z_j - m}`` over all but one maximal entry
+    (so ``logp`` stays accurate when ``p ~ 1``), ``gap = sum_j pi_j (m - z_j)`` from non-negative terms."""
+    n, vocab = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = valid_rows(target, params.ignore_index, vocab)
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    work = _scaled_logits(logits, valid, params, temperature, dtype)
+    m = work.amax(dim=1, keepdim=True)
+    z_target = work.gather(1, safe_target).squeeze(1)
+    top1 = (work.argmax(dim=1) == target) & valid if params.with_stats else None
+    d = work.sub_(m)  # z - m <= 0
+    e = torch.exp(d)  # in [0, 1]: the max entries exactly 1
+    m = m.squeeze(1)
+    t = None
+    if params.with_entropy:  # sum_j e_j (m - z_j): -inf logits (no mass) add 0, not 0 * inf
+        t = -(d.mul_(e).masked_fill_(e == 0.0, 0.0)).sum(dim=1)
+    del d, work
+    at_max = e == 1.0
+    r_others = e.masked_fill_(at_max, 0.0).sum(dim=1)
+    e.masked_fill_(at_max, 1.0)
+    del at_max
+    r = r_others + ((e.sum(dim=1) - r_others).round_() - 1.0)  # + the ties at the max (each an exact 1)
+    log1p_r = torch.log1p(r)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    logp = torch.where(valid, (z_target - m) - log1p_r, zero)
+    gap = torch.zeros_like(r) if t is None else t / (1.0 + r)
+    entropy = None if t is None else torch.where(valid, log1p_r + gap, zero)
+    sum_sq = None
+    if params.with_stats:
+        sum_sq = torch.where(valid, e.square_().sum(dim=1) / (1.0 + r).square(), zero)
+    return LogprobRowOutputs(logp, entropy, sum_sq, top1, torch.stack([m, log1p_r, gap], dim=1))
+
+
+def row_logprobs_grad(logits: Tensor, target: Tensor, params, row_stats: Tensor, grad_logp: Optional[Tensor],
+                      grad_entropy: Optional[Tensor], temperature: Optional[Tensor] = None,
+                      grad_out: Optional[Tensor] = None) -> None:
+    """The contract's ``row_logprobs_grad``: ``-pi_j (a + c ((z_j - m) + gap))`` off the target,
+    ``-a expm1(logp) - c p ((z_y - m) + gap)`` on it, over ``T``, times the cap's ``sech^2``."""
+    n, vocab = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if grad_out is not None:
+        check_grad_out(grad_out, logits, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    dest = logits if grad_out is None else grad_out
+    valid = valid_rows(target, params.ignore_index, vocab)
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    work = _scaled_logits(logits, valid, params, temperature, dtype,
+                          out=grad_out if grad_out is not None and grad_out.dtype == dtype else None)
+    m, log1p_r, gap = (s.to(dtype).unsqueeze(1) for s in row_stats.unbind(1))
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    a = zero if grad_logp is None else grad_logp.to(dtype).unsqueeze(1)
+    c = None if grad_entropy is None else grad_entropy.to(dtype).unsqueeze(1)
+    d = work.sub_(m)  # z - m
+    d_y = d.gather(1, safe_target)
+    logp = d_y - log1p_r
+    pi = torch.exp(d - log1p_r)
+    target_grad = -a * torch.expm1(logp)
+    coef = d
+    if c is None:
+        coef = torch.broadcast_to(a, d.shape)
+    else:
+        target_grad = target_grad - c * torch.exp(logp) * (d_y + gap)
+        coef = d.add_(gap).mul_(c).add_(a)  # a + c (log pi + H)
+    grad = torch.where(pi > 0.0, pi.mul_(coef).neg_(), zero)  # -inf logits: 0, not 0 * inf
+    grad.scatter_(1, safe_target, target_grad)
+    row_factor = torch.where(valid, torch.ones((), dtype=dtype, device=logits.device), zero)
+    if temperature is not None:
+        t = temperature.to(dtype)
+        row_factor = row_factor / torch.where(valid, t, torch.ones_like(t))
+    elif params.temperature != 1.0:
+        row_factor = row_factor / params.temperature
+    grad.mul_(row_factor.unsqueeze(1))
+    if params.softcap is not None:
+        grad.mul_(logits.to(dtype, copy=True).div_(params.softcap).cosh_().square_().reciprocal_())
+    grad = torch.where(valid.unsqueeze(1), grad, zero)  # invalid rows: 0 even where their entries were not finite
+    dest.copy_(grad)
