@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .. import objectives
 from ..options import LossParams
-from . import RowOutputs, check_grad_out
+from . import LogprobRowOutputs, RowOutputs, check_grad_out
 
 NAME = "triton"
 MAX_BLOCK = 8192
@@ -500,7 +500,7 @@ def supports(path: str, params: LossParams) -> str:
     """"" where this backend runs ``path`` for ``params`` (the contract's paths), else why not: the
     factored gradient has no label smoothing or z-loss, whose gradients have terms that are not a
     multiple of the softmax."""
-    if path == "rows":
+    if path in ("rows", "logprobs"):
         return ""
     if path != "factored":
         return f"the triton backend has no {path!r} path"
@@ -593,3 +593,215 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
             _row_loss_grad_kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block,
                                                            num_warps=warps)
     return RowOutputs(loss, nll, prob, entropy, correct)
+
+
+# ---------------------------------------------------------------- the log-prob family (docs/rl.md)
+#
+# For a row with ``z = softcap * tanh(z0 / softcap) / T`` (no cap without ``softcap``), ``T`` the row's
+# temperature, the forward kernel makes one online pass (pass 1 above, plus ``s2 = sum e^{2 (z - m)}``)::
+#
+#     lse = m + log1p(r),  logp = (z_y - m) - log1p(r),  gap = t / (1 + r),  H = log1p(r) + gap,
+#     sum_sq = s2 / (1 + r)^2
+#
+# and keeps ``(m, log1p(r), gap)`` per row; the gradient kernel reads them back and the row once::
+#
+#     dz0_j = -pi_j (a + c ((z_j - m) + gap)) / T * sech^2(z0_j / softcap),   pi_j = e^{(z_j - m) - log1p(r)}
+#     dz0_y = (-a expm1(logp) - c p ((z_y - m) + gap)) / T * sech^2(z0_y / softcap)
+#
+# (``(z_j - m) + gap = log pi_j + H``: no cancellation at the max, nor in ``1 - p``).
+
+
+@_device_fn
+def _row_temperature(temp_ptr, rows, row_ok, valid, temperature, PER_ROW_TEMP: tl.constexpr):
+    """Each row's temperature: the per-row tensor's, or the scalar; 1 at invalid rows."""
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
+    else:
+        t = tl.zeros(rows.shape, dtype=tl.float32) + temperature
+    return tl.where(valid, t, 1.0)
+
+
+@triton.jit
+def _row_logprobs_kernel(
+    logits_ptr, stride_row, n_rows, target_ptr, temp_ptr,
+    logp_ptr, entropy_ptr, sum_sq_ptr, top1_ptr, stats_ptr,
+    V, ignore_index, softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, PER_ROW_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_STATS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``logp`` (and ``entropy``, ``sum_sq``, ``top1``) of ``ROWS`` rows in one online pass, and the
+    row statistics ``(m, log1p(r), gap)`` at ``stats_ptr + 3 * row`` (the block comment above)."""
+    # int64 rows: ``rows * stride_row`` passes 2^31 as soon as N * V does (see _row_loss_grad_kernel)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    row_ptrs = logits_ptr + rows * stride_row
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
+    temp = _row_temperature(temp_ptr, rows, row_ok, valid, temperature, PER_ROW_TEMP)
+
+    z_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z_y / softcap)
+    z_y = z_y / temp
+
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    r = tl.zeros([ROWS], dtype=tl.float32)
+    t = tl.zeros([ROWS], dtype=tl.float32)
+    s2 = tl.zeros([ROWS], dtype=tl.float32)
+    arg = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        z, _ = _load_block(row_ptrs, row_ok, start + cols, V, softcap, HAS_SOFTCAP)
+        z = z / temp[:, None]
+        bm, r_b, t_b, b_arg, e = _block_stats(z, start, WITH_ENTROPY, WITH_STATS)
+        if WITH_STATS:  # s2 rescales by the square of _merge's factor
+            a = tl.exp2(-tl.abs(m - bm) * LOG2E)
+            a2 = tl.where(a > 0.0, a * a, 0.0)  # 0 (not nan) where a side has no mass
+            s2_b = tl.sum(e * e, axis=1)
+            s2 = tl.where(bm > m, s2_b + a2 * s2, s2 + a2 * s2_b)
+        m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, WITH_ENTROPY, WITH_STATS)
+
+    log1p_r = _log1p(r)
+    logp = (z_y - m) - log1p_r
+    gap = tl.zeros_like(r)
+    if WITH_ENTROPY:
+        gap = t / (1.0 + r)
+        tl.store(entropy_ptr + rows, tl.where(valid, log1p_r + gap, 0.0), mask=row_ok)
+    if WITH_STATS:
+        tl.store(sum_sq_ptr + rows, tl.where(valid, s2 / ((1.0 + r) * (1.0 + r)), 0.0), mask=row_ok)
+        tl.store(top1_ptr + rows, (valid & (arg == y)).to(tl.int8), mask=row_ok)
+    tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=row_ok)
+    tl.store(stats_ptr + 3 * rows, m, mask=row_ok)
+    tl.store(stats_ptr + 3 * rows + 1, log1p_r, mask=row_ok)
+    tl.store(stats_ptr + 3 * rows + 2, gap, mask=row_ok)
+
+
+@triton.jit
+def _row_logprobs_grad_kernel(
+    logits_ptr, stride_row, grad_ptr, stride_grad, n_rows, target_ptr, temp_ptr, stats_ptr, grad_logp_ptr,
+    grad_entropy_ptr, V, ignore_index, softcap, temperature,
+    HAS_SOFTCAP: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The logits gradient of ``a logp + c H`` for ``ROWS`` rows, in one read of each row, from the
+    forward's ``(m, log1p(r), gap)``; stored once at ``grad_ptr`` in its element type (rows
+    ``stride_grad`` apart; ``logits_ptr`` itself for in place), zero rows at invalid rows."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    row_ptrs = logits_ptr + rows * stride_row
+    grad_row_ptrs = grad_ptr + rows * stride_grad
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
+    temp = _row_temperature(temp_ptr, rows, row_ok, valid, temperature, PER_ROW_TEMP)
+    m = tl.load(stats_ptr + 3 * rows, mask=row_ok, other=0.0).to(tl.float32)
+    log1p_r = tl.load(stats_ptr + 3 * rows + 1, mask=row_ok, other=0.0).to(tl.float32)
+    gap = tl.load(stats_ptr + 3 * rows + 2, mask=row_ok, other=0.0).to(tl.float32)
+    a = tl.zeros([ROWS], dtype=tl.float32)
+    c = tl.zeros([ROWS], dtype=tl.float32)
+    if HAS_GRAD_LOGP:
+        a = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_GRAD_ENTROPY:
+        c = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+
+    z0_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
+    z_y = z0_y
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z0_y / softcap)
+    d_y = z_y / temp - m
+    logp = d_y - log1p_r
+    target_grad = -a * _expm1(logp)
+    if HAS_GRAD_ENTROPY:
+        target_grad -= c * tl.exp2(logp * LOG2E) * (d_y + gap)
+    inv_t = tl.where(valid, 1.0 / temp, 0.0)  # the chain factor 1/T, and 0 at invalid rows
+
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        bcols = start + cols
+        io_mask = row_ok[:, None] & (bcols < V)[None, :]
+        z0 = tl.load(row_ptrs[:, None] + bcols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        z = z0
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z0 / softcap)
+        d = z / temp[:, None] - m[:, None]
+        pi = tl.exp2((d - log1p_r[:, None]) * LOG2E)
+        coef = a[:, None] + tl.zeros_like(d)
+        if HAS_GRAD_ENTROPY:
+            coef += c[:, None] * (d + gap[:, None])
+        grad = tl.where(pi > 0.0, -pi * coef, 0.0)  # -inf logits: 0, not 0 * inf
+        grad = tl.where(bcols[None, :] == y[:, None], target_grad[:, None], grad) * inv_t[:, None]
+        if HAS_SOFTCAP:
+            grad = grad * _sech2(z0 / softcap)
+        grad = tl.where(valid[:, None], grad, 0.0)
+        tl.store(grad_row_ptrs[:, None] + bcols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _check_logits(logits: Tensor) -> None:
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits: the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype}")
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be a [n, V] tensor with unit stride along V, got shape "
+                         f"{tuple(logits.shape)} and strides {logits.stride()}")
+    if logits.shape[1] > MAX_VOCAB:
+        raise ValueError(f"logits: the triton backend takes rows of at most {MAX_VOCAB} entries, got "
+                         f"V = {logits.shape[1]}")
+
+
+def _launch_rows(kernel, n: int, vocab: int, device, args, flags) -> None:
+    """Launch a row kernel over ``n`` rows with :func:`block_config`'s shape, on ``device``."""
+    rows, block, warps = block_config(vocab)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps)
+
+
+def _temperature_args(params, temperature: Optional[Tensor], fallback: Tensor) -> tuple:
+    """``(pointer, scalar, per_row)`` of the kernels' temperature arguments."""
+    if temperature is None:
+        return fallback, _as_float32(params.temperature), False
+    return temperature.to(torch.float32).contiguous(), 1.0, True
+
+
+def row_logprobs(logits: Tensor, target: Tensor, params, temperature: Optional[Tensor] = None):
+    """The contract's ``row_logprobs`` (``dft_kernels.backends``): one online read of each row."""
+    _check_logits(logits)
+    n, vocab = logits.shape
+    dev, f32 = logits.device, torch.float32
+    logp = torch.empty(n, dtype=f32, device=dev)
+    entropy = torch.empty(n, dtype=f32, device=dev) if params.with_entropy else None
+    sum_sq = torch.empty(n, dtype=f32, device=dev) if params.with_stats else None
+    top1 = torch.empty(n, dtype=torch.bool, device=dev) if params.with_stats else None
+    row_stats = torch.empty((n, 3), dtype=f32, device=dev)
+    if n == 0:
+        return LogprobRowOutputs(logp, entropy, sum_sq, top1, row_stats)
+    temp_ptr, temp, per_row = _temperature_args(params, temperature, logp)
+    cap = params.softcap
+    args = (logits, logits.stride(0), n, target.contiguous(), temp_ptr, logp,
+            logp if entropy is None else entropy, logp if sum_sq is None else sum_sq,
+            logp if top1 is None else top1.view(torch.int8), row_stats,
+            vocab, params.ignore_index, 1.0 if cap is None else float(cap), temp)
+    flags = dict(HAS_SOFTCAP=cap is not None, PER_ROW_TEMP=per_row, WITH_ENTROPY=params.with_entropy,
+                 WITH_STATS=params.with_stats)
+    _launch_rows(_row_logprobs_kernel, n, vocab, dev, args, flags)
+    return LogprobRowOutputs(logp, entropy, sum_sq, top1, row_stats)
+
+
+def row_logprobs_grad(logits: Tensor, target: Tensor, params, row_stats: Tensor, grad_logp: Optional[Tensor],
+                      grad_entropy: Optional[Tensor], temperature: Optional[Tensor] = None,
+                      grad_out: Optional[Tensor] = None) -> None:
+    """The contract's ``row_logprobs_grad``: the gradient written in one read of each row."""
+    _check_logits(logits)
+    n, vocab = logits.shape
+    if grad_out is None:
+        grad_out = logits
+    else:
+        check_grad_out(grad_out, logits, _SUPPORTED_DTYPES)
+    if n == 0:
+        return
+    f32 = torch.float32
+    as_f32 = lambda t: None if t is None else t.to(f32).contiguous()  # noqa: E731
+    row_stats, grad_logp, grad_entropy = as_f32(row_stats), as_f32(grad_logp), as_f32(grad_entropy)
+    temp_ptr, temp, per_row = _temperature_args(params, temperature, row_stats)
+    cap = params.softcap
+    args = (logits, logits.stride(0), grad_out, grad_out.stride(0), n, target.contiguous(), temp_ptr, row_stats,
+            row_stats if grad_logp is None else grad_logp, row_stats if grad_entropy is None else grad_entropy,
+            vocab, params.ignore_index, 1.0 if cap is None else float(cap), temp)
+    flags = dict(HAS_SOFTCAP=cap is not None, PER_ROW_TEMP=per_row, HAS_GRAD_LOGP=grad_logp is not None,
+                 HAS_GRAD_ENTROPY=grad_entropy is not None)
+    _launch_rows(_row_logprobs_grad_kernel, n, vocab, logits.device, args, flags)
