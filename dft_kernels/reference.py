@@ -178,8 +178,10 @@ def _logprobs_from_logits(logits: Tensor, target: Tensor, temperature, opts) -> 
     result = [torch.where(valid, log_pi.gather(-1, safe).squeeze(-1), zero)]
     pi = log_pi.exp()
     if opts.return_entropy:
-        # -sum pi log pi with 0 log 0 = 0 (masked, -inf logits contribute nothing)
-        result.append(torch.where(valid, torch.special.entr(pi).sum(-1), zero))
+        # -sum pi log pi with 0 log 0 = 0: masked (-inf) logits contribute nothing, and no 0 * inf
+        # reaches the gradient (log pi is taken as 0 where pi is)
+        safe_log_pi = torch.where(pi > 0, log_pi, zero)
+        result.append(torch.where(valid, -(pi * safe_log_pi).sum(-1), zero))
     if opts.return_stats:
         with torch.no_grad():
             sum_sq = torch.where(valid, pi.square().sum(-1), zero)

@@ -99,3 +99,50 @@ def test_chunk_loop_allocations(backend, policy, reduction, monkeypatch):
         assert rec.peak_alive <= buffers
     else:  # plus the torch backend's working buffer and boolean mask (backends/torch.py)
         assert rec.peak_alive <= buffers + 2, chunk_sized
+
+
+# ---- the log-prob family (docs/rl.md): forward keeps O(tokens), backward recomputes the chunks ----
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "logits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_make_no_tensor_of_n_times_v_elements(backend, dtype, linear):
+    """linear_logprobs with entropy, stats and a per-token temperature, forward and backward of both
+    outputs: no tensor of N * V elements (the chunk logits are seen: the recorder works).  On given
+    logits the only N * V tensors are the caller's logits and their one gradient."""
+    x, w, b, t = make_inputs(N, H, V, dtype=dtype)
+    x, w, b = (a.detach().clone().requires_grad_() for a in (x, w, b))
+    temp = torch.rand(N) + 0.5
+    logits = leaf(torch.randn(N, V, dtype=dtype)) if not linear else None
+    with LargestOutput() as rec:
+        if linear:
+            logp, ent, _stats = dk.linear_logprobs(x, w, t, bias=b, temperature=temp, return_entropy=True,
+                                                   return_stats=True, backend=backend, chunk_size=CHUNK)
+        else:
+            logp, ent, _stats = dk.logprobs(logits, t, temperature=temp, return_entropy=True, return_stats=True,
+                                            backend=backend, chunk_size=CHUNK)
+        (logp * torch.randn(N) + ent * torch.randn(N)).sum().backward()
+    if linear:
+        assert rec.largest < N * V, f"{rec.largest_op} produced {rec.largest} elements"
+        assert rec.largest >= CHUNK * V
+    else:
+        fresh = {ptr for size, ptr in rec.sizes if size == N * V} - {logits.untyped_storage().data_ptr()}
+        assert fresh == {logits.grad.untyped_storage().data_ptr()}, rec.sizes  # the gradient, once
+
+
+def test_logprobs_forward_keeps_three_numbers_per_row():
+    """What the log-prob op saves for backward besides its inputs: [N, 3] row statistics."""
+    x, w, b, t = make_inputs(N, H, V)
+    x = leaf(x)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logp, ent = dk.linear_logprobs(x, w, t, bias=b, return_entropy=True, backend="torch", chunk_size=CHUNK)
+    assert saved, "the recorder saw nothing"
+    inputs = {a.untyped_storage().data_ptr() for a in (x, w, b, t)}
+    extra = [tuple(s.shape) for s in saved if s.untyped_storage().data_ptr() not in inputs]
+    assert extra == [(N, 3)], extra
