@@ -666,7 +666,8 @@ def plan_logprobs_linear(opts: LogprobOptions, x: torch.Tensor, weight: torch.Te
     loss's precision policy (float32 chunk logits, the gradient in the dtype the GEMMs read, a float32
     ``dW`` accumulator)."""
     logits_dtype, grad_dtype = head_dtypes(x.dtype, None, x.device)
-    row_bytes = logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype else 0)
+    with_grad = need_dx or need_dw or (need_db and bias is not None)  # else no gradient buffer (scoring rollouts)
+    row_bytes = logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype and with_grad else 0)
     chunk = opts.chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, _budget_of(x.device))
     return LogprobPlan(opts, _logprob_steps(opts.backend, x.device), chunk, logits_dtype, grad_dtype,
                        torch.promote_types(torch.float32, weight.dtype), need_dx, need_dw,
