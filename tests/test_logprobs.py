@@ -549,3 +549,70 @@ def test_odd_shapes_and_non_contiguous_input(backend, n, v):
     assert not x.is_contiguous()
     check_against_reference(x, w, b, t, torch.float32, backend=backend, chunk_size=2, return_stats=True,
                             temperature=_temperature("per_token", t.shape, torch.float64))
+
+
+# ---------------------------------------------------------------- a real head on a GPU (gpu marker)
+
+REF_ROWS = 256
+
+
+def _real_head_check(device, n, h, v, dtype, backend, chunk_size=None):
+    """linear_logprobs at a head shape on ``device`` against the float64 reference computed in chunks
+    of rows (its ``dW`` summed over them in float64), with eager PyTorch in ``dtype`` as the scale of
+    the 16-bit gradients' bound (3x eager + 1e-6, and 1e-2)."""
+    g = torch.Generator(device=device).manual_seed(17)
+    x = torch.randn(n, h, generator=g, device=device).to(dtype)
+    w = (torch.randn(v, h, generator=g, device=device) * (2.0 / h ** 0.5)).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g, device=device)
+    t[torch.rand(n, generator=g, device=device) < 0.3] = -100
+    temp = torch.rand(n, generator=g, device=device) + 0.5
+    a, c = (torch.randn(n, generator=g, device=device, dtype=torch.float64) for _ in range(2))
+    kw = dict(temperature=temp, softcap=30.0, return_entropy=True)
+    xs, ws = leaf(x), leaf(w)
+    logp, ent = dk.linear_logprobs(xs, ws, t, backend=backend, chunk_size=chunk_size, **kw)
+    (logp * a.float() + ent * c.float()).sum().backward()
+    ref_logp, ref_ent = (torch.empty(n, dtype=torch.float64, device=device) for _ in range(2))
+    ref_dx = torch.empty(n, h, dtype=torch.float64, device=device)
+    ref_dw = torch.zeros(v, h, dtype=torch.float64, device=device)
+    eager_dx = torch.empty(n, h, dtype=dtype, device=device)
+    eager_dw = torch.zeros(v, h, dtype=torch.float64, device=device)
+    for s in range(0, n, REF_ROWS):
+        e = min(s + REF_ROWS, n)
+        rows = dict(kw, temperature=temp[s:e])
+        xr, wr = leaf(x[s:e].double()), leaf(w.double())
+        lp, en = dk.reference.linear_logprobs(xr, wr, t[s:e], **rows)
+        ref_logp[s:e], ref_ent[s:e] = lp.detach(), en.detach()
+        gx, gw = torch.autograd.grad((lp * a[s:e] + en * c[s:e]).sum(), [xr, wr])
+        ref_dx[s:e] = gx
+        ref_dw += gw
+        del xr, wr, lp, en, gx, gw
+        if dtype != torch.float32:
+            xe, we = leaf(x[s:e]), leaf(w)
+            lp, en = dk.reference.linear_logprobs(xe, we, t[s:e], **dict(rows, temperature=temp[s:e].to(dtype)))
+            gx, gw = torch.autograd.grad((lp * a[s:e].to(dtype) + en * c[s:e].to(dtype)).sum(), [xe, we])
+            eager_dx[s:e] = gx
+            eager_dw += gw.double()
+            del xe, we, lp, en, gx, gw
+    tol = TOL[torch.float32]  # the outputs: float32 math on float32 logits of the input's values
+    assert rel_err(logp, ref_logp) <= tol and rel_err(ent, ref_ent) <= tol
+    for name, got, ref, eager in (("input", xs.grad, ref_dx, eager_dx), ("weight", ws.grad, ref_dw, eager_dw)):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        e = rel_err(got, ref)
+        assert e <= TOL[dtype], f"{name} grad: {e:.3e} > {TOL[dtype]}"
+        if dtype != torch.float32:
+            e_eager = rel_err(eager.to(dtype), ref)  # eager's gradient in its dtype
+            assert e <= 3 * e_eager + EPS, f"{name} grad: {e:.3e} > 3x eager {e_eager:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_real_head_on_gpu(backend, dtype):
+    """Llama-3-8B's head (V 128256, H 4096), 1024 tokens, the default chunk size."""
+    _real_head_check("cuda", 1024, 4096, 128256, dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_real_head_check_on_cpu(dtype):
+    """The GPU test's own code, on CPU at a small shape (so that it is known to run)."""
+    _real_head_check("cpu", 300, 32, 1000, dtype, "torch", chunk_size=64)
