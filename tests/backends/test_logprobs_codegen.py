@@ -1,5 +1,5 @@
 """The log-prob row kernels' sm_90 code, as a real launch gets it, on a machine without a GPU (the
-method of tests/test_triton_codegen.py: a subprocess without TRITON_INTERPRET calls the real launchers
+method of tests/backends/test_triton_codegen.py: a subprocess without TRITON_INTERPRET calls the real launchers
 ``row_logprobs`` / ``row_logprobs_grad`` with the kernel launch intercepted, specialises each launch as
 Triton's JIT launcher does, compiles it for sm_90 and runs the bundled ptxas ``-v``).
 
@@ -139,7 +139,7 @@ def codegen():
     from triton.backends.nvidia import compiler as nv  # noqa: F401  (skips below if absent)
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
@@ -156,5 +156,5 @@ def test_every_launch_compiles_for_sm90_with_vector_accesses_and_no_spills(codeg
         assert r["sass_loops"] >= 1 and r["local"] == 0, f"{case}: loops not found, or local memory ({r})"
         # the cubin Triton builds (what runs) has no local-memory access at all; a standalone ``ptxas -v``
         # on the PTX (``spill_bytes``, reported only) may count a few slots at the 64-register step where
-        # that cubin has none (tests/test_triton_codegen.py, test_no_spills): 44 bytes for fwd-bf16-all
+        # that cubin has none (tests/backends/test_triton_codegen.py, test_no_spills): 44 bytes for fwd-bf16-all
         assert r["sass_local"] == 0, f"{case}: the cubin spills ({r})"
