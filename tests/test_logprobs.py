@@ -186,6 +186,9 @@ def test_triton_backend_takes_no_float64(backend):
         return
     with pytest.raises(TypeError, match="logits: the triton backend takes float32"):
         dk.linear_logprobs(x, w, t, bias=b, backend=backend)
+    # every row ignored and compacted away: the kernel still sees an empty chunk in that dtype
+    with pytest.raises(TypeError, match="logits: the triton backend takes float32"):
+        dk.linear_logprobs(x, w, torch.full_like(t, -100), bias=b, backend=backend, chunk_size=1)
 
 
 def test_mostly_ignored_rows_are_compacted(backend, monkeypatch):
