@@ -1,4 +1,4 @@
-"""The ``dk.patch`` tensor-parallel cases of tests/vocab_parallel/test_vocab_parallel.py, run on every rank: a tiny Llama
+"""The ``dk.patch`` tensor-parallel cases of test_vocab_parallel.py, run on every rank: a tiny Llama
 loaded with transformers' ``tp_plan="auto"`` (DTensor, gloo on CPU; its LM head is ``Shard(0)`` over the
 vocabulary), or with only its head sharded by torch's ``parallelize_module(..., ColwiseParallel())``, and
 patched, against the same checkpoint loaded unsharded and patched in each process.

@@ -1,4 +1,4 @@
-"""What every rank of tests/vocab_parallel/test_vocab_parallel.py runs: the vocab-parallel loss on this rank's slice of a
+"""What every rank of test_vocab_parallel.py runs: the vocab-parallel loss on this rank's slice of a
 random head against the single-process float64 reference on the whole head.
 
 Every rank builds the same inputs from the case's seed, keeps its slice of the vocabulary, and reports,
