@@ -254,7 +254,7 @@ def default_providers(device: torch.device) -> list[Provider]:
     provs.append(ours_fast(order[0]))
     if order[0] == "triton":  # the backend with a factored gradient: its two-pass control beside
         provs += [ours_two_pass("triton"), ours_two_pass("triton", fast=True)]
-    if device.type == "cpu":  # the CPU chunk budget before it became 64 MiB: its side-by-side control
+    if device.type == "cpu":  # the CPU chunk budget before it became 128 MiB: its side-by-side control
         provs.append(ours("torch", " 256MiB chunks", chunk_bytes=PREVIOUS_CPU_CHUNK_BYTES))
     provs.append(ours_liger_config(order[0]))
     provs += [EAGER, COMPILED, TORCH_CHUNKED, LIGER, CCE, FLOOR]

@@ -97,7 +97,7 @@ class LossOptions:
               "``chunk_bytes``, capped by the number of tokens; docs/design.md, Chunk size.")
     chunk_bytes: Optional[int] = _option(
         None, "byte budget of the chunk buffers when ``chunk_size`` is None; None: the device's "
-              "(1.5 GiB on CUDA, 64 MiB on CPU).")
+              "(1.5 GiB on CUDA, 128 MiB on CPU).")
     autotune: bool = _option(
         False, "triton backend: autotune the row kernel's block size and warps per vocabulary size (the "
                "first call of each shape runs every configuration).")
@@ -312,8 +312,9 @@ def head_dtypes(x_dtype: torch.dtype, logits_dtype: Optional[torch.dtype],
 
 # Bytes of chunk buffers (logits, plus the gradient buffer where it has its own dtype) per device
 # type: on a GPU large enough chunks keep the GEMMs compute-bound (2048 rows at V = 128256 for
-# 16-bit inputs: 1.5 GiB); on CPU chunks only bound memory, and 64 MiB of them is as fast as more.
-CHUNK_BYTES = {"cuda": 3 << 29, "cpu": 1 << 26}
+# 16-bit inputs: 1.5 GiB); on CPU chunks only bound memory, and 128 MiB of them is as fast as more
+# (bench/NOTES.md, CPU chunk budget).
+CHUNK_BYTES = {"cuda": 3 << 29, "cpu": 1 << 27}
 DEFAULT_CHUNK_BYTES = 1 << 30  # other device types
 CHUNK_ROWS_MULTIPLE = 256  # GEMM tile friendly, without the halving a power of two can cost
 
