@@ -14,9 +14,9 @@ aligned with the positions).  Its conventions, which this function keeps:
 - ``entropy`` is always per token, ``(N,)`` float32, of the temperature-scaled distribution;
 - both are differentiable w.r.t. ``hidden`` and ``weight``; ``temperature`` is a Python float.
 
-``dist_process_group`` (verl's tensor-parallel head, the vocabulary split across ranks) is not
-supported: ``dk.linear_logprobs`` has no vocab-parallel path yet, so a group raises
-``NotImplementedError``; gather the head first.
+``dist_process_group`` (verl's tensor-parallel head: ``weight`` is this rank's contiguous slice of
+the vocabulary, ``labels`` global ids, the same ``hidden`` on every rank) runs the vocab-parallel
+``dk.linear_logprobs``; every rank gets the global outputs.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
 
     ``backend`` and ``chunk_size`` (keyword-only, not verl's) go to :func:`dk.linear_logprobs`.
     """
-    if dist_process_group is not None:
-        raise NotImplementedError(
-            "dist_process_group: a tensor-parallel (vocab-split) head is not supported by the dft_kernels drop-in "
-            "(dk.linear_logprobs has no vocab-parallel path yet); gather the head and pass dist_process_group=None")
     if isinstance(temperature, bool) or not isinstance(temperature, (float, int)):
         raise TypeError(f"temperature must be a Python float (verl's convention), got {type(temperature).__name__}")
     if not isinstance(reduction, str) or reduction.lower() not in _REDUCTIONS:
@@ -54,12 +50,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
                          f"{tuple(getattr(labels, 'shape', ()))}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    if labels.numel() and bool(((labels < 0) | (labels >= weight.shape[0])).any()):
-        raise ValueError(f"labels must all be token ids in [0, {weight.shape[0]}) (verl scores every position; "
-                         "mask the result instead of the labels)")
+    # verl scores every position: no label is ignored (a negative one, -100 included, is an error; the
+    # upper bound is checked against the whole vocabulary by dk.linear_logprobs under a process group)
+    upper = None if dist_process_group is not None else weight.shape[0]
+    bad = labels < 0 if upper is None else (labels < 0) | (labels >= upper)
+    if labels.numel() and bool(bad.any()):
+        raise ValueError(f"labels must all be token ids in [0, {upper if upper else 'V'}) (verl scores every "
+                         "position; mask the result instead of the labels)")
     logprobs, entropy = dk.linear_logprobs(hidden, weight, labels, temperature=float(temperature),
                                            return_entropy=True, backend=backend, chunk_size=chunk_size,
-                                           validate=False)
+                                           process_group=dist_process_group, validate=upper is None)
     reduction = reduction.lower()
     if reduction == "sum":
         logprobs = logprobs.sum()

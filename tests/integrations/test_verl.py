@@ -85,7 +85,7 @@ def test_same_as_linear_logprobs():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"dist_process_group": object()}, NotImplementedError, "dist_process_group"),
+    ({"dist_process_group": object()}, TypeError, "process_group must be a torch.distributed ProcessGroup"),
     ({"temperature": torch.tensor(0.7)}, TypeError, "temperature must be a Python float"),
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"reduction": "avg"}, ValueError, "reduction must be one of"),
