@@ -1,7 +1,9 @@
-"""Command line: ``python -m bench [--cpu | --quick] [--shape N,H,V[,dtype[,softcap]]] ...``.
+"""Command line: ``python -m bench [--rl] [--cpu | --quick] [--shape N,H,V[,dtype[,softcap]]] ...``.
 
 Runs every provider on every shape (same inputs per shape, one process), writes
-``<out-dir>/<device>.csv`` and ``<device>.png``, and prints the markdown table last.
+``<out-dir>/<device>.csv`` and ``<device>.png``, and prints the markdown table last.  ``--rl`` runs
+the RL suite instead (:mod:`bench.rl`: per-token log-probs and entropy, backward through both),
+written to ``<device>-rl.csv``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from . import env
 from .harness import run_shape
 from .providers import default_providers, select
 from .report import markdown_table, write_csv
+from .rl import RL_CPU_SHAPES, RL_GPU_SHAPES, rl_providers
 from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, parse_shape
 from .timing import TimingConfig
 
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--cpu", action="store_true", help="run the small CPU shapes on the CPU")
     mode.add_argument("--quick", action="store_true", help="one GPU shape (Llama-3-8B head, N 4096)")
+    ap.add_argument("--rl", action="store_true",
+                    help="the RL suite: per-token log-probs + entropy at temperature 0.7, backward through both")
     ap.add_argument("--shape", action="append", metavar="N,H,V[,dtype[,softcap]]",
                     help="custom shape(s) instead of the presets (repeatable)")
     ap.add_argument("--providers", help="comma-separated provider names (default: all); see --list")
@@ -71,6 +76,8 @@ def selection(args, providers) -> tuple[list, list]:
     names = [n.strip() for n in args.providers.split(",")] if args.providers else None
     if args.shape:
         shapes = [parse_shape(s) for s in args.shape]
+    elif getattr(args, "rl", False):
+        shapes = RL_CPU_SHAPES if args.cpu else RL_GPU_SHAPES[:1] if args.quick else RL_GPU_SHAPES
     else:
         shapes = CPU_SHAPES if args.cpu else QUICK_SHAPES if args.quick else GPU_SHAPES
     return select(providers, names), shapes
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("python -m bench: no CUDA device here; use --cpu for the CPU shapes", file=sys.stderr)
         return 2
-    providers = default_providers(device)
+    providers = rl_providers(device) if args.rl else default_providers(device)
     if args.list:
         print_providers(providers)
         return 0
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = env.device_name(device)
     stem = args.name or env.device_slug(name if device.type == "cuda" else "cpu-" + name.removeprefix("CPU "))
+    if args.rl and not args.name:
+        stem += "-rl"
     context = dict(env.versions(), commit=env.git_commit(), load_avg=env.load_average())
     cfg = TimingConfig(warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
     rows: list[dict] = []

@@ -69,7 +69,8 @@ def linear_logprobs(
     temp, opts = logprob_options(temperature, softcap=softcap, ignore_index=ignore_index, shift=shift,
                                  return_entropy=return_entropy, return_stats=return_stats, backend=backend,
                                  chunk_size=chunk_size, process_group=process_group, validate=validate)
-    _single_process(opts, input, weight)
+    if opts.process_group is not None or is_dtensor(input) or is_dtensor(weight):
+        return _vocab_parallel_linear(input, weight, target, bias, temp, opts)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     vocab_size, hidden = weight.shape
     prep = prepare_logprobs(input, "input", target, vocab_size, opts, temp)
@@ -123,8 +124,46 @@ def logprob_options(temperature: Temperature, **options) -> tuple[Optional[Tenso
 def _single_process(opts: LogprobOptions, *tensors) -> None:
     if opts.process_group is not None or any(is_dtensor(t) for t in tensors):
         raise NotImplementedError(
-            "process_group: linear_logprobs/logprobs do not support a vocab-parallel head yet (a process_group or "
-            "a DTensor head); gather the head (or the logits) and pass process_group=None")
+            "process_group: logprobs on vocab-parallel logits (a process_group or a DTensor) is not supported yet; "
+            "gather the logits and pass process_group=None, or use linear_logprobs on the vocab-parallel head")
+
+
+def _vocab_parallel_linear(input, weight, target, bias, temp: Optional[Tensor], opts: LogprobOptions):
+    """The vocab-parallel branch of :func:`linear_logprobs` (:mod:`dft_kernels.vocab_parallel.logprobs`):
+    unwrap DTensors, learn the slice layout, check the arguments against the *global* vocabulary; with
+    no group (or a group of one rank) the local tensors go back to the single-process path."""
+    import dataclasses
+
+    from .functional import _sharded
+    from .vocab_parallel.logprobs import linear_logprobs_parallel
+    from .vocab_parallel.shard import gather_layout, unwrap_head, unwrap_replicated
+
+    weight, bias, group = unwrap_head(weight, bias, opts.process_group)
+    input = unwrap_replicated("input", input)
+    if not _sharded(group):
+        single = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "process_group"}
+        if temp is not None:
+            single["temperature"] = temp
+        return linear_logprobs(input, weight, target, bias=bias, **single)
+    if opts.return_stats:
+        raise NotImplementedError("return_stats: the statistics are not computed on the vocab-parallel path yet; "
+                                  "pass return_stats=False with a process_group")
+    if opts.backend not in ("auto", "torch"):
+        raise ValueError(f"backend: the vocab-parallel log-probs run on the torch backend only, got "
+                         f"backend={opts.backend!r}; pass 'auto' or 'torch'")
+    input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
+    local_vocab, hidden = weight.shape
+    x = _contiguous(input.reshape(-1, hidden))
+    shard = gather_layout(group, local_vocab, x.shape[0], opts.chunk_size, input.device)
+    prep = prepare_logprobs(input, "input", target, shard.vocab_size, opts, temp)
+    temperature = prep.temperature
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if temperature is None and float(opts.temperature) != 1.0:
+        temperature = torch.full((x.shape[0],), float(opts.temperature), dtype=wide, device=x.device)
+    logp, entropy = linear_logprobs_parallel(x, _contiguous(weight), bias, prep.target,
+                                             None if temperature is None else temperature.to(wide), opts.softcap,
+                                             shard, opts.ignore_index, opts.chunk_size)
+    return _finish((logp, entropy, None, None, None), prep, opts)
 
 
 class PreparedLogprobs(NamedTuple):

@@ -7,7 +7,10 @@ One module per trainer, each importing only that trainer (import the one you use
 * :mod:`dft_kernels.integrations.axolotl` — an axolotl plugin
   (``plugins: [dft_kernels.integrations.axolotl.DFTKernelsPlugin]``);
 * :mod:`dft_kernels.integrations.trl` — ``DFTSFTTrainer``, TRL's ``SFTTrainer`` with the loss
-  taken from the ``dk.patch``-ed model.
+  taken from the ``dk.patch``-ed model; ``DFTGRPOTrainer``, TRL's ``GRPOTrainer`` with its
+  per-token log-probs and entropy from ``dk.linear_logprobs``;
+* :mod:`dft_kernels.integrations.verl` — ``linear_cross_entropy``, a drop-in for verl's fused
+  head kernel (``(logprobs, entropy)``, verl's conventions).
 
 What they share (:mod:`dft_kernels.integrations.common`): the options as one dataclass
 (:class:`LossOptions`, read from the trainer's config), and a ``TrainerCallback``

@@ -1,4 +1,5 @@
-"""TRL's ``SFTTrainer`` with the loss taken from the ``dk.patch``-ed model.
+"""TRL's ``SFTTrainer`` with the loss taken from the ``dk.patch``-ed model, and TRL's ``GRPOTrainer``
+with its per-token log-probs and entropy taken from ``dk.linear_logprobs``.
 
 ::
 
@@ -14,19 +15,39 @@ loaded it (and wrapped it in PEFT, if asked), computes the loss as ``transformer
 (the model gets ``labels`` and ``num_items_in_batch``), and refuses the options that would make
 the loss something else.  :class:`~dft_kernels.integrations.common.FusedLossCheck` stops
 training before the optimizer step if a micro-batch did not run through the fused loss.
+
+TRL >= 1.16's ``GRPOTrainer`` (and its RLOO, DPO and KTO trainers) get their per-token log-probs
+from a fused LM head TRL installs on the model (``add_fused_lm_head``: the forward called with
+``fused_lm_head=True``).  :func:`add_logprob_head` installs ours in its place, computing the
+log-probs and the entropy with ``dk.linear_logprobs`` at the trainer's temperature;
+``DFTGRPOTrainer`` is ``GRPOTrainer`` with it, and TRL's loss math unchanged::
+
+    from dft_kernels.integrations.trl import DFTGRPOTrainer
+
+    trainer = DFTGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=prompts)
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
 from typing import Any, Mapping, Optional
 
-from trl import SFTTrainer
+import torch
+from trl import GRPOTrainer, SFTTrainer
+from trl.trainer.utils import FusedCausalLMOutput
 
+import dft_kernels as dk
 from dft_kernels.hf import ModelLossMixin
+from dft_kernels.options import is_dtensor
 
 from .common import FusedLossCheck, LossOptions, refuse_trainer_loss
 
-__all__ = ["DFTSFTTrainer"]
+__all__ = ["DFTSFTTrainer", "DFTGRPOTrainer", "add_logprob_head"]
+
+# Config attributes that scale a model's logits before its softcap (TRL's fused head applies them;
+# this head refuses them rather than guess their convention).
+_LOGIT_SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 class DFTSFTTrainer(ModelLossMixin, SFTTrainer):
@@ -51,3 +72,99 @@ class DFTSFTTrainer(ModelLossMixin, SFTTrainer):
             raise ValueError("DFTSFTTrainer: the MoE router auxiliary loss is enabled (router_aux_loss_coef); the "
                              "patched model does not add it. Set SFTConfig(router_aux_loss_coef=0.0)")
         self.dft_options.patch(self.model)
+
+
+def add_logprob_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                     return_entropy: bool = True, logprob_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+    """Make ``model(..., labels=labels, fused_lm_head=True)`` return TRL's ``FusedCausalLMOutput``
+    with ``log_probs`` (and ``entropy``) from :func:`dk.linear_logprobs`, at ``temperature``.
+
+    The contract of TRL's ``add_fused_lm_head``: per-token outputs of the next-token labels
+    (``labels[:, 1:]``, or ``shift_labels`` as given), 0 where the label is -100, ``label_mask``,
+    and ``loss`` the mean negative log-prob (over ``num_items_in_batch`` when given).  Without
+    ``fused_lm_head`` the forward is the one the model had (generation is unchanged).  The model's
+    ``final_logit_softcapping`` is applied; ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1``
+    are None.  ``logprob_kwargs``: ``backend``, ``chunk_size``, ``validate`` of ``dk.linear_logprobs``.
+    ``model.dft_kernels_logprob_calls`` counts the calls.
+    """
+    kwargs = dict(logprob_kwargs or {})
+    unknown = sorted(set(kwargs) - {"backend", "chunk_size", "validate"})
+    if unknown:
+        raise ValueError(f"logprob_kwargs: {unknown} not among backend, chunk_size, validate (the temperature is "
+                         "the trainer's; the softcap is the model config's final_logit_softcapping)")
+    text_config = model.config.get_text_config()
+    for attr in _LOGIT_SCALE_ATTRS:
+        value = getattr(text_config, attr, None)
+        if value is not None and float(value) != 1.0:
+            raise ValueError(f"add_logprob_head: the model config sets {attr}={value}, a logit scale this head does "
+                             "not apply; use TRL's own fused LM head for this model")
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    previous_forward = model.forward
+    model.dft_kernels_logprob_calls = 0
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **fwd_kwargs):
+        if not fused_lm_head:
+            passed = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return previous_forward(*args, **{k: v for k, v in passed.items() if v is not None}, **fwd_kwargs)
+        if fwd_kwargs.get("output_router_logits"):
+            raise ValueError("add_logprob_head: output_router_logits (the MoE aux loss) is not supported; set "
+                             "router_aux_loss_coef=0.0")
+        fwd_kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **fwd_kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if is_dtensor(weight):   # FSDP2: gather the head, as TRL does
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        shift = shift_labels is None
+        target = (labels if shift else shift_labels).to(weight.device)
+        hidden = hidden.to(weight.device)
+        autocast_off = contextlib.nullcontext()
+        if cast_lm_head_to_fp32:   # TRL's option: the head in float32, outside autocast
+            autocast_off = torch.autocast(hidden.device.type, enabled=False)
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        with autocast_off:
+            out = dk.linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature, softcap=softcap,
+                                     shift=shift, return_entropy=return_entropy, **kwargs)
+        self.dft_kernels_logprob_calls += 1
+        log_probs, entropy = out if return_entropy else (out, None)
+        mask = (target[:, 1:] if shift else target) != -100
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
+                                   label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+class DFTGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with its per-token log-probs and entropy (policy, old policy and reference
+    model) from ``dk.linear_logprobs`` at ``args.temperature``; the loss math is TRL's, unchanged.
+
+    ``dft_logprob_kwargs``: ``backend``, ``chunk_size``, ``validate`` of ``dk.linear_logprobs``.
+    Refused: DeepSpeed ZeRO-3 (the head's backward reads the full weight outside the module's
+    gather), ``use_liger_kernel`` (Liger's GRPO loss bypasses the head) and the MoE router aux loss.
+    """
+
+    def __init__(self, *args, dft_logprob_kwargs: Optional[Mapping[str, Any]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from accelerate.utils import is_peft_model
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("DFTGRPOTrainer: DeepSpeed ZeRO-3 is not supported (the head is read outside its "
+                             "module's parameter gather); use ZeRO-2 or FSDP2")
+        if getattr(self.args, "use_liger_kernel", False):
+            raise ValueError("DFTGRPOTrainer: use_liger_kernel=True computes the GRPO loss in Liger's own head, "
+                             "bypassing dk.linear_logprobs; set use_liger_kernel=False")
+        if getattr(self, "aux_loss_enabled", False):
+            raise ValueError("DFTGRPOTrainer: the MoE router auxiliary loss is enabled (router_aux_loss_coef); set "
+                             "GRPOConfig(router_aux_loss_coef=0.0)")
+        cast = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_logprob_head(policy, temperature=self.temperature, cast_lm_head_to_fp32=cast,
+                         logprob_kwargs=dft_logprob_kwargs)
+        if self.ref_model is not None:
+            add_logprob_head(self.ref_model, temperature=self.temperature, cast_lm_head_to_fp32=cast,
+                             return_entropy=False, logprob_kwargs=dft_logprob_kwargs)
