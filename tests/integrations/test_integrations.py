@@ -17,7 +17,7 @@ import dft_kernels as dk
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
-from test_hf_trainers import (  # noqa: E402
+from trainer_helpers import (  # noqa: E402
     GA,
     STEPS,
     Recorder,

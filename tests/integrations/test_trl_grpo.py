@@ -11,8 +11,6 @@ gradient is part of the step.
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "hf"))
-from test_hf_trainers import tiny_llama, word_tokenizer  # noqa: E402
+from trainer_helpers import tiny_llama, word_tokenizer  # noqa: E402
 
 from dft_kernels.integrations.trl import DFTGRPOTrainer, add_logprob_head  # noqa: E402
 
