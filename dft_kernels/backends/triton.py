@@ -56,6 +56,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # The factored gradient's entries e^{z - c} stay below e^40 (c is raised past that): a row sum of
 # V of them times a weight stays far inside float32, in the kernel and in the dX GEMM.
 FACTORED_SHIFT_LIMIT = tl.constexpr(40.0)
+# A row factor below this moves c up to the row's max (a second read of that row): a factor past
+# float32's normal range lost the precision its product keeps (Power(3) at p = 9e-12: 5.8e-45, 25%
+# off), and dW's operand factor * x stays normal for |x| >= 2^-26 above it.
+FACTORED_MIN_SCALE = tl.constexpr(2.0 ** -100)
 
 
 
@@ -388,6 +392,21 @@ def _row_loss_grad_kernel(
     if HAS_GRAD:
         scale = _grad_scale(scale_ptr, rows, row_ok, SCALE_PER_ROW) * row_weight
     if FACTORED:
+        # the row's factor; where it would be below FACTORED_MIN_SCALE, c moves up to the max m (the
+        # factor becomes scale w / (1 + r), the two-pass kernel's own scale) and the entries written
+        # in pass 1 are rescaled by e^{c - m}
+        low = valid & (tl.abs(scale * w * tl.exp2((shift_c - lse) * LOG2E)) < FACTORED_MIN_SCALE) & (shift_c < m)
+        if tl.max(low.to(tl.int32), axis=0) > 0:
+            factor = tl.where(low, tl.exp2((shift_c - m) * LOG2E), 1.0)
+            tl.debug_barrier()  # the blocks are reread by whichever thread the load's layout picks
+            cols = tl.arange(0, BLOCK)
+            for s in range(0, V, BLOCK):
+                pcols = s + cols
+                pmask = low[:, None] & (pcols < V)[None, :]
+                old = tl.load(grad_row_ptrs[:, None] + pcols[None, :], mask=pmask, other=0.0).to(tl.float32)
+                tl.store(grad_row_ptrs[:, None] + pcols[None, :],
+                         (old * factor[:, None]).to(grad_ptr.dtype.element_ty), mask=pmask)
+            shift_c = tl.where(low, m, shift_c)
         # the target entry and the row's factor; every other entry was written in pass 1
         target_g = _expm1(logp) * tl.exp2((lse - shift_c) * LOG2E)
         if HAS_SOFTCAP:
