@@ -603,7 +603,7 @@ FOUND = [
     # library (triton, factored gradient): Power(3) with the one valid row's target at p = 8.7e-12 (logit
     # std 30): the row factor scale w e^{c - lse} = p^4 = 5.8e-45 is a float32 subnormal, 25% coarse,
     # while the gradient it factors is normal ("d weight: rel err 2.830e-02 > 1e-05, > 3x eager float32
-    # 1.9e-06"; passes with DFT_KERNELS_FACTORED=0).  The kernel now moves c up to the row's max where
+    # 1.9e-06"; passes with factored=False).  The kernel now moves c up to the row's max where
     # the factor would be below FACTORED_MIN_SCALE (test_factored_row_scale_stays_normal)
     FACTORED_ROW_SCALE_CASE,
 ]
