@@ -17,7 +17,7 @@ encoded string (:meth:`LossPlan.encode` / :func:`decode_plan`).
 
 Per-batch *data* is not an option: ``input``, ``weight``, ``bias``, ``target``,
 ``token_weights`` and ``num_items_in_batch`` are call arguments, checked in
-:mod:`dft_kernels.checks`.
+:mod:`dft_kernels.functional`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Same signature as :func:`dft_kernels.linear_cross_entropy`; works in any dtype
 (the tests run it in float64).  It shares only the options and the argument checks
-(:mod:`dft_kernels.options`, :mod:`dft_kernels.checks`) with the fast path: shift, the
+(:mod:`dft_kernels.options`, the checks of :mod:`dft_kernels.functional`) with the fast path: shift, the
 per-token losses (written here straight from docs/design.md, Math and Objectives, with
 ``detach`` as the stop-gradient), reductions and stats are computed independently.
 ``backend``, ``chunk_size``, ``accum_dtype``, ``logits_dtype``, ``allreduce_dgrad`` are checked and otherwise
