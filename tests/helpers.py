@@ -153,8 +153,8 @@ def _eager_grad_err(name, x, w, b, t, grad_out, rg, **kwargs) -> float:
 
 def cublas_mm_out_dtype(a, b, out_dtype, *, out=None, accumulate=False):
     """``torch.mm``/``torch.addmm`` with ``out_dtype=float32`` (an entry of
-    ``dft_kernels.options.MM_OUT_DTYPE``) for 16-bit ``a``, ``b`` as cuBLAS computes them: the products of 16-bit numbers are exact in
-    float32 and are summed in float32.  Computed in 128 x 128 blocks so that the
+    ``dft_kernels.options.MM_OUT_DTYPE``) for 16-bit ``a``, ``b`` as cuBLAS computes them: the
+    products of 16-bit numbers are exact in float32 and are summed in float32.  Computed in 128 x 128 blocks so that the
     emulation itself makes no temporary the size of an operand or of ``out`` (the recorder of
     tests/test_memory.py sees them)."""
     assert a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype and out_dtype == torch.float32
