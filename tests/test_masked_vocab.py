@@ -50,7 +50,7 @@ def masked_backend(request, monkeypatch):
             return "triton", tb.MAX_BLOCK  # V > MAX_BLOCK below: the default launch uses MAX_BLOCK
         if DEVICE == "cpu" and triton_cpu_unavailable_reason():
             pytest.skip(f"triton backend on CPU tensors: {triton_cpu_unavailable_reason()}")
-        monkeypatch.setattr(tb, "block_config", lambda vocab_size: config)
+        monkeypatch.setattr(tb, "block_config", lambda vocab_size, **flags: config)
         return "triton", SMALL_BLOCK
     if name == "cuda":
         ok, reason = cuda_backend.is_available(torch.device(DEVICE))

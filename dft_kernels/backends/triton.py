@@ -46,6 +46,8 @@ from . import LogprobRowOutputs, RowOutputs, check_grad_out
 
 NAME = "triton"
 MAX_BLOCK = 8192
+# Registers per thread (Triton's ``maxnreg``) of every GPU launch: see ``block_config``.
+MAX_REGISTERS = 64
 # The interpreter runs each tl op as a numpy call per program: fewer, wider blocks are faster.
 MAX_BLOCK_INTERPRETER = 1 << 16
 INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
@@ -233,8 +235,18 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
         bm, r_b, t_b, b_arg, e = _block_stats(z, start, NEEDS_ENTROPY, WITH_STATS)
         m, r, t, arg = _merge(m, r, t, arg, bm, r_b, t_b, b_arg, NEEDS_ENTROPY, WITH_STATS)
         need = valid & (bm > c + FACTORED_SHIFT_LIMIT)  # the running max was within the limit before
+        c_new = tl.where(need, bm, c)
+        # e^{z - c} without a second exponential per entry: e^{z - bm} e^{bm - c}
+        shift = tl.where(valid & (bm > float("-inf")), tl.exp2((bm - c_new) * LOG2E), 0.0)
+        out = e * shift[:, None]
+        if HAS_SOFTCAP:
+            out = out * _sech2(z0 / softcap)
+        out = tl.where(valid[:, None], out, 0.0)
+        # the target's entry too (whole vector stores); the kernel overwrites it after a barrier
+        tl.store(grad_row_ptrs[:, None] + bcols[None, :], out.to(grad_row_ptrs.dtype.element_ty), mask=io_mask)
+        # after the block's store, so that none of its registers stays live across this branch
         if tl.max(need.to(tl.int32), axis=0) > 0:
-            # rare: the max ran away from the target; move c up to it and rescale what is written
+            # rare: the max ran away from the target; c moved up to it: rescale the blocks before
             factor = tl.where(need, tl.exp2((c - bm) * LOG2E), 1.0)
             tl.debug_barrier()  # the blocks are reread by whichever thread the load's layout picks
             for s in range(0, start, BLOCK):
@@ -243,15 +255,7 @@ def _row_stats_factored(row_ptrs, grad_row_ptrs, row_ok, valid, y, c, V, softcap
                 old = tl.load(grad_row_ptrs[:, None] + pcols[None, :], mask=pmask, other=0.0).to(tl.float32)
                 tl.store(grad_row_ptrs[:, None] + pcols[None, :],
                          (old * factor[:, None]).to(grad_row_ptrs.dtype.element_ty), mask=pmask)
-            c = tl.where(need, bm, c)
-        # e^{z - c} without a second exponential per entry: e^{z - bm} e^{bm - c}
-        shift = tl.where(valid & (bm > float("-inf")), tl.exp2((bm - c) * LOG2E), 0.0)
-        out = e * shift[:, None]
-        if HAS_SOFTCAP:
-            out = out * _sech2(z0 / softcap)
-        out = tl.where(valid[:, None], out, 0.0)
-        # the target's entry too (whole vector stores); the kernel overwrites it after a barrier
-        tl.store(grad_row_ptrs[:, None] + bcols[None, :], out.to(grad_row_ptrs.dtype.element_ty), mask=io_mask)
+        c = c_new
     return m, r, t, arg, c
 
 
@@ -431,6 +435,7 @@ def _row_loss_grad_kernel(
             coef_c = w * (eps / V)
             target_grad += w * (eps * (1.0 - 1.0 / V))
         inv_s = 1.0 / (1.0 + r)
+        y32 = y.to(tl.int32)  # a column (below V): compared with the int32 columns, not widened to int64
         cols = tl.arange(0, BLOCK)
         for start in range(0, V, BLOCK):
             bcols = start + cols
@@ -441,7 +446,7 @@ def _row_loss_grad_kernel(
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z0 / softcap)
             softmax = tl.exp2((z - m[:, None]) * LOG2E) * inv_s[:, None]
-            grad = tl.where(bcols[None, :] == y[:, None], target_grad[:, None],
+            grad = tl.where(bcols[None, :] == y32[:, None], target_grad[:, None],
                             coef_a[:, None] * softmax - coef_c[:, None])
             if HAS_SOFTCAP:
                 grad = grad * _sech2(z0 / softcap)
@@ -469,21 +474,27 @@ def _interpreting() -> bool:
     return type(_row_loss_grad_kernel).__name__ == "InterpretedFunction"
 
 
-def block_config(vocab_size: int) -> tuple[int, int, int]:
+def block_config(vocab_size: int, options: bool = False) -> tuple[int, int, int]:
     """``(ROWS, BLOCK, num_warps)``.  On GPUs: one row per program, BLOCK the next power of
-    two of V capped at ``MAX_BLOCK``, warps growing with the block.  Under the interpreter:
-    wide blocks and several rows per program (its cost is per op, not per element)."""
+    two of V capped at ``MAX_BLOCK`` (at half of it with ``options``: a softcap, label smoothing
+    or a z-loss), warps growing with the block.  Under the interpreter: wide blocks and several
+    rows per program (its cost is per op, not per element).
+
+    On GPUs a thread holds 8 entries of a block up to 16 warps (16 entries of an 8192 block),
+    and launches cap it at ``MAX_REGISTERS`` = 64 registers (Triton's ``maxnreg``: two 16-warp
+    programs per SM at least, two 8192-column blocks in flight).  Left to itself, ptxas (CUDA
+    12.8 - 13, Triton 3.6 - 3.9) squeezes a kernel that needs a few registers more than an
+    occupancy step (32, 40, 64 at 512 threads) down to the step and spills; with ``maxnreg`` it
+    does not.  16 entries a thread fit in 64 registers without options, stats, token weights
+    and the factored launch included, but not with a softcap (tanh and sech^2 per entry) nor
+    with smoothing and z-loss: those launches take 4096-column blocks, 8 entries a thread.
+    Checked for sm_90 and sm_80 under each of those Triton versions: no spill, no local memory
+    (tests/backends/test_triton_codegen.py, ``make codegen-stacks``)."""
     if _interpreting():
         block = min(triton.next_power_of_2(max(vocab_size, 16)), MAX_BLOCK_INTERPRETER)
         return max(1, min(64, INTERPRETER_ELEMENTS // block)), block, 1
-    block = min(triton.next_power_of_2(max(vocab_size, 16)), MAX_BLOCK)
-    if block >= 8192:
-        warps = 16
-    elif block >= 2048:
-        warps = 8
-    else:
-        warps = 4
-    return 1, block, warps
+    block = min(triton.next_power_of_2(max(vocab_size, 16)), MAX_BLOCK // 2 if options else MAX_BLOCK)
+    return 1, block, max(4, min(16, block // 256))
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -608,9 +619,9 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
         if params.autotune and not _interpreting():
             _row_loss_grad_kernel_autotuned[(n,)](*args, **flags, ROWS=1)
         else:
-            rows, block, warps = block_config(vocab)
+            rows, block, warps = block_config(vocab, options=cap is not None or eps != 0.0 or lam != 0.0)
             _row_loss_grad_kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block,
-                                                           num_warps=warps)
+                                                           num_warps=warps, maxnreg=MAX_REGISTERS)
     return RowOutputs(loss, nll, prob, entropy, correct)
 
 

@@ -29,6 +29,7 @@ from .split import PartialRowStats, RowGradCoefficients
 from .triton import (
     _SUPPORTED_DTYPES,
     LOG2E,
+    MAX_REGISTERS,
     MAX_VOCAB,
     _row_stats,
     _sech2,
@@ -130,11 +131,12 @@ def _check_logits(logits: Tensor) -> None:
 
 def _launch(kernel, logits: Tensor, args: tuple, flags: dict) -> None:
     n, local_size = logits.shape
-    rows, block, warps = block_config(local_size)
+    rows, block, warps = block_config(local_size, options=flags["HAS_SOFTCAP"] or flags["HAS_SMOOTHING"])
     dev = logits.device
     # Triton launches on the current CUDA device: make it the logits' one
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps)
+        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps,
+                                        maxnreg=MAX_REGISTERS)
 
 
 def partial_row_stats(logits: Tensor, target: Tensor, vocab_start: int, params: LossParams) -> PartialRowStats:

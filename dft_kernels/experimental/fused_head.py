@@ -220,14 +220,21 @@ def _target_entry_kernel(grad_ptr, stride_g, target_ptr, target_grad_ptr, n_rows
     tl.store(grad_ptr + rows * stride_g + y, g.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def tile_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def tile_config(dtype: torch.dtype, softcap: bool = False) -> tuple[int, int, int, int, int]:
     """``(BM, BN, BK, num_warps, num_stages)`` of the fused GEMM: a common Hopper-friendly tile
-    for 16-bit inputs (not tuned on a GPU); small tiles under the interpreter."""
+    for 16-bit inputs (not tuned on a GPU); small tiles under the interpreter.
+
+    Warps are chosen so that ptxas spills nothing on sm_90 and sm_80 with the Triton versions the
+    codegen checks cover (tests/experimental/test_fused_head.py, ``make codegen-stacks``): 16-bit inputs with a
+    softcap (whose epilogue keeps the tile's ``z0`` and its ``e^{z - bm}`` both live) take 16
+    warps, 4 warpgroups of the 128 x 128 tile (8 warps hit ptxas's 255-register limit and spilled
+    with Triton 3.6 / 3.7); float32 inputs (an FMA GEMM: ``tl.dot`` at ieee precision) take 8
+    warps (4 spilled on sm_80)."""
     if _interpreting():
         return 32, 64, 32, 1, 1
     if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+        return 64, 64, 32, 8, 3
+    return 128, 128, 64, 16 if softcap else 8, 3
 
 
 def supported(x: Tensor, weight: Tensor, params: LossParams) -> bool:
@@ -263,7 +270,7 @@ def linear_loss_grad_fused(x: Tensor, weight: Tensor, target: Tensor, params: Lo
     per_row = with_grad and grad_scale.dim() == 1
     if with_grad:
         grad_scale = grad_scale.to(f32).contiguous()
-    bm, bn, bk, warps, stages = tile_config(x.dtype)
+    bm, bn, bk, warps, stages = tile_config(x.dtype, params.softcap is not None)
     n_tiles = triton.cdiv(vocab, bn)
     partial = lambda dtype: torch.empty((n, n_tiles), dtype=dtype, device=dev)  # noqa: E731
     pm, pr = partial(f32), partial(f32)

@@ -26,7 +26,7 @@ SMALL_BLOCKS = {"rows1-block64": (1, 64, 4), "rows4-block128": (4, 128, 4)}
 @pytest.fixture(params=list(SMALL_BLOCKS))
 def small_blocks(request, monkeypatch):
     cfg = SMALL_BLOCKS[request.param]
-    monkeypatch.setattr(tb, "block_config", lambda vocab_size: cfg)
+    monkeypatch.setattr(tb, "block_config", lambda vocab_size, **flags: cfg)
     return cfg
 
 
@@ -64,7 +64,7 @@ def test_multi_block_rows_against_reference(small_blocks, objective):
 @pytest.mark.parametrize("dtype,config", [(torch.bfloat16, "rows1-block64"), (torch.float16, "rows4-block128")],
                          ids=["bf16-rows1", "fp16-rows4"])
 def test_multi_block_linear_low_precision(monkeypatch, dtype, config):
-    monkeypatch.setattr(tb, "block_config", lambda vocab_size: SMALL_BLOCKS[config])
+    monkeypatch.setattr(tb, "block_config", lambda vocab_size, **flags: SMALL_BLOCKS[config])
     x, w, b, t = make_inputs(19, 16, 300)
     check_linear_against_reference(x, w, b, t, dtype, backend="triton", objective="entropy", reduction="none",
                                    chunk_size=16, softcap=6.0, label_smoothing=0.05)
@@ -74,7 +74,7 @@ def test_multi_block_large_vocab():
     """V = 32001 (not a multiple of anything) in the default GPU block of 8192: 4 blocks."""
     x, w, b, t = make_inputs(5, 16, 32001, ignore="none")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tb, "block_config", lambda vocab_size: (1, tb.MAX_BLOCK, 16))
+        mp.setattr(tb, "block_config", lambda vocab_size, **flags: (1, tb.MAX_BLOCK, 16))
         for objective in ("dft", "entropy"):
             check_linear_against_reference(x, w, b, t, torch.float32, backend="triton", objective=objective,
                                            reduction="sum", chunk_size=4)
@@ -155,6 +155,16 @@ def test_block_config_rule():
     assert block == 1024 and rows * block <= tb.INTERPRETER_ELEMENTS
     assert tb.block_config(3)[1] >= 3
     assert tb.block_config(10**6)[1] in (tb.MAX_BLOCK, tb.MAX_BLOCK_INTERPRETER)
+
+
+def test_block_config_rule_on_gpus(monkeypatch):
+    """8 entries a thread up to 16 warps; half the block with a softcap, smoothing or z-loss
+    (tests/backends/test_triton_codegen.py compiles these tiers: no spill within ``MAX_REGISTERS``)."""
+    monkeypatch.setattr(tb, "_interpreting", lambda: False)
+    assert tb.block_config(128256) == (1, tb.MAX_BLOCK, 16) == (1, 8192, 16)
+    assert tb.block_config(128256, options=True) == (1, 4096, 16)
+    assert [tb.block_config(v)[1:] for v in (3, 1000, 2000, 4000)] == [(16, 4), (1024, 4), (2048, 8), (4096, 16)]
+    assert tb.block_config(2000, options=True) == tb.block_config(2000)
 
 
 def test_availability_reasons():

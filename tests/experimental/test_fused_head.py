@@ -7,19 +7,17 @@ more than 40 nats above the target (recomputed tiles), ignored rows and tails of
 through the chunk loop, the float64 reference's loss and gradients within 3x the two-pass path's
 error, with the fused head really taking every chunk.  Where it does not apply, the option raises
 with the reason, and without it the chunk loop's own GEMMs serve the same call.  Its kernels
-compile for sm_90 (wgmma) without spills; nothing here runs on a GPU.
+compile for sm_90 (wgmma) and sm_80 without spills or local memory (tests/codegen.py); nothing
+here runs on a GPU.
 """
 
-import json
-import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
 import dft_kernels as dk
+from codegen import CAPABILITIES, run_script
 from dft_kernels.backends import triton as tb
 from dft_kernels.experimental import fused_head as tf
 from dft_kernels.objectives import OBJECTIVES
@@ -180,71 +178,34 @@ def test_fused_head_is_off_by_default_and_not_with_factored_false():
 
 
 FUSED_CODEGEN = r"""
-import json, re, subprocess, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
-from dft_kernels.experimental import fused_head as tf
-from dft_kernels.options import make_loss_params
+from codegen import CAPABILITIES, run_script
 
-target = GPUTarget("cuda", 90, 32)
-backend = make_backend(target)
-names = ["_target_logit_kernel", "_fused_logits_kernel", "_merge_tiles_kernel", "_target_entry_kernel"]
-real = {n: getattr(tf, n) for n in names}
-launches = []
-
-
-class Recorder:
-    def __init__(self, name):
-        self.name = name
-
-    def __getitem__(self, grid):
-        return lambda *a, **k: launches.append((self.name, a, k))
-
-
-for n in names:
-    setattr(tf, n, Recorder(n))
 n, h, v = 2048, 4096, 128256  # the Llama-3-8B head, one 2048-row chunk
-for dtype, objective, opts in ((torch.bfloat16, "dft", {}),
-                               (torch.bfloat16, "entropy", dict(softcap=30.0, with_stats=True)),
-                               (torch.float32, "ce", {})):
-    x, w = torch.empty(n, h, dtype=dtype), torch.empty(v, h, dtype=dtype)
-    g = torch.empty(n, v, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-    tf.linear_loss_grad_fused(x, w, torch.zeros(n, dtype=torch.long), make_loss_params(objective, **opts), None,
-                              torch.tensor(1.0), g, torch.empty(n))
+with recording(tf, "_target_logit_kernel", "_fused_logits_kernel", "_merge_tiles_kernel",
+               "_target_entry_kernel") as launches:
+    for dtype, objective, opts in ((torch.bfloat16, "dft", {}),
+                                   (torch.bfloat16, "entropy", dict(softcap=30.0, with_stats=True)),
+                                   (torch.float32, "ce", {})):
+        x, w = torch.empty(n, h, dtype=dtype), torch.empty(v, h, dtype=dtype)
+        g = torch.empty(n, v, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        tf.linear_loss_grad_fused(x, w, torch.zeros(n, dtype=torch.long), make_loss_params(objective, **opts), None,
+                                  torch.tensor(1.0), g, torch.empty(n))
+cap = int(sys.argv[1])  # the GPU target (tests/codegen.py runs this once per capability)
 out = {}
-for i, (name, args, kwargs) in enumerate(launches):
-    kernel = real[name]
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, spec, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-    ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                             capture_output=True, text=True, check=True)
-    text = log.stdout + log.stderr
-    out[f"{i}-{name}"] = dict(spill=sum(int(s) for s in re.findall(r"(\d+) bytes spill", text)),
-                              wgmma=ptx.count("wgmma.mma_async"), recompute=bool(kwargs.get("RECOMPUTE")),
-                              dtype=str(args[0].dtype))
-print(json.dumps(out))
+for i, launch in enumerate(launches):
+    r = out[f"sm{cap}-{i}-{launch.name}"] = compile_launch(launch, cap)
+    r.update(recompute=bool(launch.kwargs.get("RECOMPUTE")), dtype=str(launch.args[0].dtype))
+    print(f"sm{cap}-{i}-{launch.name}", r, file=sys.stderr, flush=True)
+emit(out)
 """
 
 
-def test_fused_kernels_compile_for_sm90():
+def test_fused_kernels_codegen():
+    """sm_90 and sm_80: no spill, no local memory; wgmma on sm_90 for 16-bit inputs."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-c", FUSED_CODEGEN], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 3 * 5  # five launches per call
+    result = run_script(FUSED_CODEGEN)
+    assert len(result) == len(CAPABILITIES) * 3 * 5  # five launches per call
     for case, r in result.items():
-        assert r["spill"] == 0, (case, r)
-        if "_fused_logits_kernel" in case and "bfloat16" in r["dtype"]:
+        assert r["spill_bytes"] == 0 and r["sass_local"] == 0 and r["local"] == 0, (case, r)
+        if "_fused_logits_kernel" in case and "bfloat16" in r["dtype"] and r["capability"] == 90:
             assert r["wgmma"] > 0, (case, r)  # Hopper's tensor-core instruction, for 16-bit inputs
