@@ -56,3 +56,23 @@ integration:
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+# The codegen checks (tests/codegen.py: the Triton kernels compiled for sm_90 and sm_80 without a GPU;
+# no spill, no local memory, vector accesses) under each Triton that a CUDA torch wheel pins: torch 2.11
+# pins 3.6, 2.13 pins 3.7, 2.14 pins 3.8, while `make test` gets the newest (CPU torch pulls no Triton).
+# One small venv per version in $(CODEGEN_STACKS)/triton-X: this venv's torch linked in
+# (tools/link_system_torch.py), its own triton, pytest and numpy (< 2.4: Triton 3.6's interpreter, which
+# conftest.py probes at collection, fails with newer); kept while it has that Triton.
+CODEGEN_TRITONS ?= 3.6.0 3.7.1 3.8.0
+CODEGEN_STACKS ?= .codegen-stacks
+CODEGEN_TESTS := tests/test_triton_codegen.py tests/test_triton_parallel_codegen.py tests/test_fused_gemm.py
+.PHONY: codegen-stacks
+codegen-stacks: $(STAMP)
+	@set -e; for v in $(CODEGEN_TRITONS); do \
+	    d=$(CODEGEN_STACKS)/triton-$$v; \
+	    if ! $$d/bin/python -c "import sys, triton; sys.exit(triton.__version__ != '$$v')" 2>/dev/null; then \
+	        rm -rf $$d; $(PYTHON) -m venv $$d; $(PY) tools/link_system_torch.py $$d; \
+	        $$d/bin/python -m pip install -q "triton==$$v" pytest "numpy<2.4"; fi; \
+	    echo "== codegen checks, triton $$v"; \
+	    $$d/bin/python -m pytest -q -p no:cacheprovider -k codegen $(CODEGEN_TESTS); \
+	done
