@@ -95,3 +95,24 @@ fuzz: $(STAMP)
 	@seed=$(SEED); seed=$${seed:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "make fuzz: SEED=$$seed"; \
 	DFT_KERNELS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py \
 	    --hypothesis-profile=hunt --hypothesis-seed=$$seed --seed=$$seed
+
+# The codegen checks (tests/codegen.py: the Triton kernels compiled for sm_90 and sm_80 without a GPU;
+# no spill, no local memory, vector accesses) under each Triton that a CUDA torch wheel pins: torch 2.11
+# pins 3.6, 2.13 pins 3.7, 2.14 pins 3.8, while `make test` gets the newest (CPU torch pulls no Triton).
+# One small venv per version in $(CODEGEN_STACKS)/triton-X: this venv's torch linked in
+# (tools/link_system_torch.py), its own triton, pytest and numpy (< 2.4: Triton 3.6's interpreter, which
+# conftest.py probes at collection, fails with newer); kept while it has that Triton.
+CODEGEN_TRITONS ?= 3.6.0 3.7.1 3.8.0
+CODEGEN_STACKS ?= .codegen-stacks
+CODEGEN_TESTS := tests/backends/test_triton_codegen.py tests/backends/test_triton_parallel_codegen.py \
+    tests/backends/test_logprobs_codegen.py tests/experimental/test_fused_head.py
+.PHONY: codegen-stacks
+codegen-stacks: $(STAMP)
+	@set -e; for v in $(CODEGEN_TRITONS); do \
+	    d=$(CODEGEN_STACKS)/triton-$$v; \
+	    if ! $$d/bin/python -c "import sys, triton; sys.exit(triton.__version__ != '$$v')" 2>/dev/null; then \
+	        rm -rf $$d; $(PYTHON) -m venv $$d; $(PY) tools/link_system_torch.py $$d; \
+	        $$d/bin/python -m pip install -q "triton==$$v" pytest "numpy<2.4"; fi; \
+	    echo "== codegen checks, triton $$v"; \
+	    $$d/bin/python -m pytest -q -p no:cacheprovider -k codegen $(CODEGEN_TESTS); \
+	done

@@ -775,10 +775,12 @@ def _check_logits(logits: Tensor) -> None:
 
 
 def _launch_rows(kernel, n: int, vocab: int, device, args, flags) -> None:
-    """Launch a row kernel over ``n`` rows with :func:`block_config`'s shape, on ``device``."""
-    rows, block, warps = block_config(vocab)
+    """Launch a row kernel over ``n`` rows with :func:`block_config`'s shape (the softcap's smaller
+    block) and register cap, on ``device``."""
+    rows, block, warps = block_config(vocab, options=flags["HAS_SOFTCAP"])
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps)
+        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps,
+                                        maxnreg=MAX_REGISTERS)
 
 
 def _temperature_args(params, temperature: Optional[Tensor], fallback: Tensor) -> tuple:

@@ -178,7 +178,11 @@ def test_fused_head_is_off_by_default_and_not_with_factored_false():
 
 
 FUSED_CODEGEN = r"""
-from codegen import CAPABILITIES, run_script
+import sys
+import torch
+from codegen import compile_launch, emit, recording
+from dft_kernels.experimental import fused_head as tf
+from dft_kernels.options import make_loss_params
 
 n, h, v = 2048, 4096, 128256  # the Llama-3-8B head, one 2048-row chunk
 with recording(tf, "_target_logit_kernel", "_fused_logits_kernel", "_merge_tiles_kernel",
