@@ -75,6 +75,10 @@ else:
 
 # Backends whose row kernel runs on CPU tensors in the normal suite.
 CPU_BACKENDS = ["torch", "triton"]
+# The `backend` fixture's cuda parametrisation (gpu-marked: CUDA tensors, helpers.device_of) runs in
+# these modules, written device-agnostic; elsewhere it is deselected.  The cuda-only checks (the row
+# contract, the op's own input checks, the fallback to cuda) are in tests/backends/test_cuda_backend.py.
+CUDA_BACKEND_MODULES = ("test_correctness.py",)
 
 
 # Backends that run the reduced grid below on CPU (Triton's interpreter is ~10x slower
@@ -142,7 +146,16 @@ def triton_cpu_unavailable_reason() -> str:
     return triton_interpreter_error()
 
 
+def _cuda_param_elsewhere(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("backend") == "cuda" and os.path.basename(str(item.fspath)) not in CUDA_BACKEND_MODULES
+
+
 def pytest_collection_modifyitems(config, items):
+    elsewhere = [item for item in items if _cuda_param_elsewhere(item)]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if not _cuda_param_elsewhere(item)]
     if os.environ.get(FULL_GRID_ENV, "") in ("", "0"):
         kept = [item for item in items if in_reduced_grid(item)]
         if len(kept) != len(items):
@@ -164,8 +177,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+@pytest.fixture(params=[*CPU_BACKENDS, pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request):
+    if request.param == "cuda":  # on a GPU machine: the extension may be missing (the reason is its error)
+        from dft_kernels.backends import cuda as cuda_backend
+
+        ok, reason = cuda_backend.is_available(torch.device("cuda", 0))
+        if not ok:
+            pytest.skip(f"cuda backend unavailable on this GPU machine: {reason}")
     return request.param
 
 

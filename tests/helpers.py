@@ -93,14 +93,22 @@ def leaf(a):
     return None if a is None else a.detach().clone().requires_grad_(True)
 
 
+def device_of(backend: str) -> torch.device:
+    """Where a test of ``backend`` puts its tensors: the GPU for the cuda backend, else the CPU (the
+    torch backend, and the triton one under the interpreter)."""
+    return torch.device("cuda", 0) if backend == "cuda" else torch.device("cpu")
+
+
 def check_linear_against_reference(x, w, b, t, dtype, *, backend="torch", chunk_size=16, check_grads=True,
                                    device=None, **kwargs):
     """Run ours in ``dtype`` and the reference in float64 on the same values; assert the tolerances of
     docs/design.md, Tests.
 
-    ``device`` (default: where the inputs are) moves the inputs, targets and token weights there
-    first; the reference runs on that device too."""
+    ``device`` (default: the GPU for the cuda backend, else where the inputs are) moves the inputs,
+    targets and token weights there first; the reference runs on that device too."""
     tol = TOL[dtype]
+    if device is None and backend == "cuda":
+        device = device_of(backend)
     if device is not None:
         x, w, b, t = (None if a is None else a.to(device) for a in (x, w, b, t))
         if isinstance(kwargs.get("token_weights"), torch.Tensor):

@@ -1,4 +1,7 @@
-"""Chunked linear_cross_entropy vs the float64 reference: loss and every gradient (docs/design.md, Tests)."""
+"""Chunked linear_cross_entropy vs the float64 reference: loss and every gradient (docs/design.md, Tests).
+
+Every backend runs this suite through the ``backend`` fixture: torch and triton on CPU tensors, cuda
+(gpu-marked) on the GPU, with the inputs made on the CPU and moved there (``helpers.device_of``)."""
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from helpers import (
     OBJECTIVES,
     WEIGHTED_NLL,
     check_linear_against_reference,
+    device_of,
     make_inputs,
     obj_id,
     option_cases,
@@ -44,6 +48,8 @@ def test_options_fp32(backend, objective, option, reduction):
 
 
 def _check_stats(x, w, b, t, backend, objective, reduction):
+    dev = device_of(backend)
+    x, w, b, t = (None if a is None else a.to(dev) for a in (x, w, b, t))
     kw = dict(bias=None if b is None else b.float(), objective=objective, reduction=reduction, return_stats=True)
     loss, stats = dk.linear_cross_entropy(x.float(), w.float(), t, backend=backend, chunk_size=8, **kw)
     kw["bias"] = None if b is None else b.double()
@@ -71,7 +77,7 @@ def test_ignore_index(backend, objective, ignore, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_ignored_gives_zero_loss_and_zero_grads(backend, reduction):
-    x, w, b, t = make_inputs(11, 8, 50, ignore="all")
+    x, w, b, t = (a.to(device_of(backend)) for a in make_inputs(11, 8, 50, ignore="all"))
     x, w, b = (a.requires_grad_() for a in (x, w, b))
     loss = dk.linear_cross_entropy(x, w, t, bias=b, reduction=reduction, backend=backend)
     assert torch.isfinite(loss).all() and (loss == 0).all()
@@ -91,7 +97,7 @@ def test_odd_shapes(backend, objective, n, h, v):
 
 
 def test_non_contiguous_input(backend):
-    x, w, b, t = make_inputs(24, 16, 1000)
+    x, w, b, t = (a.to(device_of(backend)) for a in make_inputs(24, 16, 1000))
     x_nc = x.reshape(4, 6, 16).transpose(0, 1)  # (6, 4, 16), not contiguous
     t_nc = t.reshape(4, 6).t()
     assert not x_nc.is_contiguous()
@@ -121,7 +127,7 @@ def test_low_precision_options(backend, objective):
     x, w, b, t = make_inputs(30, 32, 32001, lead=(3, 10))
     check_linear_against_reference(x, w, b, t, torch.bfloat16, backend=backend, objective=objective,
                                    softcap=10.0, z_loss=1e-3, label_smoothing=0.1, shift=True,
-                                   token_weights=torch.rand(t.shape) + 0.5)
+                                   token_weights=torch.rand(t.shape) + 0.5)  # moved with the inputs
 
 
 @pytest.mark.parametrize("accum_dtype", [torch.float32, None], ids=["fp32acc", "native"])
@@ -134,7 +140,7 @@ def test_accum_dtype(backend, accum_dtype):
 
 
 def test_out_of_range_targets_masked_without_validation(backend):
-    x, w, b, t = make_inputs(20, 8, 100, ignore="none")
+    x, w, b, t = (a.to(device_of(backend)) for a in make_inputs(20, 8, 100, ignore="none"))
     bad = t.clone()
     bad[3], bad[7], bad[11] = 100, -5, 10**6
     good = t.clone()
@@ -146,7 +152,7 @@ def test_out_of_range_targets_masked_without_validation(backend):
 
 
 def test_input_only_or_weight_only_grads(backend):
-    x, w, b, t = make_inputs(20, 8, 100)
+    x, w, b, t = (a.to(device_of(backend)) for a in make_inputs(20, 8, 100))
     w.requires_grad_()
     loss = dk.linear_cross_entropy(x, w, t, bias=b, backend=backend, chunk_size=4)
     loss.backward()
@@ -157,7 +163,7 @@ def test_input_only_or_weight_only_grads(backend):
 
 
 def test_no_grad_forward_matches(backend):
-    x, w, b, t = make_inputs(20, 8, 100)
+    x, w, b, t = (a.to(device_of(backend)) for a in make_inputs(20, 8, 100))
     with torch.no_grad():
         a = dk.linear_cross_entropy(x, w, t, bias=b, backend=backend)
     ref = dk.reference.linear_cross_entropy(x.double(), w.double(), t, bias=b.double())
@@ -165,7 +171,7 @@ def test_no_grad_forward_matches(backend):
 
 
 def test_module_matches_functional(backend):
-    x, w, b, t = make_inputs(20, 8, 100)
+    x, w, b, t = (a.to(device_of(backend)) for a in make_inputs(20, 8, 100))
     fn = dk.LinearCrossEntropyLoss(objective=dk.DFT(min_weight=0.1), backend=backend, chunk_size=4)
     assert "min_weight=0.1" in repr(fn)
     a = fn(x, w, t, b)
@@ -176,9 +182,10 @@ def test_module_matches_functional(backend):
 
 def test_tied_maxima(backend):
     """Rows whose maximum is repeated (exactly tied logits), target at and away from the max."""
-    logits = torch.randn(6, 300, dtype=torch.float64) * 2
+    dev = device_of(backend)
+    logits = (torch.randn(6, 300, dtype=torch.float64) * 2).to(dev)
     logits[:, :4] = logits.max() + 1.0  # four tied maxima per row
-    target = torch.tensor([0, 3, 10, 299, 2, 150])
+    target = torch.tensor([0, 3, 10, 299, 2, 150], device=dev)
     for objective in ("ce", "dft", "entropy"):
         ours_in = logits.float().requires_grad_()
         out = dk.cross_entropy(ours_in, target, objective=objective, reduction="none", backend=backend)
