@@ -1,8 +1,9 @@
 """Compile the Triton kernels for a CUDA GPU on a machine without one, exactly as a real launch does.
 
 The CPU suite runs the kernels under Triton's interpreter, which accepts code that the compiler
-rejects and says nothing about the machine code.  The codegen tests (test_triton_codegen.py,
-test_fused_gemm.py, test_triton_parallel_codegen.py) share this harness:
+rejects and says nothing about the machine code.  The codegen tests (backends/test_triton_codegen.py,
+backends/test_triton_parallel_codegen.py, backends/test_logprobs_codegen.py,
+experimental/test_fused_head.py) share this harness:
 
 - :func:`run_script` (pytest side) runs a test's script in a subprocess without
   ``TRITON_INTERPRET`` (which conftest.py sets for the interpreter tests), with this directory
