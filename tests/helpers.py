@@ -71,17 +71,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_inputs(n, h, v, dtype=torch.float32, *, bias=True, ignore="some", seed=None, lead=None,
-                ignore_index=-100, generator_device="cpu"):
-    """Random hidden states, head weight, bias and targets with logits of std ~2."""
-    g = torch.Generator(device=generator_device)
+                ignore_index=-100, generator_device="cpu", device=None, ignore_fraction=0.25):
+    """Random hidden states, head weight, bias and targets with logits of std ~2 (the suite's one
+    input helper).  Drawn in float64 on ``generator_device``; with ``device`` (a GPU-sized head) drawn
+    there in float32 instead, so that no float64 copy of it exists."""
+    work = torch.float64 if device is None else torch.float32
+    g = torch.Generator(device=generator_device if device is None else device)
     g.manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
+    gen = dict(generator=g, device=g.device)
     shape = lead if lead is not None else (n,)
-    x = torch.randn(*shape, h, generator=g, dtype=torch.float64)
-    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (2.0 / h ** 0.5)
-    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
-    t = torch.randint(0, v, shape, generator=g)
+    x = torch.randn(*shape, h, dtype=work, **gen)
+    w = torch.randn(v, h, dtype=work, **gen) * (2.0 / h ** 0.5)
+    b = torch.randn(v, dtype=work, **gen) * 0.5 if bias else None
+    t = torch.randint(0, v, shape, **gen)
     if ignore == "some":
-        mask = torch.rand(shape, generator=g) < 0.25
+        mask = torch.rand(shape, **gen) < ignore_fraction
         t[mask] = ignore_index
     elif ignore == "all":
         t.fill_(ignore_index)

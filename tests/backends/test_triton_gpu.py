@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from helpers import TOL, rel_err
+from helpers import TOL, make_inputs, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -20,11 +20,7 @@ SHAPES = [("llama3-8b", 128256, 4096), ("qwen2.5-math-1.5b", 151936, 1536)]
 
 
 def _inputs(n, h, v, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(n, h, generator=g, device="cuda", dtype=torch.float32).to(dtype)
-    w = (torch.randn(v, h, generator=g, device="cuda", dtype=torch.float32) * (2.0 / h ** 0.5)).to(dtype)
-    t = torch.randint(0, v, (n,), generator=g, device="cuda")
-    t[torch.rand(n, generator=g, device="cuda") < 0.1] = -100
+    x, w, _, t = make_inputs(n, h, v, dtype, bias=False, seed=seed, device="cuda", ignore_fraction=0.1)
     return x, w, t
 
 

@@ -28,9 +28,7 @@ interpreted = pytest.mark.skipif(not tb._interpreting(), reason="runs the triton
 
 
 def _inputs(n, h, v, dtype, far_rows=True):
-    x = torch.randn(n, h).to(dtype)
-    w = (torch.randn(v, h) * 0.4).to(dtype)
-    t = torch.randint(0, v, (n,))
+    x, w, _, t = make_inputs(n, h, v, dtype, bias=False, ignore="none")
     t[:3] = -100
     t[3] = v + 7  # out of range: ignored
     if far_rows:  # rows 4, 5: a max ~60 and ~95 nats above the target logit
