@@ -48,6 +48,7 @@ NAME = "triton"
 MAX_BLOCK = 8192
 # Registers per thread (Triton's ``maxnreg``) of every GPU launch: see ``block_config``.
 MAX_REGISTERS = 64
+MAX_REGISTERS_FACTORED_SOFTCAP = 128  # one 16-warp program per SM (see _launch)
 # The interpreter runs each tl op as a numpy call per program: fewer, wider blocks are faster.
 MAX_BLOCK_INTERPRETER = 1 << 16
 INTERPRETER_ELEMENTS = 1 << 18  # ROWS * BLOCK per program under the interpreter
@@ -620,8 +621,11 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
             _row_loss_grad_kernel_autotuned[(n,)](*args, **flags, ROWS=1)
         else:
             rows, block, warps = block_config(vocab, options=cap is not None or eps != 0.0 or lam != 0.0)
+            # the factored launch with a softcap also holds the rare rescale of its row factor
+            # (FACTORED_MIN_SCALE): ptxas 12.8 (Triton 3.6) spilled it within 64 registers
+            regs = MAX_REGISTERS_FACTORED_SOFTCAP if flags["FACTORED"] and cap is not None else MAX_REGISTERS
             _row_loss_grad_kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block,
-                                                           num_warps=warps, maxnreg=MAX_REGISTERS)
+                                                           num_warps=warps, maxnreg=regs)
     return RowOutputs(loss, nll, prob, entropy, correct)
 
 
