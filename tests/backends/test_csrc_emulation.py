@@ -20,10 +20,17 @@ from dft_kernels.backends import _cuda_build, valid_rows
 from dft_kernels.backends import cuda as cuda_backend
 from dft_kernels.backends import torch as torch_backend
 from dft_kernels.options import make_loss_params
-from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, check_linear_against_reference, make_inputs, obj_id, rel_err
+from helpers import OBJECTIVES, TOL, WEIGHTED_NLL, make_inputs, obj_id, rel_err
+from helpers import check_linear_against_reference as _check_on_device
 
 NVCC = _cuda_build.find_nvcc()
+
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host emulation of csrc/")
+
+
+def check_linear_against_reference(*args, **kwargs):
+    """The shared check, kept on the CPU: the emulated cuda backend computes CPU tensors."""
+    return _check_on_device(*args, device=torch.device("cpu"), **kwargs)
 
 TYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Same defines torch's extension build uses for nvcc: no implicit half/bfloat16 conversions.
