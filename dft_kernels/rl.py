@@ -12,6 +12,7 @@ the argument checks are those of :mod:`dft_kernels.functional`, shared with the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple, Optional, Union
 
@@ -103,7 +104,8 @@ def logprobs(
     temp, opts = logprob_options(temperature, softcap=softcap, ignore_index=ignore_index, shift=shift,
                                  return_entropy=return_entropy, return_stats=return_stats, backend=backend,
                                  chunk_size=chunk_size, process_group=process_group, validate=validate)
-    _single_process(opts, logits)
+    if opts.process_group is not None or is_dtensor(logits):
+        return _vocab_parallel_logits(logits, target, temp, opts)
     logits = check_logits(logits)
     vocab_size = logits.shape[-1]
     prep = prepare_logprobs(logits, "logits", target, vocab_size, opts, temp)
@@ -121,19 +123,10 @@ def logprob_options(temperature: Temperature, **options) -> tuple[Optional[Tenso
     return None, LogprobOptions(temperature=temperature, **options)
 
 
-def _single_process(opts: LogprobOptions, *tensors) -> None:
-    if opts.process_group is not None or any(is_dtensor(t) for t in tensors):
-        raise NotImplementedError(
-            "process_group: logprobs on vocab-parallel logits (a process_group or a DTensor) is not supported yet; "
-            "gather the logits and pass process_group=None, or use linear_logprobs on the vocab-parallel head")
-
-
 def _vocab_parallel_linear(input, weight, target, bias, temp: Optional[Tensor], opts: LogprobOptions):
     """The vocab-parallel branch of :func:`linear_logprobs` (:mod:`dft_kernels.vocab_parallel.logprobs`):
     unwrap DTensors, learn the slice layout, check the arguments against the *global* vocabulary; with
     no group (or a group of one rank) the local tensors go back to the single-process path."""
-    import dataclasses
-
     from .functional import _sharded
     from .vocab_parallel.logprobs import linear_logprobs_parallel
     from .vocab_parallel.shard import gather_layout, unwrap_head, unwrap_replicated
@@ -141,29 +134,65 @@ def _vocab_parallel_linear(input, weight, target, bias, temp: Optional[Tensor], 
     weight, bias, group = unwrap_head(weight, bias, opts.process_group)
     input = unwrap_replicated("input", input)
     if not _sharded(group):
-        single = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "process_group"}
-        if temp is not None:
-            single["temperature"] = temp
-        return linear_logprobs(input, weight, target, bias=bias, **single)
-    if opts.return_stats:
-        raise NotImplementedError("return_stats: the statistics are not computed on the vocab-parallel path yet; "
-                                  "pass return_stats=False with a process_group")
-    if opts.backend not in ("auto", "torch"):
-        raise ValueError(f"backend: the vocab-parallel log-probs run on the torch backend only, got "
-                         f"backend={opts.backend!r}; pass 'auto' or 'torch'")
+        return linear_logprobs(input, weight, target, bias=bias, **_single_process_options(opts, temp))
+    _torch_only(opts)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     local_vocab, hidden = weight.shape
     x = _contiguous(input.reshape(-1, hidden))
     shard = gather_layout(group, local_vocab, x.shape[0], opts.chunk_size, input.device)
     prep = prepare_logprobs(input, "input", target, shard.vocab_size, opts, temp)
-    temperature = prep.temperature
-    wide = torch.promote_types(x.dtype, torch.float32)
-    if temperature is None and float(opts.temperature) != 1.0:
-        temperature = torch.full((x.shape[0],), float(opts.temperature), dtype=wide, device=x.device)
-    logp, entropy = linear_logprobs_parallel(x, _contiguous(weight), bias, prep.target,
-                                             None if temperature is None else temperature.to(wide), opts.softcap,
-                                             shard, opts.ignore_index, opts.chunk_size)
-    return _finish((logp, entropy, None, None, None), prep, opts)
+    outs = linear_logprobs_parallel(x, _contiguous(weight), bias, prep.target, _row_temperature(prep, opts, x),
+                                    opts.softcap, shard, opts.ignore_index, opts.chunk_size, opts.return_stats)
+    return _finish_parallel(outs, prep, opts)
+
+
+def _vocab_parallel_logits(logits, target, temp: Optional[Tensor], opts: LogprobOptions):
+    """The vocab-parallel branch of :func:`logprobs`: this rank's slice ``logits (..., V_r)`` (or a DTensor
+    sharded over its last dimension); no group (or one rank) goes back to the single-process path."""
+    from .functional import _sharded
+    from .vocab_parallel.logprobs import logprobs_parallel
+    from .vocab_parallel.shard import gather_layout, unwrap_logits
+
+    logits, group = unwrap_logits(logits, opts.process_group)
+    if not _sharded(group):
+        return logprobs(logits, target, **_single_process_options(opts, temp))
+    _torch_only(opts)
+    logits = check_logits(logits)
+    local_vocab = logits.shape[-1]
+    flat = _contiguous(logits.reshape(-1, local_vocab))
+    shard = gather_layout(group, local_vocab, flat.shape[0], opts.chunk_size, logits.device)
+    prep = prepare_logprobs(logits, "logits", target, shard.vocab_size, opts, temp)
+    outs = logprobs_parallel(flat, prep.target, _row_temperature(prep, opts, flat), opts.softcap, shard,
+                             opts.ignore_index, opts.chunk_size, opts.return_stats)
+    return _finish_parallel(outs, prep, opts)
+
+
+def _single_process_options(opts: LogprobOptions, temp: Optional[Tensor]) -> dict:
+    single = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "process_group"}
+    if temp is not None:
+        single["temperature"] = temp
+    return single
+
+
+def _torch_only(opts: LogprobOptions) -> None:
+    if opts.backend not in ("auto", "torch"):
+        raise ValueError(f"backend: the vocab-parallel log-probs run on the torch backend only, got "
+                         f"backend={opts.backend!r}; pass 'auto' or 'torch'")
+
+
+def _row_temperature(prep: "PreparedLogprobs", opts: LogprobOptions, pred: Tensor) -> Optional[Tensor]:
+    """The per-row temperature in the compute dtype, a scalar option folded in; None for 1."""
+    wide = torch.promote_types(pred.dtype, torch.float32)
+    if prep.temperature is not None:
+        return prep.temperature.to(wide)
+    if float(opts.temperature) != 1.0:
+        return torch.full((pred.shape[0],), float(opts.temperature), dtype=wide, device=pred.device)
+    return None
+
+
+def _finish_parallel(outs, prep: "PreparedLogprobs", opts: LogprobOptions):
+    logp, entropy, sum_sq, is_top1 = outs
+    return _finish((logp, entropy, None, sum_sq, is_top1), prep, opts)
 
 
 class PreparedLogprobs(NamedTuple):
