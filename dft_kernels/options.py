@@ -560,7 +560,9 @@ class LogprobOptions:
         None, "token rows per chunk; None: the most rows whose chunk buffers fit the device's budget "
               "(docs/design.md, Chunk size).")
     process_group: Optional[object] = _logprob_option(
-        None, "vocab-parallel heads are not supported yet: anything but None raises NotImplementedError.")
+        None, "vocab-parallel operands: ``weight``/``bias`` (``linear_logprobs``) or ``logits`` (``logprobs``) are "
+              "this rank's contiguous slice of the vocabulary, ``target`` holds global ids; a DTensor sharded "
+              "over the vocabulary needs none (docs/rl.md).")
     validate: bool = _logprob_option(
         True, "check with one host sync that every target is in ``[0, V)`` or ``ignore_index`` and every "
               "temperature of a valid token is finite and > 0; False skips it.")

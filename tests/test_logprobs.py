@@ -497,14 +497,14 @@ def test_other_bad_arguments_are_named():
         dk.linear_logprobs(x, w, t, process_group="tp")
 
 
-def test_process_group_on_logits_is_not_supported_yet():
-    """linear_logprobs takes a vocab-parallel head (tests/vocab_parallel/test_logprobs_parallel.py);
-    logprobs on vocab-parallel logits does not yet."""
+def test_process_group_without_torch_distributed_is_named():
+    """Both take vocab-parallel operands (tests/vocab_parallel/test_logprobs_parallel.py); a group with
+    torch.distributed not initialised is an error naming process_group."""
     x, w, b, t = make_inputs(6, 8, 20)
     group = dist.ProcessGroup(dist.HashStore(), 0, 1)
     with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         dk.linear_logprobs(x, w, t, process_group=group)
-    with pytest.raises(NotImplementedError, match="process_group: logprobs on vocab-parallel logits"):
+    with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         dk.logprobs(x @ w.t(), t, process_group=group)
 
 
