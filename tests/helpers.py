@@ -99,10 +99,13 @@ def make_inputs(n, h, v, dtype=torch.float32, *, bias=True, ignore="some", seed=
 
 
 def declined(backend: str, objective) -> str:
-    """Why ``backend``'s row kernel does not run ``objective`` (its ``supports("rows", ...)``), or ""."""
-    from dft_kernels.backends import get_backend
+    """Why ``backend``'s row kernel does not run ``objective`` (its ``supports("rows", ...)``), or ""
+    ("auto" declines nothing: it plans the backends that run the call)."""
+    from dft_kernels.backends import BACKENDS, get_backend
     from dft_kernels.options import make_loss_params
 
+    if backend not in BACKENDS:
+        return ""
     return get_backend(backend).supports("rows", make_loss_params(objective))
 
 
