@@ -237,7 +237,7 @@ class Entropy(WeightedNLL):
 
 @dataclass(frozen=True)
 class EAFT(WeightedNLL):
-    """Entropy-adaptive fine-tuning: the NLL weighted by the row's normalised entropy,
+    """Entropy-Adaptive Fine-Tuning (EAFT, arXiv 2601.02151): the NLL weighted by the row's normalised entropy,
     ``w = (H / normalizer)^alpha``, so ``L = -sg((H / normalizer)^alpha) * logp``.
 
     ``top_k=None``: ``H = -sum_j softmax_j log softmax_j``, the exact entropy of the row.
