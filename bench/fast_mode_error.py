@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import dft_kernels as dk
 from dft_kernels import options
 
-OBJECTIVES = ["ce", "dft", "power", "focal", "chord", "prob", "entropy"]
+OBJECTIVES = ["ce", "dft", "power", "focal", "chord", "prob", "entropy", "eaft"]
 
 
 def _cublas_like(a, b, out_dtype, *, out=None, accumulate=False):

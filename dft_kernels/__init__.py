@@ -5,7 +5,7 @@ import importlib
 from . import reference
 from .functional import cross_entropy, linear_cross_entropy
 from .modules import LinearCrossEntropyLoss
-from .objectives import CE, DFT, Chord, Entropy, Focal, Objective, Power, Prob, get_objective
+from .objectives import CE, DFT, EAFT, Chord, Entropy, Focal, Objective, Power, Prob, get_objective
 from .rl import linear_logprobs, logprobs
 from .stats import LogprobStats, LossStats
 
@@ -27,6 +27,7 @@ __all__ = [
     "Chord",
     "Prob",
     "Entropy",
+    "EAFT",
     "get_objective",
     "reference",
     "hf",

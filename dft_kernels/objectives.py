@@ -1,7 +1,7 @@
 """The objective family: per-token losses of the target log-probability.
 
 Every objective is a per-token loss ``L(p[, H])`` of the target probability
-``p = exp(logp)`` (and, for ``entropy``, of the row entropy ``H``).  A row kernel
+``p = exp(logp)`` (and, for ``entropy`` and ``eaft``, of the row entropy ``H``).  A row kernel
 needs only two things from an objective, both computed from pass-1 statistics:
 
 * ``loss(logp, entropy)``: the per-token loss value;
@@ -9,17 +9,22 @@ needs only two things from an objective, both computed from pass-1 statistics:
   gradient is ``dL/dz = g * (onehot - softmax)`` for every objective.
 
 Objectives that are a stop-gradient weight times the NLL (``ce``, ``dft``,
-``power``, ``chord``, ``entropy``) derive from :class:`WeightedNLL`, state only their
+``power``, ``chord``, ``entropy``, ``eaft``) derive from :class:`WeightedNLL`, state only their
 weight, and also support label smoothing and z-loss (docs/design.md, Math);
 ``focal`` and ``prob`` do not.
 
 Each class carries an integer ``kernel_id`` and up to two float ``kernel_params``
-so that compiled kernels can select the epilogue with a constexpr.
+so that compiled kernels can select the epilogue with a constexpr.  A parameter whose
+default depends on the vocabulary size (``EAFT``'s ``normalizer``) is fixed by
+:meth:`Objective.resolve` where ``V`` is known (the eager epilogue, the kernels' launchers).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, NamedTuple, Optional, Union
 
@@ -29,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "CE",
     "DFT",
+    "EAFT",
     "OBJECTIVES",
     "Chord",
     "Entropy",
@@ -88,6 +94,17 @@ class Objective:
     def kernel_params(self) -> tuple[float, float]:
         vals = [float(getattr(self, f.name)) for f in fields(self)]
         return tuple((vals + [0.0, 0.0])[:2])  # type: ignore[return-value]
+
+    @property
+    def entropy_top_k(self) -> Optional[int]:
+        """``k`` where the ``H`` this objective reads is the entropy of the row's ``k`` largest logits
+        renormalised (``EAFT(top_k=k)``); None where it is the row's exact entropy (or unused)."""
+        return None
+
+    def resolve(self, vocab_size: int) -> "Objective":
+        """This objective for rows of ``vocab_size`` logits: itself, unless a parameter's default
+        depends on ``V`` (``EAFT``'s ``normalizer``), which the copy returned then fixes."""
+        return self
 
     def loss(self, logp: Tensor, entropy: Optional[Tensor] = None) -> Tensor:
         raise NotImplementedError
@@ -218,8 +235,66 @@ class Entropy(WeightedNLL):
         return (self.scale * torch.exp(-self._need_entropy(entropy))).expand_as(logp)
 
 
+@dataclass(frozen=True)
+class EAFT(WeightedNLL):
+    """Entropy-Adaptive Fine-Tuning (EAFT, arXiv 2601.02151): the NLL weighted by the row's normalised entropy,
+    ``w = (H / normalizer)^alpha``, so ``L = -sg((H / normalizer)^alpha) * logp``.
+
+    ``top_k=None``: ``H = -sum_j softmax_j log softmax_j``, the exact entropy of the row.
+    ``top_k=k``: ``H`` is the entropy of the softmax of the row's ``k`` largest logits alone,
+    renormalised over them (all ``V`` of them when ``k >= V``), LLaMA-Factory's approximation:
+    its ``use_eaft_loss`` is ``EAFT(top_k=20, normalizer=3.0)``.
+    ``normalizer=None``: the largest value ``H`` can take, ``log(V)`` (``log(min(k, V))`` with
+    ``top_k``), so that ``w`` lies in ``[0, 1]``; fixed by :meth:`resolve` once ``V`` is known (1
+    where that maximum is 0: a single logit, whose ``H`` is 0).  ``alpha >= 0`` (``0^0 = 1``).
+    """
+
+    alpha: float = _param(1.0)
+    top_k: Optional[int] = None
+    normalizer: Optional[float] = None
+    name: ClassVar[str] = "eaft"
+    kernel_id: ClassVar[int] = 7
+    needs_entropy: ClassVar[bool] = True
+
+    def __post_init__(self):
+        put = functools.partial(object.__setattr__, self)
+        put("alpha", _check_param("EAFT", "alpha", self.alpha))
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+                raise TypeError(f"EAFT: 'top_k' must be an int or None, got {type(self.top_k).__name__}")
+            if self.top_k < 1:
+                raise ValueError(f"EAFT: 'top_k' must be >= 1 (or None for the exact entropy), got {self.top_k}")
+            put("top_k", int(self.top_k))
+        if self.normalizer is not None:
+            put("normalizer", _check_param("EAFT", "normalizer", self.normalizer, low_inclusive=False))
+
+    @property
+    def entropy_top_k(self) -> Optional[int]:
+        return self.top_k
+
+    def resolve(self, vocab_size: int) -> "EAFT":
+        if self.normalizer is not None:
+            return self
+        largest = vocab_size if self.top_k is None else min(self.top_k, vocab_size)
+        return dataclasses.replace(self, normalizer=math.log(largest) if largest > 1 else 1.0)
+
+    def _normalizer(self) -> float:
+        if self.normalizer is None:
+            raise ValueError("EAFT: normalizer=None stands for the largest entropy, log(V), which needs the "
+                             "vocabulary size: use resolve(vocab_size)")
+        return self.normalizer
+
+    @property
+    def kernel_params(self) -> tuple[float, float]:
+        return self.alpha, self._normalizer()
+
+    def weight(self, logp, entropy=None):
+        ratio = self._need_entropy(entropy) / self._normalizer()
+        return torch.pow(ratio, self.alpha).expand_as(logp)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (CE, DFT, Power, Focal, Chord, Prob, Entropy)
+    cls.name: cls for cls in (CE, DFT, Power, Focal, Chord, Prob, Entropy, EAFT)
 }
 
 ObjectiveLike = Union[str, Objective]
@@ -261,9 +336,11 @@ def epilogue(objective: Objective, logp: Tensor, entropy: Optional[Tensor], lse:
 
     with the target entry ``a p - w (1 - eps) - c`` written as ``a expm1(logp) + 2 lam lse +
     w eps (1 - 1/V)``, which does not cancel when ``p ~ 1`` (nor when ``V = 1`` with smoothing).
+    ``entropy`` is the ``H`` the objective reads: for ``EAFT(top_k=k)``, the top-``k`` entropy.
     The eager backends (torch, the vocab-parallel combine) share it; the Triton kernels have the
     same arithmetic as a device function."""
     eps, lam = label_smoothing, z_loss
+    objective = objective.resolve(vocab_size)
     w = -objective.coefficient(logp, entropy)
     loss = objective.loss(logp, entropy)
     if eps != 0.0:

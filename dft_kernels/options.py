@@ -67,7 +67,7 @@ class LossOptions:
     (a bad value raises ``TypeError``/``ValueError`` naming the option)."""
 
     objective: ObjectiveLike = _option(
-        "dft", "a name (``ce``, ``dft``, ``power``, ``focal``, ``chord``, ``prob``, ``entropy``: defaults) "
+        "dft", "a name (``ce``, ``dft``, ``power``, ``focal``, ``chord``, ``prob``, ``entropy``, ``eaft``: defaults) "
                "or an objective object such as ``dk.DFT(min_weight=0.1)``; see docs/objectives.md.")
     ignore_index: int = _option(
         -100, "targets equal to it contribute no loss and no gradient (nor, with ``validate=False``, "
@@ -152,7 +152,7 @@ class LossOptions:
         if not self.objective.is_weighted_nll and (self.label_smoothing != 0.0 or self.z_loss != 0.0):
             raise ValueError(
                 f"label_smoothing and z_loss are not defined for objective '{self.objective.name}'; "
-                "they work with ce, dft, power, chord and entropy")
+                "they work with ce, dft, power, chord, entropy and eaft")
         for flag in ("shift", "return_stats", "validate"):
             put(flag, bool(getattr(self, flag)))
         if not isinstance(self.allreduce_dgrad, bool):
@@ -420,12 +420,26 @@ def _budget(opts: LossOptions, device: torch.device) -> int:
 
 
 def _steps(backend: str, factored: Optional[bool], fused_head: bool, label_smoothing: float, z_loss: float,
-           device: torch.device, factor_reason: str) -> tuple:
+           device: torch.device, factor_reason: str, objective: tuple = (_OBJECTIVE_TAG, "ce", ())) -> tuple:
     """``(backend, path)`` steps of a call on ``device``; ``factor_reason``: why the chunk loop's
-    GEMMs cannot apply a factored gradient here ("" where they can).  Plain values in, a tuple of
-    strings out: torch.compile takes the result as a constant (see below)."""
-    names = backends.candidates(backend, device)
-    params = LossParams(get_objective("ce"), label_smoothing=label_smoothing, z_loss=z_loss)
+    GEMMs cannot apply a factored gradient here ("" where they can); ``objective``: the call's, as
+    :func:`_encode_value` writes it.  A backend whose ``supports("rows", ...)`` declines the call
+    is left out of an ``auto`` plan (the reason logged once) and raises its reason when named.
+    Plain values in, a tuple of strings out: torch.compile takes the result as a constant (see below)."""
+    params = LossParams(_decode_value(objective), label_smoothing=label_smoothing, z_loss=z_loss)
+    names, declined = [], []
+    for name in backends.candidates(backend, device):
+        reason = backends.get_backend(name).supports(ROWS, params)
+        if not reason:
+            names.append(name)
+        elif backend != "auto":
+            raise ValueError(f"backend: {name!r} does not run this call: {reason}")
+        else:
+            declined.append(f"{name!r} does not run this call ({reason})")
+    if not names:
+        raise ValueError(f"backend: no backend available on device {device} runs this call: {'; '.join(declined)}")
+    if declined:
+        backends.log_once(f"dft_kernels: backend 'auto': {'; '.join(declined)}; using {names[0]!r}")
     if fused_head:
         reason = factor_reason or backends.get_backend(names[0]).supports(FACTORED, params)
         if names[0] != "triton":
@@ -455,7 +469,7 @@ head_dtypes._dynamo_marked_constant = True
 
 def _plan_steps(opts: LossOptions, device: torch.device, factor_reason: str) -> tuple:
     return _steps(opts.backend, opts.factored, opts.fused_head, opts.label_smoothing, opts.z_loss, device,
-                  factor_reason)
+                  factor_reason, _encode_value(opts.objective))
 
 
 def plan_linear(opts: LossOptions, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -498,6 +512,9 @@ def plan_vocab_parallel(opts: LossOptions, rows: torch.Tensor, max_local_size: i
     """The plan of a vocab-parallel call on ``rows`` (``x`` ``[N, H]``, or this rank's ``[N, V_r]``
     logits): the vocab-parallel row kernel over this rank's slice (the chunk loop is given it), and
     the default chunk from the largest slice, so that every rank loops over the same chunks."""
+    if opts.objective.entropy_top_k is not None:
+        raise ValueError(f"objective: {opts.objective!r} has no vocab-parallel path: the entropy of a row's top-k "
+                         "logits needs a top-k over every rank's slice (top_k=None, the exact entropy, has one)")
     logits_dtype, grad_dtype = head_dtypes(rows.dtype, None, rows.device)
     chunk = opts.chunk_size or default_chunk_size(rows.shape[0], max_local_size, max(4, rows.element_size()),
                                                   _budget(opts, rows.device))

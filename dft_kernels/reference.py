@@ -12,6 +12,7 @@ ignored (the oracle is exact whatever dtype the fast path rounds its logits to);
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -24,15 +25,36 @@ from .options import LossOptions, document_options
 from .rl import logprob_options, prepare_logprobs
 from .stats import LogprobStats, LossStats
 
-__all__ = ["linear_cross_entropy", "cross_entropy", "token_loss", "linear_logprobs", "logprobs"]
+__all__ = ["linear_cross_entropy", "cross_entropy", "token_loss", "eaft_entropy", "eaft_normalizer",
+           "linear_logprobs", "logprobs"]
+
+
+def eaft_entropy(logits: Tensor, top_k) -> Tensor:
+    """The ``H`` of EAFT's weight, with no gradient: ``-sum p log p`` of the softmax of the whole row
+    (``top_k=None``) or of its ``min(k, V)`` largest logits alone, renormalised over them."""
+    z = logits.detach()
+    if top_k is not None:
+        z = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values
+    return torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)
+
+
+def eaft_normalizer(obj, vocab: int) -> float:
+    """EAFT's ``normalizer``; None is the largest entropy, ``log`` of the number of logits entering ``H``
+    (1 when that number is 1: ``H`` is then 0)."""
+    if obj.normalizer is not None:
+        return obj.normalizer
+    count = vocab if obj.top_k is None else min(obj.top_k, vocab)
+    return math.log(count) if count > 1 else 1.0
 
 
 def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: float, z_loss: float):
-    """Per-token loss with autograd-visible stop-gradients.  ``logits``: ``[n, V]`` after softcap."""
+    """Per-token loss with autograd-visible stop-gradients.  ``logits``: ``[n, V]`` after softcap.
+    Returns it and the row entropy (entropy objectives; else None): for ``eaft`` the exact one, also
+    with ``top_k`` (what :class:`LossStats` reports; the weight reads its own ``H``)."""
     lse = torch.logsumexp(logits, dim=-1)
     p = logp.exp()
     entropy = None
-    if name == "entropy":
+    if name in ("entropy", "eaft"):
         # -sum p log p with 0 log 0 = 0: masked (-inf) logits contribute nothing, not 0 * inf
         entropy = torch.special.entr(torch.softmax(logits, dim=-1)).sum(-1)
     weight = {
@@ -41,6 +63,7 @@ def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: fl
         "power": lambda: p.detach() ** obj.alpha,
         "chord": lambda: (p * (1 - p)).detach(),
         "entropy": lambda: obj.scale * torch.exp(-entropy).detach(),
+        "eaft": lambda: (eaft_entropy(logits, obj.top_k) / eaft_normalizer(obj, logits.shape[-1])) ** obj.alpha,
     }
     if name == "focal":
         # (1-p)^gamma for gamma < 1 has an infinite slope at p == 1 (logp == 0), where autograd

@@ -6,7 +6,7 @@ import torch
 import dft_kernels as dk
 from dft_kernels import options
 from dispatch_recorder import FreshTensors, LargestOutput
-from helpers import cublas_mm_out_dtype, leaf, make_inputs
+from helpers import cublas_mm_out_dtype, leaf, make_inputs, obj_id, skip_if_declined
 
 N, H, V, CHUNK = 256, 32, 1000, 64  # N * V = 256000 > V * H (dW) = 32000
 
@@ -20,9 +20,11 @@ def _record(fn, x, w, b, t, **kw):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("objective", ["dft", "entropy"])
+# EAFT(top_k): torch.topk on each chunk's logits (the torch backend; triton declines it)
+@pytest.mark.parametrize("objective", ["dft", "entropy", "eaft", dk.EAFT(top_k=20, normalizer=3.0)], ids=obj_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_tensor_of_n_times_v_elements(backend, reduction, objective, dtype):
+    skip_if_declined(backend, objective)
     x, w, b, t = make_inputs(N, H, V, dtype=dtype)
     rec = _record(dk.linear_cross_entropy, x, w, b, t, backend=backend, chunk_size=CHUNK,
                   reduction=reduction, objective=objective, return_stats=False)

@@ -5,7 +5,7 @@ import torch
 
 import dft_kernels as dk
 from dft_kernels.objectives import OBJECTIVES
-from dft_kernels.reference import token_loss
+from dft_kernels.reference import eaft_entropy, token_loss
 from helpers import OBJECTIVES as CASES
 from helpers import obj_id
 
@@ -21,6 +21,9 @@ def test_coefficient_is_the_derivative_of_the_reference_loss(objective):
     ref_loss, entropy = token_loss(obj.name, obj, logp, z, 0.0, 0.0)
     (ref_g,) = torch.autograd.grad(ref_loss.sum(), logp)
     ent = None if entropy is None else entropy.detach()
+    if obj.entropy_top_k is not None:  # the H its weight reads (the reference returns the exact one)
+        ent = eaft_entropy(z, obj.entropy_top_k)
+    obj = obj.resolve(50)
     g = obj.coefficient(logp.detach(), ent)
     assert torch.allclose(g, ref_g, rtol=1e-12, atol=1e-14)
     assert torch.allclose(obj.loss(logp.detach(), ent), ref_loss.detach(), rtol=1e-12, atol=1e-14)
@@ -48,11 +51,11 @@ def test_focal_coefficient_is_finite_at_p_one():
 
 
 def test_registry_and_strings():
-    assert set(OBJECTIVES) == {"ce", "dft", "power", "focal", "chord", "prob", "entropy"}
+    assert set(OBJECTIVES) == {"ce", "dft", "power", "focal", "chord", "prob", "entropy", "eaft"}
     for name, cls in OBJECTIVES.items():
         assert dk.get_objective(name) == cls()
         assert dk.get_objective(name.upper()) == cls()
-        assert cls.needs_entropy == (name == "entropy")
+        assert cls.needs_entropy == (name in ("entropy", "eaft"))
     assert dk.get_objective(dk.DFT(min_weight=0.1)).min_weight == 0.1
     assert dk.get_objective(dk.Focal) == dk.Focal()
     ids = [cls.kernel_id for cls in OBJECTIVES.values()]
@@ -66,7 +69,8 @@ def test_entropy_objective_needs_entropy():
 
 @pytest.mark.parametrize("name,obj", [("ce", dk.CE()), ("dft", dk.DFT(min_weight=0.0)), ("power", dk.Power(1.0)),
                                       ("focal", dk.Focal(2.0)), ("chord", dk.Chord()), ("prob", dk.Prob(k=1.0)),
-                                      ("entropy", dk.Entropy(scale=1.0))])
+                                      ("entropy", dk.Entropy(scale=1.0)),
+                                      ("eaft", dk.EAFT(alpha=1.0, top_k=None, normalizer=None))])
 def test_string_and_object_give_the_same_loss(name, obj):
     x, w = torch.randn(10, 8), torch.randn(30, 8)
     t = torch.randint(0, 30, (10,))

@@ -36,7 +36,9 @@ Outputs (:class:`RowOutputs`, float32 ``[n]`` tensors, float64 for float64 logit
 
 Paths (every backend module also exposes ``supports(path, params) -> str``: "" where it runs
 ``path`` for ``params``, else the reason it does not)
-    ``"rows"``: :func:`row_loss_grad` above; every backend.
+    ``"rows"``: :func:`row_loss_grad` above; every backend, for every objective but one: the
+    triton and cuda backends decline ``EAFT(top_k=k)`` (:func:`top_k_reason`), the torch backend
+    runs it (its ``H``, the entropy of the row's top-k logits renormalised, from ``torch.topk``).
     ``"factored"``: ``row_loss_grad_factored(logits, target, params, token_weights, grad_scale,
     grad_out, row_scale)``: the same outputs, with the gradient written as a per-row factor times
     a matrix, i.e. ``row_scale[:, None] * grad_out`` (or ``* logits`` in place) equals the
@@ -95,7 +97,7 @@ from torch import device as Device
 # No module-level name 'torch' here: it would shadow the backends.torch submodule.
 
 __all__ = ["RowOutputs", "LogprobRowOutputs", "BACKENDS", "BACKEND_NAMES", "candidates", "get_backend",
-           "resolve_backend", "valid_rows", "check_grad_out", "via_in_place", "log_once"]
+           "resolve_backend", "valid_rows", "check_grad_out", "via_in_place", "log_once", "top_k_reason"]
 
 logger = logging.getLogger("dft_kernels")
 
@@ -155,6 +157,18 @@ def via_in_place(row_loss_grad_in_place, logits: Tensor, grad_out: Tensor, *args
     if work is not grad_out:
         grad_out.copy_(work)
     return out
+
+
+def top_k_reason(objective) -> str:
+    """Why a compiled row kernel (triton, cuda) does not run ``objective``, or "": its ``H`` is the
+    entropy of the row's top-k logits, which needs a selection of k entries out of V that these
+    kernels do not make (they stream the row once and keep the exact entropy)."""
+    k = objective.entropy_top_k
+    if k is None:
+        return ""
+    return (f"{objective!r} weights each row by the entropy of its top-{k} logits, which needs a top-k selection "
+            "over the row that the compiled kernels do not make (they compute the exact entropy: top_k=None); "
+            "the torch backend runs it")
 
 
 def get_backend(name: str):

@@ -19,15 +19,18 @@ import torch
 from torch import Tensor
 
 from ..options import LossParams
-from . import RowOutputs, check_grad_out, via_in_place
+from . import RowOutputs, check_grad_out, top_k_reason, via_in_place
 from . import _cuda_build as build
 
 NAME = "cuda"
 
 
 def supports(path: str, params) -> str:
-    """"" for the two-pass ``"rows"`` path, the only one this backend has (the contract's paths)."""
-    return "" if path == "rows" else f"the {NAME} backend has no {path!r} path"
+    """"" for the two-pass ``"rows"`` path, the only one this backend has (the contract's paths), for
+    every objective but ``EAFT(top_k=k)`` (:func:`~dft_kernels.backends.top_k_reason`)."""
+    if path != "rows":
+        return f"the {NAME} backend has no {path!r} path"
+    return top_k_reason(params.objective)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
@@ -148,7 +151,10 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     if grad_scale is not None and grad_out is not None and grad_out is not logits:
         check_grad_out(grad_out, logits, DTYPES)
         return via_in_place(row_loss_grad, logits, grad_out, target, params, token_weights, grad_scale)
-    obj = params.objective
+    reason = top_k_reason(params.objective)
+    if reason:
+        raise ValueError(f"params: the cuda backend does not run this objective: {reason}")
+    obj = params.objective.resolve(logits.shape[1])
     param0, param1 = obj.kernel_params
     tw = None if token_weights is None else token_weights.to(torch.float32).contiguous()
     scale = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()

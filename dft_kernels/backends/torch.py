@@ -6,6 +6,7 @@ Implements the contract in ``dft_kernels.backends`` with whole-row tensor ops::
     m     = max(z);  r = sum_{j != argmax} exp(z_j - m);  lse = m + log1p(r)
     logp  = (z_y - m) - log1p(r);  softmax = exp(z - m) / (1 + r)
     H     = -sum_j softmax_j log softmax_j      (entropy objectives only)
+    H_k   = the same over the top-k logits      (EAFT(top_k=k): the H its weight reads; torch.topk per chunk)
     L     = (1 - eps) * L_obj + eps * w * (lse - mean_j z_j) + lam * lse^2,   w = -g
     dL/dz0 = ((w + 2 lam lse) softmax - w (1 - eps) onehot - w eps / V) * (1 - (z / softcap)^2)
 
@@ -67,6 +68,8 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
     if cap is not None:
         work.div_(cap).tanh_().mul_(cap)
 
+    top_k = params.objective.entropy_top_k
+    weight_entropy = None if top_k is None else top_k_entropy(work, top_k)  # while work holds z
     m = work.amax(dim=1, keepdim=True)
     z_target = work.gather(1, safe_target).squeeze(1)
     correct = (work.argmax(dim=1) == target).to(torch.float32) if params.with_stats else None
@@ -99,7 +102,8 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         entropy = log1p_r + (-torch.special.xlogy(work, work).sum(dim=1)) / (1.0 + r)
     softmax = work.div_((1.0 + r).unsqueeze(1))
 
-    ep = epilogue(params.objective, logp, entropy, lse, z_mean, params.label_smoothing, params.z_loss, vocab)
+    ep = epilogue(params.objective, logp, entropy if weight_entropy is None else weight_entropy, lse, z_mean,
+                  params.label_smoothing, params.z_loss, vocab)
 
     zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
     row_weight = valid.to(compute_dtype)
@@ -129,6 +133,19 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
         entropy=None if entropy is None else torch.where(valid, entropy, zero).to(f32),
         correct=None if correct is None else correct * valid,
     )
+
+
+def top_k_entropy(z: Tensor, k: int) -> Tensor:
+    """Per row of ``z`` ``[n, V]``, the entropy of the softmax of its ``min(k, V)`` largest entries alone:
+    ``log1p(r) + t / (1 + r)`` over them as for the whole row, with ``r`` the sum of ``e^{z_j - max}``
+    but the max's and ``t = sum e^{z_j - max} (max - z_j)`` (no cancellation; ``-inf`` entries add 0).
+    Only ``[n, k]`` tensors besides ``z``, which is read once and left untouched."""
+    top = torch.topk(z, min(k, z.shape[1]), dim=1).values  # sorted: column 0 is the row's max
+    d = top - top[:, :1]
+    e = torch.exp(d)
+    r = e[:, 1:].sum(dim=1)
+    t = -torch.where(e > 0.0, e * d, torch.zeros((), dtype=e.dtype, device=e.device)).sum(dim=1)
+    return torch.log1p(r) + t / (1.0 + r)
 
 
 # ---------------------------------------------------------------- the log-prob family (docs/rl.md)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .. import objectives
 from ..options import LossParams
-from . import LogprobRowOutputs, RowOutputs, check_grad_out
+from . import LogprobRowOutputs, RowOutputs, check_grad_out, top_k_reason
 
 NAME = "triton"
 MAX_BLOCK = 8192
@@ -82,6 +82,7 @@ OBJ_FOCAL = tl.constexpr(objectives.Focal.kernel_id)
 OBJ_CHORD = tl.constexpr(objectives.Chord.kernel_id)
 OBJ_PROB = tl.constexpr(objectives.Prob.kernel_id)
 OBJ_ENTROPY = tl.constexpr(objectives.Entropy.kernel_id)
+OBJ_EAFT = tl.constexpr(objectives.EAFT.kernel_id)
 
 
 @_device_fn
@@ -317,8 +318,11 @@ def _row_epilogue(m, r, t, zsum, arg, z_y, y, valid, rows, row_ok, V, eps, lam, 
         pk = tl.exp2(param0 * logp * LOG2E)
         loss = -pk
         w = param0 * pk
-    else:  # OBJ_ENTROPY
+    elif OBJECTIVE == OBJ_ENTROPY:
         w = param0 * tl.exp2(-entropy * LOG2E)
+        loss = -w * logp
+    else:  # OBJ_EAFT: w = (H / normalizer)^alpha, the exact entropy (top-k is declined by supports)
+        w = _pow(entropy / param1, param0)
         loss = -w * logp
     if HAS_SMOOTHING:
         loss = (1.0 - eps) * loss + eps * w * (lse - zsum / V)
@@ -530,11 +534,14 @@ def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
 def supports(path: str, params: LossParams) -> str:
     """"" where this backend runs ``path`` for ``params`` (the contract's paths), else why not: the
     factored gradient has no label smoothing or z-loss, whose gradients have terms that are not a
-    multiple of the softmax."""
-    if path in ("rows", "logprobs"):
+    multiple of the softmax; no path weights by a top-k entropy (``EAFT(top_k=k)``)."""
+    if path == "logprobs":
         return ""
-    if path != "factored":
+    if path not in ("rows", "factored"):
         return f"the triton backend has no {path!r} path"
+    reason = top_k_reason(params.objective)
+    if reason or path == "rows":
+        return reason
     if _as_float32(params.label_smoothing) != 0.0 or _as_float32(params.z_loss) != 0.0:
         return "label smoothing and z-loss have gradient terms that are not a multiple of the softmax"
     return ""
@@ -569,6 +576,9 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
     n, vocab = logits.shape
     if vocab > MAX_VOCAB:
         raise ValueError(f"logits: the triton backend takes rows of at most {MAX_VOCAB} entries, got V = {vocab}")
+    reason = top_k_reason(params.objective)
+    if reason:
+        raise ValueError(f"params: the triton backend does not run this objective: {reason}")
     dev = logits.device
     f32 = torch.float32
     loss = torch.empty(n, dtype=f32, device=dev)
@@ -590,7 +600,7 @@ def _launch(logits: Tensor, target: Tensor, params: LossParams, token_weights: O
     if grad_scale is not None:
         grad_scale = grad_scale.to(f32).contiguous()
         per_row = grad_scale.dim() == 1
-    obj = params.objective
+    obj = params.objective.resolve(vocab)
     p0, p1 = obj.kernel_params
     cap = params.softcap
     # The kernel's scalars are float32: round them here and take the flags from the rounded

@@ -47,8 +47,8 @@
 namespace dftk {
 
 // Objective kernel ids, as in dft_kernels/objectives.py (Objective.kernel_id).
-enum ObjectiveId : int { kCE = 0, kDFT = 1, kPower = 2, kFocal = 3, kChord = 4, kProb = 5, kEntropy = 6 };
-constexpr int kNumObjectives = 7;
+enum ObjectiveId : int { kCE = 0, kDFT = 1, kPower = 2, kFocal = 3, kChord = 4, kProb = 5, kEntropy = 6, kEAFT = 7 };
+constexpr int kNumObjectives = 8;
 
 // Everything a row needs besides its logits.  Pointers are device pointers on the GPU.
 struct RowParams {
@@ -186,8 +186,8 @@ struct PushOp {
 
 // ---- epilogue ----
 // loss and g = dL/dlogp of the objective (objectives.py), from logp and the entropy H.
-DFTK_HD void objective_loss_coef(int kernel_id, float param0, float logp, float p, float H, float& loss,
-                                 float& g) {
+DFTK_HD void objective_loss_coef(int kernel_id, float param0, float param1, float logp, float p, float H,
+                                 float& loss, float& g) {
   switch (kernel_id) {
     case kCE:
       loss = -logp;
@@ -225,8 +225,14 @@ DFTK_HD void objective_loss_coef(int kernel_id, float param0, float logp, float 
       g = -param0 * pk;
       break;
     }
-    default: {  // kEntropy: w = scale exp(-H)
+    case kEntropy: {  // w = scale exp(-H)
       const float w = param0 * expf(-H);
+      loss = -w * logp;
+      g = -w;
+      break;
+    }
+    default: {  // kEAFT: w = (H / normalizer)^alpha, the exact entropy (the wrapper declines top-k)
+      const float w = powf(H / param1, param0);  // powf(0, 0) == 1, as torch.pow
       loss = -w * logp;
       g = -w;
       break;
@@ -268,7 +274,7 @@ DFTK_HD RowEpilogue finish_row(const RowStats& s, float z_target, int y, const R
   const float inv_sum = 1.f / (1.f + s.r);
   const float H = fmaf(s.t, inv_sum, log1p_r);
   float loss, g;
-  objective_loss_coef(p.kernel_id, p.param0, logp, prob, H, loss, g);
+  objective_loss_coef(p.kernel_id, p.param0, p.param1, logp, prob, H, loss, g);
   const float w = -g;
   const float eps = p.label_smoothing, lam = p.z_loss;
   if (eps != 0.f) loss = (1.f - eps) * loss + eps * w * (lse - s.sum_z / static_cast<float>(p.vocab));

@@ -281,7 +281,7 @@ def linear_loss_grad_fused(x: Tensor, weight: Tensor, target: Tensor, params: Lo
     target_grad = new()
     cap = params.softcap
     softcap = 1.0 if cap is None else float(cap)
-    p0, p1 = params.objective.kernel_params
+    p0, p1 = params.objective.resolve(vocab).kernel_params
     grad = grad_out if with_grad else loss  # a placeholder pointer when there is no gradient
     upcast = _interpreting() and x.dtype != f32
     precision = "ieee" if x.dtype == f32 or upcast else "tf32"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dft_kernels as dk
-from helpers import OBJECTIVES, check_linear_against_reference, leaf, make_inputs, obj_id, rel_err
+from helpers import OBJECTIVES, check_linear_against_reference, leaf, make_inputs, obj_id, rel_err, skip_if_declined
 
 tb = pytest.importorskip("dft_kernels.backends.triton")
 
@@ -39,6 +39,7 @@ def _options(objective):
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=obj_id)
 def test_multi_block_rows_against_reference(small_blocks, objective):
     """Every objective with every option, loss, stats and logits gradient, over many blocks."""
+    skip_if_declined("triton", objective)
     n, v = 7, 300
     z = torch.randn(n, v, dtype=torch.float64) * 3
     t = torch.randint(0, v, (n,))

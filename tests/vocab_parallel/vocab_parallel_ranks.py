@@ -55,7 +55,9 @@ def _grid(world: int) -> list[Case]:
     """Every objective with every reduction; bias, ignored rows, stats, softcap, smoothing, z-loss, token
     weights, num_items_in_batch, shift and the split rotate over the grid so each is on and off."""
     cases = []
-    for i, (obj, red) in enumerate(itertools.product(OBJECTIVES, REDUCTIONS)):
+    # EAFT(top_k) has no vocab-parallel path (a ValueError, tests/test_eaft.py)
+    objectives = [obj for obj in OBJECTIVES if dk.get_objective(obj).entropy_top_k is None]
+    for i, (obj, red) in enumerate(itertools.product(objectives, REDUCTIONS)):
         nll_like = dk.get_objective(obj).is_weighted_nll
         opts = {}
         if i % 4 == 1:
