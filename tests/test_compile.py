@@ -160,3 +160,27 @@ def test_python_num_items_is_not_a_host_to_device_copy(monkeypatch, num_items):
     assert calls == [], f"python scalar copied to the device with torch.tensor: {calls}"
     ref = dk.reference.linear_cross_entropy(x.double(), w.double(), t, bias=b.double(), num_items_in_batch=num_items)
     assert rel_err(loss, ref) <= 1e-5
+
+
+def test_a_float_option_that_changes_between_calls():
+    """Dynamo makes a float that changed since the last compile a symbolic float, which cannot be
+    encoded into the ops' options (docs/compile.md): it raises rather than computing anything wrong,
+    and with ``specialize_float=True`` each value compiles as a constant and the loss follows it."""
+    x, w, b, t = make_inputs(N, H, V)
+
+    def loss_of(x, w, t, objective):
+        return dk.linear_cross_entropy(x, w, t, objective=objective, validate=False, chunk_size=8)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    compiled(x, w, t, dk.DFT(min_weight=0.1))
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        compiled(x, w, t, dk.DFT(min_weight=0.2))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=True):
+        compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+        for min_weight in (0.1, 0.2, 0.3):
+            got = compiled(x, w, t, dk.DFT(min_weight=min_weight))
+            want = dk.reference.linear_cross_entropy(x.double(), w.double(), t, objective=dk.DFT(min_weight=min_weight))
+            assert rel_err(got, want) <= 1e-5, min_weight
+    torch._dynamo.reset()
