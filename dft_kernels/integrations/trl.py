@@ -16,7 +16,7 @@ loaded it (and wrapped it in PEFT, if asked), computes the loss as ``transformer
 the loss something else.  :class:`~dft_kernels.integrations.common.FusedLossCheck` stops
 training before the optimizer step if a micro-batch did not run through the fused loss.
 
-TRL >= 1.16's ``GRPOTrainer`` (and its RLOO, DPO and KTO trainers) get their per-token log-probs
+TRL >= 1.15's ``GRPOTrainer`` (and its RLOO, DPO and KTO trainers) get their per-token log-probs
 from a fused LM head TRL installs on the model (``add_fused_lm_head``: the forward called with
 ``fused_lm_head=True``).  :func:`add_logprob_head` installs ours in its place, computing the
 log-probs and the entropy with ``dk.linear_logprobs`` at the trainer's temperature;
@@ -34,8 +34,13 @@ import types
 from typing import Any, Mapping, Optional
 
 import torch
+import trl
 from trl import GRPOTrainer, SFTTrainer
-from trl.trainer.utils import FusedCausalLMOutput
+
+try:  # TRL >= 1.15 (which needs Python >= 3.11): the fused LM head contract of its RL trainers
+    from trl.trainer.utils import FusedCausalLMOutput
+except ImportError:
+    FusedCausalLMOutput = None
 
 import dft_kernels as dk
 from dft_kernels.hf import ModelLossMixin
@@ -74,6 +79,13 @@ class DFTSFTTrainer(ModelLossMixin, SFTTrainer):
         self.dft_options.patch(self.model)
 
 
+def _require_fused_head(who: str) -> None:
+    if FusedCausalLMOutput is None:
+        raise ImportError(f"{who} needs TRL >= 1.15, whose RL trainers take their log-probs from a fused LM head "
+                          f"(trl.trainer.utils.FusedCausalLMOutput); TRL {trl.__version__} is installed (on Python "
+                          "3.10 pip resolves TRL 1.14, the last release for it). DFTSFTTrainer works with it")
+
+
 def add_logprob_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                      return_entropy: bool = True, logprob_kwargs: Optional[Mapping[str, Any]] = None) -> None:
     """Make ``model(..., labels=labels, fused_lm_head=True)`` return TRL's ``FusedCausalLMOutput``
@@ -87,6 +99,7 @@ def add_logprob_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: b
     are None.  ``logprob_kwargs``: ``backend``, ``chunk_size``, ``validate`` of ``dk.linear_logprobs``.
     ``model.dft_kernels_logprob_calls`` counts the calls.
     """
+    _require_fused_head("add_logprob_head")
     kwargs = dict(logprob_kwargs or {})
     unknown = sorted(set(kwargs) - {"backend", "chunk_size", "validate"})
     if unknown:
@@ -148,6 +161,7 @@ class DFTGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, dft_logprob_kwargs: Optional[Mapping[str, Any]] = None, **kwargs):
+        _require_fused_head("DFTGRPOTrainer")
         super().__init__(*args, **kwargs)
         from accelerate.utils import is_peft_model
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled

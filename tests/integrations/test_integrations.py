@@ -158,3 +158,15 @@ def test_llamafactory_split_config():
 def test_llamafactory_split_config_refuses_other_losses(config, match):
     with pytest.raises(ValueError, match=match):
         split_config(config)
+
+
+def test_grpo_head_on_a_trl_without_fused_head_names_the_version(monkeypatch):
+    """On TRL < 1.15 (Python 3.10 resolves 1.14) the GRPO integration raises an ImportError naming the
+    TRL it needs; DFTSFTTrainer (above) works with any TRL >= 1.0."""
+    import dft_kernels.integrations.trl as dk_trl
+
+    monkeypatch.setattr(dk_trl, "FusedCausalLMOutput", None)
+    with pytest.raises(ImportError, match=r"add_logprob_head needs TRL >= 1\.15"):
+        dk_trl.add_logprob_head(torch.nn.Linear(2, 2))
+    with pytest.raises(ImportError, match=r"DFTGRPOTrainer needs TRL >= 1\.15"):
+        dk_trl.DFTGRPOTrainer(model=None, reward_funcs=None)
