@@ -552,14 +552,19 @@ def _plan_pair(opts, path: str, plan_type, x: torch.Tensor, weight: torch.Tensor
         raise ValueError(f"logits_dtype={logits_dtype} (the fast mode) needs input and weight of that dtype, "
                          f"got {x.dtype}")
     logits_dt, grad_dt = head_dtypes(x.dtype, logits_dtype, x.device)
+    steps = _pair_steps(path, opts.backend, x.device)
     row_bytes = 2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
+    if steps[0][0] == "torch":  # its whole-row working tensors, chunk-sized, count against the budget too
+        row_bytes += _TORCH_PAIR_WORK_ROWS * torch.promote_types(x.dtype, torch.float32).itemsize
     chunk = chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, budget)
     accum = weight.dtype if accum_dtype is None else torch.promote_types(accum_dtype, weight.dtype)
-    steps = _pair_steps(path, opts.backend, x.device)
     return plan_type(opts, steps, chunk, logits_dt, grad_dt, accum, need_dx, need_dw, need_db)
 
 
 _pair_steps._dynamo_marked_constant = True  # as _steps: resolved at trace time, a constant
+# float32 rows per token that the torch backend's two-head row functions hold at their peak beyond the
+# chunk buffers (both heads' log-softmax rows, the probabilities and the gradient being formed)
+_TORCH_PAIR_WORK_ROWS = 4
 
 
 def plan_logits(opts: LossOptions, logits: torch.Tensor, need_grad: bool) -> LossPlan:

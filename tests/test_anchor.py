@@ -342,3 +342,27 @@ def test_zz_report_measured_errors(capsys):
     with capsys.disabled():
         for key in sorted(ERRORS):
             print(f"\nanchor max rel err {key}: {ERRORS[key]:.2e}", end="")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_mostly_ignored_rows_are_compacted_for_both_heads(reduction, monkeypatch):
+    """With ``validate=True`` and most rows ignored the chunk loop runs over the valid rows only, gathering
+    both heads' rows; the result is the oracle's."""
+    from dft_kernels import chunked
+
+    seen = []
+    plan = chunked._Compaction.plan
+    monkeypatch.setattr(chunked._Compaction, "plan",
+                        staticmethod(lambda *a: seen.append(plan(*a)) or seen[-1]))
+    x, w, b, t = make_inputs(64, H, V, torch.float64, ignore_fraction=0.8)
+    xr, wr, br = _ref_head((64,), seed=15)
+    kw = dict(bias=b, ref_input=xr, ref_weight=wr, ref_bias=br, kl_coef=0.4, kl="reverse", reduction=reduction,
+              objective="entropy")
+    ours_in, ref_in = [leaf(a) for a in (x, w, b)], [leaf(a) for a in (x, w, b)]
+    out = dk.linear_cross_entropy(ours_in[0], ours_in[1], t, chunk_size=CHUNK, **{**kw, "bias": ours_in[2]})
+    ref = dk.reference.linear_cross_entropy(ref_in[0], ref_in[1], t, **{**kw, "bias": ref_in[2]})
+    assert any(c is not None for c in seen), "no compaction happened"
+    assert rel_err(out, ref) <= 1e-10
+    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    for g, e in zip(_grads(out, ours_in, grad_out), _grads(ref, ref_in, grad_out)):
+        assert rel_err(g, e) <= 1e-10

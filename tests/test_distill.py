@@ -255,3 +255,24 @@ def test_zz_report_measured_errors(capsys):
     with capsys.disabled():
         for key in sorted(ERRORS):
             print(f"\ndistill max rel err {key}: {ERRORS[key]:.2e}", end="")
+
+
+def test_mostly_ignored_rows_are_compacted_for_both_heads(monkeypatch):
+    from dft_kernels import chunked
+
+    seen = []
+    plan = chunked._Compaction.plan
+    monkeypatch.setattr(chunked._Compaction, "plan",
+                        staticmethod(lambda *a: seen.append(plan(*a)) or seen[-1]))
+    x, w, b, t = make_inputs(64, H, V, torch.float64, ignore_fraction=0.8)
+    xt, wt, bt = _teacher((64,), seed=15)
+    ours_in, ref_in = [leaf(a) for a in (x, w, b)], [leaf(a) for a in (x, w, b)]
+    out = dk.linear_distill(ours_in[0], ours_in[1], xt, wt, t, bias=ours_in[2], teacher_bias=bt, beta=0.3,
+                            reduction="none", chunk_size=CHUNK)
+    ref = dk.reference.linear_distill(ref_in[0], ref_in[1], xt, wt, t, bias=ref_in[2], teacher_bias=bt, beta=0.3,
+                                      reduction="none")
+    assert any(c is not None for c in seen), "no compaction happened"
+    assert rel_err(out, ref) <= 1e-10
+    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    for g, e in zip(_grads(out, ours_in, grad_out), _grads(ref, ref_in, grad_out)):
+        assert rel_err(g, e) <= 1e-10
