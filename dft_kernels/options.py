@@ -537,7 +537,7 @@ def _pair_steps(path: str, backend: str, device: torch.device) -> tuple:
                               "uses the next backend")
     if not steps:
         raise ValueError(f"backend: no backend with a {path} path is available on device {device}")
-    return tuple(steps[:1])
+    return tuple(steps) if backend == "auto" else tuple(steps[:1])
 
 
 def _plan_pair(opts, path: str, plan_type, x: torch.Tensor, weight: torch.Tensor,

@@ -24,8 +24,8 @@ B, T, H, H_REF, V, CHUNK = 3, 11, 16, 12, 97, 8  # 33 tokens: five chunks of 8 (
 ERRORS: dict = {}  # measured max relative errors, per (dtype, what): printed by the last test
 
 
-def _record(dtype, what, err):
-    key = (str(dtype).removeprefix("torch."), what)
+def _record(backend, dtype, what, err):
+    key = (backend, str(dtype).removeprefix("torch."), what)
     ERRORS[key] = max(ERRORS.get(key, 0.0), err)
 
 
@@ -61,9 +61,13 @@ def _grads(loss, tensors, grad_out=None):
     return torch.autograd.grad(loss, tensors, grad_out)
 
 
+# (backend, dtype): the triton backend takes no float64 (it runs under Triton's interpreter here)
+BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)]
+
+
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_llamafactory_asft(dtype, kl):
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_matches_llamafactory_asft(backend, dtype, kl):
     """LLaMA-Factory's ASFT value and gradients (w.r.t. input, weight, bias) on the same values: ours from
     hidden states with ``objective="dft"``, ``shift=True``, ``kl_coef=asft_alpha``, several chunks."""
     x, w, b, t = make_inputs(B * T, H, V, torch.float64, lead=(B, T), seed=11)
@@ -71,15 +75,15 @@ def test_matches_llamafactory_asft(dtype, kl):
     ours_in = [leaf(a.to(dtype)) for a in (x, w, b)]
     loss = dk.linear_cross_entropy(*ours_in[:2], t, bias=ours_in[2], objective="dft", shift=True,
                                    ref_input=xr.to(dtype), ref_weight=wr.to(dtype), ref_bias=br.to(dtype),
-                                   kl_coef=0.1, kl=kl, chunk_size=CHUNK, backend="torch")
+                                   kl_coef=0.1, kl=kl, chunk_size=CHUNK, backend=backend)
     eager_in = [leaf(a) for a in (x, w, b)]
     want = llamafactory_asft(F.linear(eager_in[0], eager_in[1], eager_in[2]), F.linear(xr, wr, br), t, 0.1, kl)
     err = rel_err(loss, want)
-    _record(dtype, f"asft-lf-{kl} loss", err)
+    _record(backend, dtype, f"asft-lf-{kl} loss", err)
     assert err <= TOL[dtype], f"loss rel err {err:.2e}"
     for name, g, e in zip(("input", "weight", "bias"), _grads(loss, ours_in), _grads(want, eager_in)):
         err = rel_err(g, e)
-        _record(dtype, f"asft-lf-{kl} d{name}", err)
+        _record(backend, dtype, f"asft-lf-{kl} d{name}", err)
         assert g.dtype == dtype and err <= TOL[dtype], f"{name} grad rel err {err:.2e}"
 
 
@@ -113,23 +117,31 @@ ANCHOR_OPTIONS = {
 
 
 def _cases():
+    """Every objective x option x reduction on the torch backend in float64 and float32; on the triton
+    backend (float32, under the interpreter) every objective x option once, the reduction rotating (as
+    the suite's reduced grid; DFT_KERNELS_FULL_GRID=1 crosses them)."""
+    import os
+
+    full = os.environ.get("DFT_KERNELS_FULL_GRID", "") not in ("", "0")
     cases = []
-    for objective in ANCHOR_OBJECTIVES:
-        for option in ANCHOR_OPTIONS:
+    for i, objective in enumerate(ANCHOR_OBJECTIVES):
+        for j, option in enumerate(ANCHOR_OPTIONS):
             if option == "smooth+zloss" and not dk.get_objective(objective).is_weighted_nll:
                 continue
-            for reduction in ("mean", "sum", "none"):
-                if option == "num_items" and reduction == "none":
-                    continue
+            reductions = ("mean", "sum") if option == "num_items" else ("mean", "sum", "none")
+            for reduction in reductions:
                 name = objective if isinstance(objective, str) else repr(objective)
-                cases.append(pytest.param(objective, option, reduction, id=f"{name}-{option}-{reduction}"))
+                for backend, dtype in BACKEND_DTYPES:
+                    if backend == "triton" and not full and reduction != reductions[(i + j) % len(reductions)]:
+                        continue
+                    cases.append(pytest.param(backend, dtype, objective, option, reduction,
+                                              id=f"{backend}-{str(dtype)[6:]}-{name}-{option}-{reduction}"))
     return cases
 
 
 @pytest.mark.parametrize("kl", ["forward", "reverse"])
-@pytest.mark.parametrize("objective,option,reduction", _cases())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_against_the_oracle(dtype, objective, option, reduction, kl):
+@pytest.mark.parametrize("backend,dtype,objective,option,reduction", _cases())
+def test_against_the_oracle(backend, dtype, objective, option, reduction, kl):
     x, w, b, t = make_inputs(B * T, H, V, torch.float64, lead=(B, T))
     xr, wr, br = _ref_head((B, T), seed=int(torch.randint(0, 2**31 - 1, ()).item()))
     kw = dict(ANCHOR_OPTIONS[option]) if option != "token_weights" else dict(
@@ -138,7 +150,7 @@ def test_against_the_oracle(dtype, objective, option, reduction, kl):
     ours_in = [leaf(a.to(dtype)) for a in (x, w, b)]
     tw = kw.pop("token_weights", None)
     out = dk.linear_cross_entropy(*ours_in[:2], t, bias=ours_in[2], ref_input=xr.to(dtype), ref_weight=wr.to(dtype),
-                                  ref_bias=br.to(dtype), chunk_size=CHUNK, backend="torch",
+                                  ref_bias=br.to(dtype), chunk_size=CHUNK, backend=backend,
                                   token_weights=None if tw is None else tw.to(dtype), **kw)
     ref_in = [leaf(a) for a in (x, w, b)]
     ref = dk.reference.linear_cross_entropy(*ref_in[:2], t, bias=ref_in[2], ref_input=xr, ref_weight=wr, ref_bias=br,
@@ -149,13 +161,13 @@ def test_against_the_oracle(dtype, objective, option, reduction, kl):
             assert rel_err(getattr(stats, field), getattr(ref_stats, field)) <= TOL[dtype], field
     assert out.shape == ref.shape and torch.isfinite(out).all()
     err = rel_err(out, ref)
-    _record(dtype, f"oracle-{kl} loss", err)
+    _record(backend, dtype, f"oracle-{kl} loss", err)
     assert err <= TOL[dtype], f"loss rel err {err:.2e}"
     grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
     for name, g, e in zip(("input", "weight", "bias"), _grads(out, ours_in, grad_out.to(out.dtype)),
                           _grads(ref, ref_in, grad_out)):
         err = rel_err(g, e)
-        _record(dtype, f"oracle-{kl} d{name}", err)
+        _record(backend, dtype, f"oracle-{kl} d{name}", err)
         assert torch.isfinite(g).all() and err <= TOL[dtype], f"{name} grad rel err {err:.2e}"
 
 
@@ -198,9 +210,10 @@ def test_reference_head_gets_no_gradient_and_is_not_modified(reduction):
 N_MEM, V_MEM, CHUNK_MEM = 256, 1000, 64
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_no_tensor_of_n_times_v_elements(reduction, dtype):
+def test_no_tensor_of_n_times_v_elements(reduction, dtype, backend):
     """Forward and backward of the anchored loss: no tensor of N * V elements (the chunk logits are seen:
     the recorder works)."""
     x, w, b, t = make_inputs(N_MEM, H, V_MEM, dtype=dtype)
@@ -209,7 +222,7 @@ def test_no_tensor_of_n_times_v_elements(reduction, dtype):
     with LargestOutput() as rec:
         loss = dk.linear_cross_entropy(x, w, t, bias=b, ref_input=xr, ref_weight=wr, ref_bias=br, kl_coef=0.1,
                                        objective="entropy", softcap=20.0, reduction=reduction, chunk_size=CHUNK_MEM,
-                                       backend="torch")
+                                       backend=backend)
         loss.sum().backward()
     assert rec.largest < N_MEM * V_MEM, f"{rec.largest_op} produced {rec.largest} elements"
     assert rec.largest >= CHUNK_MEM * V_MEM
@@ -223,25 +236,27 @@ def test_recorder_catches_the_materialising_oracle():
     assert rec.largest >= N_MEM * V_MEM
 
 
-# ---- backends: only the torch backend has the two-head path ----
+# ---- backends: a backend without the two-head path declines it ----
 
 
-def test_triton_declines_with_the_reason():
-    x, w, b, t = make_inputs(B * T, H, V, torch.float64)
-    xr, wr, _ = _ref_head((B * T,), seed=9)
-    with pytest.raises(ValueError, match="backend: 'triton' cannot compute the anchor loss: .*no 'anchor' path"):
-        dk.linear_cross_entropy(x.float(), w.float(), t, ref_input=xr.float(), ref_weight=wr.float(), kl_coef=0.1,
-                                backend="triton")
+def test_cuda_declines_the_path_with_its_reason():
+    from dft_kernels.backends import cuda as cuda_backend
+
+    assert "no 'anchor' path" in cuda_backend.supports("anchor", None)
 
 
 def test_auto_skips_a_backend_without_the_path_and_logs_why(monkeypatch, caplog):
-    """``backend="auto"`` with triton first in the order (as on a GPU): the call runs on torch, the reason is
-    logged."""
+    """``backend="auto"`` whose first backend declines the path (as the cuda backend does on a GPU): the
+    call runs on the next one, the reason is logged; a named backend that declines raises with it."""
     from dft_kernels import backends
+    from dft_kernels.backends import triton as triton_backend
 
+    supports = triton_backend.supports
+    monkeypatch.setattr(triton_backend, "supports",
+                        lambda path, params: "declined here" if path == "anchor" else supports(path, params))
     monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
-    message = ("dft_kernels: backend 'auto': 'triton' has no anchor path (the triton backend has no 'anchor' "
-               "path); this call uses the next backend")
+    message = ("dft_kernels: backend 'auto': 'triton' has no anchor path (declined here); this call uses the "
+               "next backend")
     backends._logged.discard(message)
     x, w, b, t = make_inputs(B * T, H, V, torch.float64)
     xr, wr, br = _ref_head((B * T,), seed=10)
@@ -250,6 +265,9 @@ def test_auto_skips_a_backend_without_the_path_and_logs_why(monkeypatch, caplog)
         got = dk.linear_cross_entropy(x, w, t, **kw)
     assert message in caplog.text
     assert rel_err(got, dk.reference.linear_cross_entropy(x, w, t, **kw)) <= 1e-12
+    with pytest.raises(ValueError, match="backend: 'triton' cannot compute the anchor loss: declined here"):
+        dk.linear_cross_entropy(x.float(), w.float(), t, ref_input=xr.float(), ref_weight=wr.float(), kl_coef=0.1,
+                                backend="triton")
 
 
 # ---- argument checks: errors name the argument ----
