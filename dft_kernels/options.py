@@ -202,8 +202,8 @@ class LossOptions:
                 raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
         if self.kl_coef > 0 and (self.fused_head or self.factored):
             name = "fused_head" if self.fused_head else "factored"
-            raise ValueError(f"{name}: the anchored loss (kl_coef > 0) runs the two-pass row path of the torch "
-                             f"backend; leave {name} at its default")
+            raise ValueError(f"{name}: the anchored loss (kl_coef > 0) runs the two-head row path, not the "
+                             f"factored gradient; leave {name} at its default")
         if self.fused_head and self.factored is False:
             raise ValueError("fused_head=True writes the factored gradient; it cannot run with factored=False")
 
@@ -802,8 +802,8 @@ class DistillOptions:
     shift: bool = _logprob_option(
         False, "the causal-LM shift: positions ``[..., :-1]`` are scored where ``target[..., 1:]`` is valid.")
     backend: str = _logprob_option(
-        "auto", "row-kernel backend: ``auto`` or ``torch`` (the only backend with a distillation path; "
-                "``triton`` and ``cuda`` raise with the reason, ``auto`` picks torch).")
+        "auto", "row-kernel backend: ``auto``, ``torch`` or ``triton`` (the ``cuda`` backend has no "
+                "distillation path: it raises with the reason, and ``auto`` skips it).")
     chunk_size: Optional[int] = _logprob_option(
         None, "token rows per chunk; None: the most rows whose chunk buffers (two logits rows per token) fit "
               "the device's budget (docs/design.md, Chunk size).")

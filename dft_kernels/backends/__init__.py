@@ -93,7 +93,7 @@ Two heads (paths ``"anchor"`` and ``"distill"``; docs/design.md, Two heads), for
     kl_coef``.  ``row_distill_loss_grad`` (``params``: :class:`~dft_kernels.options.DistillParams`)
     computes the generalized JSD of ``log_softmax(logits / T)`` to ``log_softmax(ref_logits / T)``
     (``beta``; the formulas in ``backends/torch.py``) and its gradient; ``nll``/``prob`` are the first
-    head's, ``entropy`` and ``correct`` None.  Only the torch backend has them.
+    head's, ``entropy`` and ``correct`` None.  The torch and triton backends have them.
 
 Adding a backend is one file in this package plus one line in ``BACKENDS``.
 
