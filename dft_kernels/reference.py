@@ -129,7 +129,9 @@ def anchor_kl(z: Tensor, ref_logits: Tensor, opts: LossOptions) -> Tensor:
     log_pi, log_q = torch.log_softmax(z, dim=-1), torch.log_softmax(zr, dim=-1)
     first, second = (log_q, log_pi) if opts.kl == "forward" else (log_pi, log_q)
     p = first.exp()
-    return torch.where(p > 0, p * (first - second), torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1)
+    # terms of no mass are 0, and their log difference (-inf - -inf) is kept out of autograd too
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return (p * torch.where(p > 0, first - second, zero)).sum(-1)
 
 
 def _one_process(opts: LossOptions) -> LossOptions:
@@ -274,17 +276,22 @@ def linear_distill(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher
     t = torch.log_softmax(zt / opts.temperature, dim=-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
 
-    def kl(log_a, log_b):  # KL(a || b) per row
+    def kl(log_a, log_b):  # KL(a || b) per row; terms of no mass are 0 (kept out of autograd too)
         a = log_a.exp()
-        return torch.where(a > 0, a * (log_a - log_b), zero).sum(-1)
+        return (a * torch.where(a > 0, log_a - log_b, zero)).sum(-1)
 
     if opts.beta == 0.0:
         per = kl(t, s)
     elif opts.beta == 1.0:
         per = kl(s, t)
     else:
-        mix = torch.logsumexp(torch.stack([s + torch.log1p(torch.tensor(-opts.beta, dtype=z.dtype)),
-                                           t + torch.log(torch.tensor(opts.beta, dtype=z.dtype))]), dim=0)
+        # entries where neither head has mass (-inf in both) have none in the mixture either; they are
+        # kept out of logsumexp, whose gradient there would be 0/0
+        void = (s == float("-inf")) & (t == float("-inf"))
+        s_, t_ = torch.where(void, zero, s), torch.where(void, zero, t)
+        mix = torch.logsumexp(torch.stack([s_ + torch.log1p(torch.tensor(-opts.beta, dtype=z.dtype)),
+                                           t_ + torch.log(torch.tensor(opts.beta, dtype=z.dtype))]), dim=0)
+        mix = torch.where(void, float("-inf"), mix)
         per = opts.beta * kl(t, mix) + (1.0 - opts.beta) * kl(s, mix)
     valid = (target != opts.ignore_index) & (target >= 0) & (target < vocab)
     per = torch.where(valid, per, zero)

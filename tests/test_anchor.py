@@ -384,3 +384,31 @@ def test_mostly_ignored_rows_are_compacted_for_both_heads(reduction, monkeypatch
     grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
     for g, e in zip(_grads(out, ours_in, grad_out), _grads(ref, ref_in, grad_out)):
         assert rel_err(g, e) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+def test_masked_column_and_online_blocks(kl, backend, monkeypatch):
+    """A masked (-inf) column in both heads carries no mass and gets no gradient; on the triton backend the
+    rows span many column blocks (16 columns a block, V = 97: seven blocks, the last partial), so its online
+    statistics over both rows merge across blocks."""
+    from dft_kernels.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "block_config", lambda vocab, options=False: (4, 16, 1))
+    x, w, b, t = make_inputs(B * T, H, V, torch.float64, lead=(B, T))
+    xr, wr, br = _ref_head((B, T), seed=16)
+    b[5], br[5] = float("-inf"), float("-inf")
+    t = torch.where(t == 5, 6, t)
+    kw = dict(objective="dft", kl_coef=0.3, kl=kl, softcap=None, reduction="none")
+    ours_in = [leaf(a.float()) for a in (x, w, b)]
+    out = dk.linear_cross_entropy(ours_in[0], ours_in[1], t, bias=ours_in[2], ref_input=xr.float(),
+                                  ref_weight=wr.float(), ref_bias=br.float(), chunk_size=CHUNK, backend=backend,
+                                  **kw)
+    ref_in = [leaf(a) for a in (x, w, b)]
+    ref = dk.reference.linear_cross_entropy(ref_in[0], ref_in[1], t, bias=ref_in[2], ref_input=xr, ref_weight=wr,
+                                            ref_bias=br, **kw)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    grad_out = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    gs = _grads(out, ours_in[:2], grad_out.float())
+    for g, e in zip(gs, _grads(ref, ref_in[:2], grad_out)):
+        assert torch.isfinite(g).all() and rel_err(g, e) <= TOL[torch.float32]
