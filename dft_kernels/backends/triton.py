@@ -1001,6 +1001,19 @@ def _pair_grad_kernel(
         tl.store(dst_ptr + rows[:, None] * stride_dst + bcols[None, :], g.to(dst_ptr.dtype.element_ty), mask=io_mask)
 
 
+def _launch_pair(kernel, n: int, vocab: int, device, args, flags) -> None:
+    """Launch a two-head kernel over ``n`` rows: ``block_config``'s shape with the options' halved block
+    (two rows' blocks live at once), halved again with a softcap at the same warps (its tanh and
+    sech^2 of both rows): 8 entries of each row a thread at most, 4 with a softcap, so that ptxas holds
+    them in ``MAX_REGISTERS`` without spilling (tests/backends/test_pair_codegen.py)."""
+    rows, block, warps = block_config(vocab, options=True)
+    if flags["HAS_SOFTCAP"] and not _interpreting() and block > 512:
+        block //= 2
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps,
+                                        maxnreg=MAX_REGISTERS)
+
+
 def _check_pair(logits: Tensor, ref_logits: Tensor) -> None:
     _check_logits(logits)
     if ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype or ref_logits.stride(1) != 1:
@@ -1018,7 +1031,7 @@ def _pair_stats(logits, ref_logits, target, ignore_index, softcap, inv_temp, mod
     if n:
         args = (logits, logits.stride(0), ref_logits, ref_logits.stride(0), n, target.contiguous(), stats, logp,
                 vocab, ignore_index, 1.0 if softcap is None else float(softcap), inv_temp, log1mb, logb)
-        _launch_rows(_pair_stats_kernel, n, vocab, logits.device, args,
+        _launch_pair(_pair_stats_kernel, n, vocab, logits.device, args,
                      dict(HAS_SOFTCAP=softcap is not None, MODE=mode))
     return stats, logp, (log1mb, logb)
 
@@ -1032,7 +1045,7 @@ def _pair_grad(logits, ref_logits, target, ignore_index, softcap, inv_temp, mode
     args = (logits, logits.stride(0), ref_logits, ref_logits.stride(0), src, src.stride(0), dst, dst.stride(0), n,
             target.contiguous(), stats, coef.to(torch.float32).contiguous(), vocab, ignore_index,
             1.0 if softcap is None else float(softcap), inv_temp, *logs)
-    _launch_rows(_pair_grad_kernel, n, vocab, logits.device, args,
+    _launch_pair(_pair_grad_kernel, n, vocab, logits.device, args,
                  dict(HAS_SOFTCAP=softcap is not None, MODE=mode, ACCUMULATE=accumulate))
 
 
