@@ -333,9 +333,7 @@ class PairSteps(RowSteps):
 
     def __call__(self, logits: Tensor, target: Tensor, token_weights: Optional[Tensor], scale: Optional[Tensor],
                  grad_out: Optional[Tensor], row_scale: Optional[Tensor]):
-        ref = self.chunks.ref_logits
-        if ref.shape[0] != logits.shape[0]:  # the empty chunk of a call without rows
-            ref = ref[:0] if ref.shape[0] else ref.new_empty((0, logits.shape[1]))
+        ref = self.chunks.ref_logits  # the chunk's (an empty one before the first chunk: a call without rows)
 
         def call(module, path):
             return getattr(module, self._METHODS[path])(logits, ref, target, self.params, token_weights, scale,
