@@ -107,6 +107,9 @@ def linear_cross_entropy(
                                       "vocab-parallel head yet; gather the head or pass kl_coef=0")
         return _vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
+    if ref_input is not None:  # with ref_weight (_check_anchor); checked also when kl_coef=0 leaves it unused
+        ref_x, ref_w, ref_b = check_second_head(input, weight, ref_input, ref_weight, ref_bias, "ref_input",
+                                                "ref_weight", "ref_bias")
     vocab_size, hidden = weight.shape
     prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
     x = _contiguous(input.reshape(-1, hidden))
@@ -114,8 +117,6 @@ def linear_cross_entropy(
     plan = plan_linear(opts, x, weight, bias, grad_on and x.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
     if anchored:
-        ref_x, ref_w, ref_b = check_second_head(input, weight, ref_input, ref_weight, ref_bias, "ref_input",
-                                                "ref_weight", "ref_bias")
         loss, _dx, _dw, _db, *stats_sums = ops.lce_pair_forward(x, _contiguous(weight), bias, ref_x, ref_w, ref_b,
                                                                 prep.target, prep.token_weights, prep.divisor,
                                                                 plan.encode())

@@ -172,10 +172,12 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias:
     opts = _one_process(LossOptions.from_arguments(locals()))
     input, weight, bias = check_linear_args(input, weight, bias)
     ref_logits = None
-    if _check_anchor(opts, ref_input, ref_weight, ref_bias):
+    anchored = _check_anchor(opts, ref_input, ref_weight, ref_bias)
+    if ref_input is not None:  # checked also when kl_coef=0 leaves it unused
         ref_x, ref_w, ref_b = check_second_head(input, weight, ref_input, ref_weight, ref_bias, "ref_input",
                                                 "ref_weight", "ref_bias")
-        ref_logits = F.linear(ref_x, ref_w, ref_b).reshape(*input.shape[:-1], weight.shape[0])
+        if anchored:
+            ref_logits = F.linear(ref_x, ref_w, ref_b).reshape(*input.shape[:-1], weight.shape[0])
     return _loss_from_logits(F.linear(input, weight, bias), target, opts, num_items_in_batch, token_weights,
                              ref_logits)
 

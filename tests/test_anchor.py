@@ -286,6 +286,7 @@ def test_auto_skips_a_backend_without_the_path_and_logs_why(monkeypatch, caplog)
     (dict(ref_input=torch.randn(2, T, H_REF, dtype=torch.float64)), ValueError, "ref_input has shape"),
     (dict(ref_weight=torch.randn(V + 1, H_REF, dtype=torch.float64)), ValueError, "ref_weight has shape"),
     (dict(ref_weight=torch.randn(V, H_REF + 1, dtype=torch.float64)), ValueError, "ref_weight has shape"),
+    (dict(ref_weight=torch.randn(V + 1, H_REF, dtype=torch.float64), kl_coef=0.0), ValueError, "ref_weight has shape"),
     (dict(ref_bias=torch.randn(V + 1, dtype=torch.float64)), ValueError, "ref_bias must have shape"),
     (dict(ref_weight=torch.randn(V, H_REF)), TypeError, "ref_weight has dtype"),
     (dict(ref_input=torch.zeros(B, T, H_REF, dtype=torch.int64)), TypeError, "ref_input must be a floating"),
