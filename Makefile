@@ -105,7 +105,7 @@ fuzz: $(STAMP)
 CODEGEN_TRITONS ?= 3.6.0 3.7.1 3.8.0
 CODEGEN_STACKS ?= .codegen-stacks
 CODEGEN_TESTS := tests/backends/test_triton_codegen.py tests/backends/test_triton_parallel_codegen.py \
-    tests/backends/test_logprobs_codegen.py tests/experimental/test_fused_head.py
+    tests/backends/test_logprobs_codegen.py tests/backends/test_pair_codegen.py tests/experimental/test_fused_head.py
 .PHONY: codegen-stacks
 codegen-stacks: $(STAMP)
 	@set -e; for v in $(CODEGEN_TRITONS); do \

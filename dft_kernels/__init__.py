@@ -3,6 +3,7 @@
 import importlib
 
 from . import reference
+from .distill import linear_distill
 from .functional import cross_entropy, linear_cross_entropy
 from .modules import LinearCrossEntropyLoss
 from .objectives import CE, DFT, EAFT, Chord, Entropy, Focal, Objective, Power, Prob, get_objective
@@ -19,6 +20,7 @@ __all__ = [
     "linear_logprobs",
     "logprobs",
     "LogprobStats",
+    "linear_distill",
     "Objective",
     "CE",
     "DFT",

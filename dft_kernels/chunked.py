@@ -34,12 +34,12 @@ from torch import Tensor
 from torch.cuda import OutOfMemoryError
 
 from .backends import get_backend, log_once, valid_rows
-from .options import FACTORED, FUSED, LossParams, LossPlan, mm_out_dtype
+from .options import ANCHOR, DISTILL, FACTORED, FUSED, LossParams, LossPlan, mm_out_dtype
 
 __all__ = ["run_chunks", "linear_forward", "linear_backward_none", "logits_forward", "logits_backward_none",
            "LinearChunks", "GivenChunks", "RowSteps", "HeadGemms", "scale_stash", "scale_stashes", "wide_dtype",
-           "stash_dtype", "LogprobSteps", "logprobs_linear_forward", "logprobs_linear_backward",
-           "logprobs_logits_forward", "logprobs_logits_backward"]
+           "stash_dtype", "TwoHeadChunks", "PairSteps", "LogprobSteps", "logprobs_linear_forward",
+           "logprobs_linear_backward", "logprobs_logits_forward", "logprobs_logits_backward"]
 
 
 class _Accumulators:
@@ -234,6 +234,40 @@ class GivenChunks:
         pass
 
 
+class TwoHeadChunks(LinearChunks):
+    """:class:`LinearChunks` of the trained head, plus the logits of a second, frozen head on the same
+    token rows (the anchor's reference head, distillation's teacher): ``ref_x @ ref_weight^T (+ ref_bias)``
+    into a second ``[C, V]`` buffer of the call, made by :meth:`rows` together with the first head's, so
+    that the row step reads both rows of a token in one pass (:attr:`ref_logits`: the current chunk's).
+    The second head gets no gradient and is only read; its hidden size may differ from the first's."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], ref: tuple, plan, with_grad: bool,
+                 accum_dtype: torch.dtype, dx_dtype: torch.dtype, compaction: Optional[_Compaction] = None):
+        super().__init__(x, weight, bias, plan, with_grad, accum_dtype, dx_dtype, compaction)
+        ref_x, ref_weight, ref_bias = ref
+        self.ref_x = ref_x
+        self.ref_gemms = HeadGemms(ref_x, ref_weight, ref_bias, plan.logits_dtype, plan.grad_dtype)
+        c = self.logits.shape[0]
+        self._ref_buf = torch.empty((c, self.vocab_size), dtype=self.ref_gemms.logits_dtype, device=self.device)
+        self._ref_xbuf = None if compaction is None else torch.empty((c, ref_x.shape[1]), dtype=ref_x.dtype,
+                                                                     device=ref_x.device)
+        self.ref_logits = self._ref_buf[:0]
+
+    def rows(self, start: int, end: int) -> tuple[Tensor, Optional[Tensor]]:
+        if self.compaction is None:
+            ref_rows = self.ref_x[start:end]
+        else:
+            ref_rows = torch.index_select(self.ref_x, 0, self.compaction.index[start:end],
+                                          out=self._ref_xbuf[:end - start])
+        self.ref_logits = self.ref_gemms.logits_into(ref_rows, self._ref_buf[:end - start])
+        return super().rows(start, end)
+
+    def finish(self) -> None:
+        super().finish()
+        self.ref_logits = self._ref_buf = self._ref_xbuf = None
+        self.ref_gemms.release()
+
+
 class RowSteps:
     """The plan's row steps for one call: :meth:`__call__` runs the current ``(backend, path)``
     on a chunk.  When it raises (anything but out-of-memory) and a next step exists (only
@@ -284,6 +318,28 @@ class RowSteps:
                 log_once(f"dft_kernels: backend 'auto': the {path} kernel of {name!r} failed "
                          f"({type(exc).__name__}: {exc}); this call uses {self._steps[0][1]} of "
                          f"{self._steps[0][2]!r}")
+
+
+class PairSteps(RowSteps):
+    """The plan's row steps of a two-head call (path ``"anchor"`` or ``"distill"``), with :class:`RowSteps`'
+    arguments and fallback: the backend's ``row_anchor_loss_grad`` / ``row_distill_loss_grad`` reads the
+    chunk's logits of both heads (the second from :attr:`TwoHeadChunks.ref_logits`)."""
+
+    _METHODS = {ANCHOR: "row_anchor_loss_grad", DISTILL: "row_distill_loss_grad"}
+
+    def __init__(self, plan, chunks: TwoHeadChunks):
+        super().__init__(plan)
+        self.chunks = chunks
+
+    def __call__(self, logits: Tensor, target: Tensor, token_weights: Optional[Tensor], scale: Optional[Tensor],
+                 grad_out: Optional[Tensor], row_scale: Optional[Tensor]):
+        ref = self.chunks.ref_logits  # the chunk's (an empty one before the first chunk: a call without rows)
+
+        def call(module, path):
+            return getattr(module, self._METHODS[path])(logits, ref, target, self.params, token_weights, scale,
+                                                        grad_out), None
+
+        return self._run(call)
 
 
 def run_chunks(chunks, rows, per_row: tuple, chunk_size: int, with_grad: bool, sink=None) -> None:
@@ -367,15 +423,26 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def _chunks_and_steps(x, weight, bias, ref, plan, with_grad, accum_dtype, dx_dtype, compaction, kernel):
+    """The chunks and row steps of a call: one head (:class:`LinearChunks`, :class:`RowSteps`), or with
+    ``ref`` (``(ref_x, ref_weight, ref_bias)``) two (:class:`TwoHeadChunks`, :class:`PairSteps`)."""
+    if ref is None:
+        return (LinearChunks(x, weight, bias, plan, with_grad, accum_dtype, dx_dtype, compaction),
+                RowSteps(plan, kernel))
+    chunks = TwoHeadChunks(x, weight, bias, ref, plan, with_grad, accum_dtype, dx_dtype, compaction)
+    return chunks, PairSteps(plan, chunks)
+
+
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                    token_weights: Optional[Tensor], divisor: Optional[Tensor], plan: LossPlan,
-                   kernel=None, compact: bool = False):
+                   kernel=None, compact: bool = False, ref: Optional[tuple] = None):
     """Forward of the chunked loss.  Inputs are already flattened and checked by
     :mod:`dft_kernels.functional`: ``x`` ``[N, H]`` contiguous, ``target`` ``[N]`` int64,
     ``token_weights`` ``[N]`` and ``divisor`` a 0-d tensor in :func:`wide_dtype` (``mean``:
     the valid count, or ``num_items_in_batch``) or None (``sum``/``none``).  ``kernel``: see
     :class:`RowSteps`.  ``compact``: skip the ignored rows when that saves a chunk
-    (:class:`_Compaction`; single-process only).
+    (:class:`_Compaction`; single-process only).  ``ref``: ``(ref_x, ref_weight, ref_bias)`` of a
+    second, frozen head on the same rows, for the two-head paths of the plan (``anchor``, ``distill``).
 
     Returns ``(loss, dx, dw, db, stats)``: the loss (0-d, or ``[N]`` for ``none``); for
     ``mean``/``sum`` the gradients for ``grad_output = 1`` (``dx`` in :func:`stash_dtype`,
@@ -386,28 +453,28 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     compaction = _Compaction.plan(target, plan, weight.shape[0]) if compact else None
     # dW/db wait for backward like dX: a float16 accumulator would hold them for grad_output = 1, where
     # a mean's 1/N and a small objective weight push them below float16's normal range
-    chunks = LinearChunks(x, weight, bias, plan, plan.options.reduction != "none", stash_dtype(plan.accum_dtype),
-                          stash_dtype(x.dtype), compaction)
+    chunks, rows = _chunks_and_steps(x, weight, bias, ref, plan, plan.options.reduction != "none",
+                                     stash_dtype(plan.accum_dtype), stash_dtype(x.dtype), compaction, kernel)
     if compaction is not None:
         target, token_weights = compaction.gather(target), compaction.gather(token_weights)
-    loss, stats = _forward(chunks, RowSteps(plan, kernel), target, token_weights, divisor, plan, x.device,
-                           wide_dtype(x.dtype), compaction)
+    loss, stats = _forward(chunks, rows, target, token_weights, divisor, plan, x.device, wide_dtype(x.dtype),
+                           compaction)
     return loss, chunks.dx, chunks.dw, chunks.db, stats
 
 
 def linear_backward_none(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                          token_weights: Optional[Tensor], grad_loss: Tensor, plan: LossPlan, kernel=None,
-                         compact: bool = False):
+                         compact: bool = False, ref: Optional[tuple] = None):
     """Backward of ``reduction="none"``: recompute each chunk with the per-token
-    ``grad_loss`` folded into the row kernel's scale.  Returns ``(dx, dw, db)`` in the
-    dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
+    ``grad_loss`` folded into the row kernel's scale (``ref``: as :func:`linear_forward`).  Returns
+    ``(dx, dw, db)`` in the dtypes of ``x``, ``weight``, ``bias`` (None where not needed)."""
     compaction = _Compaction.plan(target, plan, weight.shape[0]) if compact else None
-    chunks = LinearChunks(x, weight, bias, plan, True, plan.accum_dtype, x.dtype, compaction)
+    chunks, rows = _chunks_and_steps(x, weight, bias, ref, plan, True, plan.accum_dtype, x.dtype, compaction, kernel)
     grad_loss = grad_loss.to(wide_dtype(x.dtype)).contiguous()
     if compaction is not None:
         target, token_weights = compaction.gather(target), compaction.gather(token_weights)
         grad_loss = compaction.gather(grad_loss)
-    _loss_pass(chunks, RowSteps(plan, kernel), target, token_weights, plan.chunk_size, grad_loss)
+    _loss_pass(chunks, rows, target, token_weights, plan.chunk_size, grad_loss)
     db = _cast(chunks.db, weight.dtype if bias is None else bias.dtype)
     return chunks.dx, _cast(chunks.dw, weight.dtype), db
 

@@ -41,7 +41,7 @@ from .vocab_parallel.shard import gather_layout, unwrap_head, unwrap_logits, unw
 NumItems = Union[None, int, float, Tensor]
 
 __all__ = ["linear_cross_entropy", "cross_entropy", "prepare", "check_linear_args", "check_logits", "count_valid",
-           "Prepared", "NumItems"]
+           "check_second_head", "Prepared", "NumItems"]
 
 
 @document_options
@@ -51,6 +51,9 @@ def linear_cross_entropy(
     target: Tensor,
     *,
     bias: Optional[Tensor] = None,
+    ref_input: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
     objective: ObjectiveLike = "dft",
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -58,6 +61,8 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    kl_coef: float = 0.0,
+    kl: str = "forward",
     token_weights: Optional[Tensor] = None,
     shift: bool = False,
     return_stats: bool = False,
@@ -81,25 +86,98 @@ def linear_cross_entropy(
     accumulation convention).  Returns the loss (0-d for ``mean``/``sum``, ``target``-shaped
     for ``none``), or ``(loss, LossStats)`` when ``return_stats``.  With ``process_group`` (or
     a DTensor ``weight`` sharded over the vocabulary), ``weight``/``bias`` are this rank's slice.
+
+    The anchor (ASFT; docs/objectives.md): with ``kl_coef > 0``, ``ref_input (..., H_ref)`` (the frozen
+    reference model's hidden states at the same positions), ``ref_weight (V, H_ref)`` and ``ref_bias (V,)``
+    or None give the reference head, and each valid token's loss is the objective's plus ``kl_coef * KL``
+    (``kl``) between the two heads' distributions.  The reference tensors are detached: no gradient
+    reaches them, and they are never modified.
     """
     # keywords, not locals(): torch.compile (2.11) cannot trace locals()
     opts = LossOptions(objective=objective, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-                       label_smoothing=label_smoothing, z_loss=z_loss, shift=shift, return_stats=return_stats,
-                       backend=backend, chunk_size=chunk_size, chunk_bytes=chunk_bytes, autotune=autotune,
-                       accum_dtype=accum_dtype, logits_dtype=logits_dtype, factored=factored, fused_head=fused_head,
-                       process_group=process_group, allreduce_dgrad=allreduce_dgrad, validate=validate)
+                       label_smoothing=label_smoothing, z_loss=z_loss, kl_coef=kl_coef, kl=kl, shift=shift,
+                       return_stats=return_stats, backend=backend, chunk_size=chunk_size, chunk_bytes=chunk_bytes,
+                       autotune=autotune, accum_dtype=accum_dtype, logits_dtype=logits_dtype, factored=factored,
+                       fused_head=fused_head, process_group=process_group, allreduce_dgrad=allreduce_dgrad,
+                       validate=validate)
+    anchored = _check_anchor(opts, ref_input, ref_weight, ref_bias)
     if opts.process_group is not None or is_dtensor(weight) or is_dtensor(input):
+        if anchored:
+            raise NotImplementedError("process_group: the anchored loss (kl_coef > 0) is not supported on a "
+                                      "vocab-parallel head yet; gather the head or pass kl_coef=0")
         return _vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
+    if ref_input is not None:  # with ref_weight (_check_anchor); checked also when kl_coef=0 leaves it unused
+        ref_x, ref_w, ref_b = check_second_head(input, weight, ref_input, ref_weight, ref_bias, "ref_input",
+                                                "ref_weight", "ref_bias")
     vocab_size, hidden = weight.shape
     prep = prepare(input, "input", target, vocab_size, opts, num_items_in_batch, token_weights)
     x = _contiguous(input.reshape(-1, hidden))
     grad_on = torch.is_grad_enabled()
     plan = plan_linear(opts, x, weight, bias, grad_on and x.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
+    if anchored:
+        loss, _dx, _dw, _db, *stats_sums = ops.lce_pair_forward(x, _contiguous(weight), bias, ref_x, ref_w, ref_b,
+                                                                prep.target, prep.token_weights, prep.divisor,
+                                                                plan.encode())
+        return finish(loss, stats_sums, prep, opts, vocab_size)
     loss, _dx, _dw, _db, *stats_sums = ops.lce_forward(x, _contiguous(weight), bias, prep.target,
                                                        prep.token_weights, prep.divisor, plan.encode())
     return finish(loss, stats_sums, prep, opts, vocab_size)
+
+
+def _check_anchor(opts: LossOptions, ref_input, ref_weight, ref_bias) -> bool:
+    """Whether the call carries the anchor: ``kl_coef > 0`` needs ``ref_input`` and ``ref_weight``, which
+    come together (``ref_bias`` only with them); given with ``kl_coef=0`` they are checked and unused."""
+    if ref_input is None and ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError("ref_bias is given without ref_input and ref_weight; the reference head needs all "
+                             "of its parts")
+        if opts.kl_coef > 0:
+            raise ValueError(f"ref_input and ref_weight are needed for the anchor (kl_coef={opts.kl_coef} > 0): "
+                             "pass the reference model's hidden states and its head weight")
+        return False
+    if ref_input is None or ref_weight is None:
+        missing = "ref_input" if ref_input is None else "ref_weight"
+        raise ValueError(f"{missing} is missing: ref_input and ref_weight come together (the reference model's "
+                         "hidden states and its head weight)")
+    return opts.kl_coef > 0
+
+
+def check_second_head(input: Tensor, weight: Tensor, second_input, second_weight, second_bias, input_name: str,
+                      weight_name: str, bias_name: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Check a frozen second head (the anchor's reference, distillation's teacher) against the first, already
+    checked ``input (..., H)`` and ``weight (V, H)``: ``second_input (..., H2)`` with the same leading (token)
+    shape, ``second_weight (V, H2)`` (the same vocabulary; ``H2`` may differ from ``H``), ``second_bias (V,)``
+    or None, on ``input``'s device and in its dtype (errors name the argument).  Returns the rows
+    ``[N, H2]``, the weight and the bias, detached and contiguous: this head gets no gradient."""
+    second_input, second_weight, second_bias = _autocast_cast(second_input, second_weight, second_bias)
+    for name, t in ((input_name, second_input), (weight_name, second_weight)):
+        _require_tensor(name, t)
+        _require_float(name, t)
+        _require_same_device(name, t, input, "input")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; use one dtype")
+    if second_input.dim() < 1 or tuple(second_input.shape[:-1]) != tuple(input.shape[:-1]):
+        raise ValueError(f"{input_name} has shape {tuple(second_input.shape)} but input has shape "
+                         f"{tuple(input.shape)}; {input_name} must have input's leading (token) dimensions "
+                         "(its hidden size may differ)")
+    hidden = second_input.shape[-1]
+    if second_weight.dim() != 2 or tuple(second_weight.shape) != (weight.shape[0], hidden):
+        raise ValueError(f"{weight_name} has shape {tuple(second_weight.shape)}; expected ({weight.shape[0]}, "
+                         f"{hidden}): weight's vocabulary size and {input_name}'s hidden size")
+    if second_bias is not None:
+        _require_tensor(bias_name, second_bias)
+        _require_same_device(bias_name, second_bias, input, "input")
+        if tuple(second_bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must have shape (V,) = ({weight.shape[0]},), got "
+                             f"{tuple(second_bias.shape)}")
+        if second_bias.dtype != input.dtype:
+            raise TypeError(f"{bias_name} has dtype {second_bias.dtype} but input has dtype {input.dtype}; "
+                            "use one dtype")
+        second_bias = _contiguous(second_bias.detach())
+    rows = _contiguous(second_input.detach().reshape(-1, hidden))
+    return rows, _contiguous(second_weight.detach()), second_bias
 
 
 @document_options

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from . import chunked
-from .options import decode_logprob_plan, decode_plan
+from .options import decode_logprob_plan, decode_pair_plan, decode_plan
 
 __all__ = ["lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "linear_logprobs_forward",
-           "linear_logprobs_backward", "logprobs_forward", "logprobs_backward", "IMPLEMENTATIONS"]
+           "linear_logprobs_backward", "logprobs_forward", "logprobs_backward", "lce_pair_forward",
+           "lce_pair_backward_none", "IMPLEMENTATIONS"]
 
 _T8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 _T6 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -381,4 +382,113 @@ IMPLEMENTATIONS.update({
     "dft_kernels::linear_logprobs_backward": _linear_logprobs_backward_impl,
     "dft_kernels::logprobs_forward": _logprobs_forward_impl,
     "dft_kernels::logprobs_backward": _logprobs_backward_impl,
+})
+
+
+# ---------------------------------------------------------------- two heads (docs/objectives.md, Anchored objectives)
+#
+#   lce_pair_forward(x, weight, bias?, ref_x, ref_weight, ref_bias?, target, token_weights?, divisor?, plan)
+#       -> (loss, dx, dw, db, nll_sum, prob_sum, correct_sum, entropy_sum)
+#   lce_pair_backward_none(x, weight, bias?, ref_x, ref_weight, ref_bias?, target, token_weights?, grad_loss, plan)
+#       -> (dx, dw, db)
+#
+# The loss of the trained head (x, weight, bias) with a second, frozen head (ref_x, ref_weight, ref_bias) read
+# beside it, chunk by chunk: the anchored objective (``plan``: an anchored LossPlan's encoding) or
+# distillation (a DistillPlan's).  As lce_forward / lce_backward_none; the second head gets no gradient.
+
+
+def _pair_stats_fake(device, plan: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    p = decode_pair_plan(plan)
+    f32 = chunked.wide_dtype(dtype)
+    with_stats, with_entropy = p.params.with_stats, p.params.with_stats and p.params.needs_entropy
+    shape, ent_shape = (() if with_stats else (0,)), (() if with_entropy else (0,))
+    return (torch.empty(shape, dtype=f32, device=device), torch.empty(shape, dtype=f32, device=device),
+            torch.empty(shape, dtype=f32, device=device), torch.empty(ent_shape, dtype=f32, device=device))
+
+
+@_autocast_off
+def _lce_pair_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], ref_x: Tensor, ref_weight: Tensor,
+                           ref_bias: Optional[Tensor], target: Tensor, token_weights: Optional[Tensor],
+                           divisor: Optional[Tensor], plan: str) -> _T8:
+    p = decode_pair_plan(plan)
+    loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, p,
+                                                     compact=True, ref=(ref_x, ref_weight, ref_bias))
+    stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(p.accum_dtype)
+    return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
+            *stats)
+
+
+lce_pair_forward = torch.library.custom_op("dft_kernels::lce_pair_forward", mutates_args=())(_lce_pair_forward_impl)
+
+
+@lce_pair_forward.register_fake
+def _(x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights, divisor, plan):
+    p = decode_pair_plan(plan)
+    grads = p.options.reduction != "none"
+    dx = x.new_empty(x.shape if grads and p.need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
+    stash_w = chunked.stash_dtype(p.accum_dtype)
+    dw = weight.new_empty(weight.shape if grads and p.need_dw else (0,), dtype=stash_w)
+    has_db = grads and p.need_db and bias is not None
+    db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=stash_w)
+    loss = x.new_empty((x.shape[0],) if p.options.reduction == "none" else (), dtype=chunked.wide_dtype(x.dtype))
+    return (loss, dx, dw, db, *_pair_stats_fake(x.device, plan, x.dtype))
+
+
+@_autocast_off
+def _lce_pair_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], ref_x: Tensor,
+                                 ref_weight: Tensor, ref_bias: Optional[Tensor], target: Tensor,
+                                 token_weights: Optional[Tensor], grad_loss: Tensor, plan: str) -> _T3:
+    dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss,
+                                              decode_pair_plan(plan), compact=True, ref=(ref_x, ref_weight, ref_bias))
+    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
+
+
+lce_pair_backward_none = torch.library.custom_op("dft_kernels::lce_pair_backward_none", mutates_args=())(
+    _lce_pair_backward_none_impl)
+
+
+@lce_pair_backward_none.register_fake
+def _(x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights, grad_loss, plan):
+    p = decode_pair_plan(plan)
+    dx = x.new_empty(x.shape if p.need_dx else (0,))
+    dw = weight.new_empty(weight.shape if p.need_dw else (0,))
+    db = weight.new_empty((weight.shape[0],) if p.need_db and bias is not None else (0,))
+    return dx, dw, db
+
+
+def _lce_pair_setup_context(ctx, inputs, output):
+    x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights, _divisor, plan = inputs
+    p = decode_pair_plan(plan)
+    ctx.num_inputs = len(inputs)
+    ctx.reduction = p.options.reduction
+    ctx.need = (p.need_dx, p.need_dw, p.need_db and bias is not None)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    if ctx.reduction == "none":
+        ctx.save_for_backward(x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights)
+        ctx.plan = plan
+    else:
+        ctx.save_for_backward(*output[1:4])
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _lce_pair_backward(ctx, grad_loss, *_unused):
+    need_dx, need_dw, need_db = ctx.need
+    if grad_loss is None:
+        return (None,) * ctx.num_inputs
+    if ctx.reduction == "none":
+        dx, dw, db = torch.ops.dft_kernels.lce_pair_backward_none(*ctx.saved_tensors, grad_loss, ctx.plan)
+        grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
+    else:
+        stashes = (t if wanted else None for t, wanted in zip(ctx.saved_tensors, ctx.need))
+        grads = chunked.scale_stashes(ctx, stashes, grad_loss, ctx.dtypes)
+    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; never the second head
+
+
+torch.library.register_autograd("dft_kernels::lce_pair_forward", _lce_pair_backward,
+                                setup_context=_lce_pair_setup_context)
+
+IMPLEMENTATIONS.update({
+    "dft_kernels::lce_pair_forward": _lce_pair_forward_impl,
+    "dft_kernels::lce_pair_backward_none": _lce_pair_backward_none_impl,
 })

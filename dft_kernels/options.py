@@ -42,6 +42,7 @@ __all__ = ["LossOptions", "LossParams", "LossPlan", "OPTION_NAMES", "LINEAR_ONLY
            "default_chunk_size", "CHUNK_BYTES", "MM_OUT_DTYPE"]
 
 REDUCTIONS = ("mean", "sum", "none")
+KL_DIRECTIONS = ("forward", "reverse")  # the anchor's KL(pi_ref || pi_theta), KL(pi_theta || pi_ref)
 LOGITS_DTYPES = (torch.bfloat16, torch.float16)  # the fast mode's; None is the accurate default
 
 
@@ -83,6 +84,14 @@ class LossOptions:
     z_loss: float = _option(
         0.0, "``lam >= 0``: adds ``lam * logsumexp(z)^2`` per token (PaLM's z-loss; same objectives as "
              "``label_smoothing``).")
+    kl_coef: float = _option(
+        0.0, "``>= 0``: the anchor (ASFT): per valid token the objective's loss plus ``kl_coef * KL`` between "
+             "the policy's distribution and the frozen reference head's (``ref_input``, ``ref_weight``, "
+             "``ref_bias``) over the whole vocabulary, after the same softcap; 0: no anchor.  docs/objectives.md, "
+             "Anchored objectives (ASFT) and distillation.", linear_only=True)
+    kl: str = _option(
+        "forward", "direction of the anchor's KL: ``forward`` is ``KL(pi_ref || pi_theta)`` (LLaMA-Factory's "
+                   "ASFT), ``reverse`` is ``KL(pi_theta || pi_ref)``.", linear_only=True)
     shift: bool = _option(
         False, "predict ``target[..., 1:]`` from positions ``[..., :-1]`` (the causal-LM shift), without "
                "copying the input.")
@@ -153,6 +162,13 @@ class LossOptions:
             raise ValueError(
                 f"label_smoothing and z_loss are not defined for objective '{self.objective.name}'; "
                 "they work with ce, dft, power, chord, entropy and eaft")
+        put("kl_coef", _real("kl_coef", self.kl_coef))
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if not isinstance(self.kl, str):
+            raise TypeError(f"kl must be a string, got {type(self.kl).__name__}")
+        if self.kl not in KL_DIRECTIONS:
+            raise ValueError(f"kl must be one of {KL_DIRECTIONS}, got {self.kl!r}")
         for flag in ("shift", "return_stats", "validate"):
             put(flag, bool(getattr(self, flag)))
         if not isinstance(self.allreduce_dgrad, bool):
@@ -184,6 +200,10 @@ class LossOptions:
         for flag in ("fused_head", "autotune"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+        if self.kl_coef > 0 and (self.fused_head or self.factored):
+            name = "fused_head" if self.fused_head else "factored"
+            raise ValueError(f"{name}: the anchored loss (kl_coef > 0) runs the two-head row path, not the "
+                             f"factored gradient; leave {name} at its default")
         if self.fused_head and self.factored is False:
             raise ValueError("fused_head=True writes the factored gradient; it cannot run with factored=False")
 
@@ -197,7 +217,12 @@ class LossOptions:
     def row_params(self) -> "LossParams":
         """What the row kernel needs (the backend contract in ``dft_kernels.backends``)."""
         return LossParams(self.objective, self.ignore_index, self.softcap, self.label_smoothing, self.z_loss,
-                          self.return_stats, self.autotune)
+                          self.return_stats, self.autotune, self.kl_coef, self.kl)
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the loss carries the anchor to a reference head (``kl_coef > 0``)."""
+        return self.kl_coef > 0
 
 
 def _is_process_group(value) -> bool:
@@ -226,7 +251,8 @@ class LossParams:
     (and, when unvalidated, any target outside ``[0, V)``) contribute nothing;
     ``softcap``: ``z = softcap * tanh(z0 / softcap)`` when set; ``label_smoothing`` and
     ``z_loss``: see docs/design.md, Math; ``with_stats``: also compute the argmax flag for
-    accuracy; ``autotune``: the triton backend autotunes its launch configuration.
+    accuracy; ``autotune``: the triton backend autotunes its launch configuration;
+    ``kl_coef``, ``kl``: the anchor to a reference head (path ``"anchor"``, ``row_anchor_loss_grad``).
     """
 
     objective: Objective
@@ -236,6 +262,8 @@ class LossParams:
     z_loss: float = 0.0
     with_stats: bool = False
     autotune: bool = False
+    kl_coef: float = 0.0
+    kl: str = "forward"
 
     @property
     def needs_entropy(self) -> bool:
@@ -479,6 +507,10 @@ def plan_linear(opts: LossOptions, x: torch.Tensor, weight: torch.Tensor, bias: 
     if opts.logits_dtype is not None and opts.logits_dtype != x.dtype:
         raise ValueError(f"logits_dtype={opts.logits_dtype} (the fast mode) needs input and weight of that dtype, "
                          f"got {x.dtype}")
+    if opts.anchored:
+        return _plan_pair(opts, ANCHOR, LossPlan, x, weight, bias, need_dx, need_dw, need_db,
+                          logits_dtype=opts.logits_dtype, accum_dtype=opts.accum_dtype, chunk_size=opts.chunk_size,
+                          budget=_budget(opts, x.device))
     factor_reason = ""
     if x.dtype not in _FACTORABLE_DTYPES:
         factor_reason = f"the input is {x.dtype} (the factored gradient is for float32 and bfloat16)"
@@ -493,6 +525,62 @@ def plan_linear(opts: LossOptions, x: torch.Tensor, weight: torch.Tensor, bias: 
     accum = weight.dtype if opts.accum_dtype is None else torch.promote_types(opts.accum_dtype, weight.dtype)
     return LossPlan(opts, _plan_steps(opts, x.device, factor_reason), chunk, logits_dtype, grad_dtype, accum,
                     need_dx, need_dw, need_db)
+
+
+# ---------------------------------------------------------------- two heads (docs/objectives.md, Anchored objectives)
+
+ANCHOR = "anchor"    # the objective plus kl_coef * KL to a frozen reference head (row_anchor_loss_grad)
+DISTILL = "distill"  # the generalized JSD of a student head to a frozen teacher head (row_distill_loss_grad)
+
+
+def _pair_steps(path: str, backend: str, device: torch.device, objective: Optional[tuple] = None) -> tuple:
+    """``(backend, path)`` steps of a two-head call: the candidates whose ``supports(path, params)`` is
+    "" (``params`` carries the anchored loss's objective, :func:`_encode_value`'s form; None for
+    distillation; plain values in, strings out: a constant under torch.compile, as :func:`_steps`).  With
+    ``backend="auto"`` the others are skipped, and why is logged once; a named backend that declines
+    raises with its reason."""
+    params = None if objective is None else LossParams(_decode_value(objective))
+    steps = []
+    for name in backends.candidates(backend, device):
+        reason = backends.get_backend(name).supports(path, params)
+        if not reason:
+            steps.append((name, path))
+        elif backend != "auto":
+            raise ValueError(f"backend: {name!r} cannot compute the {path} loss: {reason}; pass backend='auto' "
+                             "or 'torch'")
+        else:
+            backends.log_once(f"dft_kernels: backend 'auto': {name!r} has no {path} path ({reason}); this call "
+                              "uses the next backend")
+    if not steps:
+        raise ValueError(f"backend: no backend with a {path} path is available on device {device}")
+    return tuple(steps) if backend == "auto" else tuple(steps[:1])
+
+
+def _plan_pair(opts, path: str, plan_type, x: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor], need_dx: bool, need_dw: bool, need_db: bool, *,
+               logits_dtype: Optional[torch.dtype], accum_dtype: Optional[torch.dtype], chunk_size: Optional[int],
+               budget: int):
+    """The plan of a two-head call (the anchored loss, distillation) on ``x`` ``[N, H]`` and ``weight``
+    ``[V, H]``: the loss's precision policy, and chunk buffers for *two* logits rows per token (the
+    second head's logits live beside the first's; docs/design.md, Two heads)."""
+    need_db = need_db and bias is not None
+    if logits_dtype is not None and logits_dtype != x.dtype:
+        raise ValueError(f"logits_dtype={logits_dtype} (the fast mode) needs input and weight of that dtype, "
+                         f"got {x.dtype}")
+    logits_dt, grad_dt = head_dtypes(x.dtype, logits_dtype, x.device)
+    steps = _pair_steps(path, opts.backend, x.device, _encode_value(opts.objective) if path == ANCHOR else None)
+    row_bytes = 2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
+    if steps[0][0] == "torch":  # its whole-row working tensors, chunk-sized, count against the budget too
+        row_bytes += _TORCH_PAIR_WORK_ROWS * torch.promote_types(x.dtype, torch.float32).itemsize
+    chunk = chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, budget)
+    accum = weight.dtype if accum_dtype is None else torch.promote_types(accum_dtype, weight.dtype)
+    return plan_type(opts, steps, chunk, logits_dt, grad_dt, accum, need_dx, need_dw, need_db)
+
+
+_pair_steps._dynamo_marked_constant = True  # as _steps: resolved at trace time, a constant
+# float32 rows per token that the torch backend's two-head row functions hold at their peak beyond the
+# chunk buffers (both heads' log-softmax rows, the probabilities and the gradient being formed)
+_TORCH_PAIR_WORK_ROWS = 4
 
 
 def plan_logits(opts: LossOptions, logits: torch.Tensor, need_grad: bool) -> LossPlan:
@@ -709,3 +797,129 @@ def _budget_of(device: torch.device) -> int:
 
 __all__ += ["LogprobOptions", "LogprobParams", "LogprobPlan", "LOGPROB_OPTION_NAMES", "LOGPROBS",
             "decode_logprob_plan", "plan_logprobs_linear", "plan_logprobs_logits"]
+
+
+# ---------------------------------------------------------------- distillation (dft_kernels/distill.py)
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The options of :func:`dft_kernels.linear_distill`, checked and normalised on construction (errors
+    name the option).  Those shared with the loss (``ignore_index``, ``reduction``, ``shift``, ``backend``,
+    ``chunk_size``, ``process_group``, ``validate``) are checked by :class:`LossOptions` itself."""
+
+    beta: float = _logprob_option(
+        0.5, "in ``[0, 1]``: 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``, in between the "
+             "generalized Jensen-Shannon divergence ``beta KL(teacher || m) + (1 - beta) KL(student || m)`` with "
+             "``m = beta teacher + (1 - beta) student`` (TRL GKD's ``generalized_jsd_loss``).")
+    temperature: float = _logprob_option(
+        1.0, "a float > 0 that divides both heads' logits before their softmax.")
+    ignore_index: int = _logprob_option(
+        -100, "targets equal to it (and, with ``validate=False``, any target outside ``[0, V)``) mark tokens "
+              "that contribute no loss and no gradient; the target's value is otherwise unused.")
+    reduction: str = _logprob_option(
+        "mean", "``mean`` (sum over valid tokens / their number: TRL's ``batchmean``), ``sum``, or ``none`` "
+                "(per-token divergences shaped like ``target``, zeros at ignored positions).")
+    shift: bool = _logprob_option(
+        False, "the causal-LM shift: positions ``[..., :-1]`` are scored where ``target[..., 1:]`` is valid.")
+    backend: str = _logprob_option(
+        "auto", "row-kernel backend: ``auto``, ``torch`` or ``triton`` (the ``cuda`` backend has no "
+                "distillation path: it raises with the reason, and ``auto`` skips it).")
+    chunk_size: Optional[int] = _logprob_option(
+        None, "token rows per chunk; None: the most rows whose chunk buffers (two logits rows per token) fit "
+              "the device's budget (docs/design.md, Chunk size).")
+    process_group: Optional[object] = _logprob_option(
+        None, "vocab-parallel heads are not supported yet: anything but None raises NotImplementedError.")
+    validate: bool = _logprob_option(
+        True, "check with one host sync that every target is in ``[0, V)`` or ``ignore_index``; False skips it.")
+
+    def __post_init__(self):
+        put = functools.partial(object.__setattr__, self)
+        shared = LossOptions(objective="ce", ignore_index=self.ignore_index, reduction=self.reduction,
+                             shift=self.shift, backend=self.backend, chunk_size=self.chunk_size,
+                             process_group=self.process_group, validate=self.validate)
+        for name in ("ignore_index", "reduction", "shift", "backend", "chunk_size", "validate"):
+            put(name, getattr(shared, name))
+        put("beta", _real("beta", self.beta))
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        put("temperature", _real("temperature", self.temperature))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    @property
+    def row_params(self) -> "DistillParams":
+        return DistillParams(self.ignore_index, self.beta, self.temperature)
+
+
+DISTILL_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(DistillOptions))
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """What a distillation row kernel reads (``row_distill_loss_grad`` of the backend contract):
+    ``ignore_index``, ``beta``, ``temperature``.  No stats and no entropy (the chunk driver's
+    accumulators read ``with_stats`` and ``needs_entropy``)."""
+
+    ignore_index: int = -100
+    beta: float = 0.5
+    temperature: float = 1.0
+    with_stats: bool = False
+    needs_entropy: bool = False
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """What one distillation call runs (as :class:`LossPlan`): ``steps`` are ``(backend, "distill")``
+    pairs, the rest is read by the chunk loop's buffers and GEMMs."""
+
+    options: DistillOptions
+    steps: tuple
+    chunk_size: int
+    logits_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    accum_dtype: torch.dtype
+    need_dx: bool = False
+    need_dw: bool = False
+    need_db: bool = False
+
+    @property
+    def params(self) -> DistillParams:
+        return self.options.row_params
+
+    @property
+    def path(self) -> str:
+        return self.steps[0][1]
+
+    def encode(self) -> str:
+        """This plan as one string, the two-head ops' argument (:func:`decode_pair_plan` inverts it)."""
+        if self.options.process_group is not None:
+            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
+        opts = tuple(_encode_value(getattr(self.options, name)) for name in DISTILL_OPTION_NAMES)
+        rest = tuple(_encode_value(getattr(self, f.name)) for f in fields(self) if f.name != "options")
+        return repr((DISTILL, opts, rest))
+
+
+@functools.lru_cache(maxsize=256)
+def decode_pair_plan(encoded: str):
+    """The plan of a two-head op: a :class:`DistillPlan` (:meth:`DistillPlan.encode`) or an anchored
+    :class:`LossPlan` (:meth:`LossPlan.encode`), cached."""
+    value = ast.literal_eval(encoded)
+    if len(value) == 3 and value[0] == DISTILL:
+        _, opts, rest = value
+        options = DistillOptions(**{n: _decode_value(v) for n, v in zip(DISTILL_OPTION_NAMES, opts, strict=True)})
+        names = [f.name for f in fields(DistillPlan) if f.name != "options"]
+        return DistillPlan(options, **{n: _decode_value(v) for n, v in zip(names, rest, strict=True)})
+    return decode_plan(encoded)
+
+
+def plan_distill(opts: DistillOptions, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 need_dx: bool, need_dw: bool, need_db: bool) -> DistillPlan:
+    """The plan of :func:`dft_kernels.linear_distill` on the student's ``x`` ``[N, H]`` and ``weight``
+    ``[V, H]``: the loss's precision policy, a float32 ``dW`` accumulator."""
+    return _plan_pair(opts, DISTILL, DistillPlan, x, weight, bias, need_dx, need_dw, need_db, logits_dtype=None,
+                      accum_dtype=torch.float32, chunk_size=opts.chunk_size, budget=_budget_of(x.device))
+
+
+__all__ += ["ANCHOR", "DISTILL", "KL_DIRECTIONS", "DistillOptions", "DistillParams", "DistillPlan",
+            "DISTILL_OPTION_NAMES", "decode_pair_plan", "plan_distill"]

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import NumItems, check_linear_args, check_logits, prepare
+from .functional import NumItems, _check_anchor, check_linear_args, check_logits, check_second_head, prepare
 from .objectives import ObjectiveLike
 from .options import LossOptions, document_options
 from .rl import logprob_options, prepare_logprobs
 from .stats import LogprobStats, LossStats
 
 __all__ = ["linear_cross_entropy", "cross_entropy", "token_loss", "eaft_entropy", "eaft_normalizer",
-           "linear_logprobs", "logprobs"]
+           "linear_logprobs", "logprobs", "linear_distill"]
 
 
 def eaft_entropy(logits: Tensor, top_k) -> Tensor:
@@ -86,7 +86,8 @@ def token_loss(name: str, obj, logp: Tensor, logits: Tensor, label_smoothing: fl
     return loss, entropy
 
 
-def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_items_in_batch, token_weights):
+def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_items_in_batch, token_weights,
+                      ref_logits: Optional[Tensor] = None):
     vocab = logits.shape[-1]
     # Checks only: the shifted/flattened tensors are rebuilt below by plain slicing.
     prepare(logits, "logits", target, vocab, opts, num_items_in_batch, token_weights)
@@ -108,6 +109,8 @@ def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_ite
     # of their (discarded) loss and its gradient
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     loss, entropy = token_loss(obj.name, obj, logp, z, opts.label_smoothing, opts.z_loss)
+    if ref_logits is not None:
+        loss = loss + opts.kl_coef * anchor_kl(z, ref_logits, opts)
     if token_weights is not None:
         loss = loss * token_weights.reshape(-1).to(loss.dtype)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
@@ -137,6 +140,23 @@ def _loss_from_logits(logits: Tensor, target: Tensor, opts: LossOptions, num_ite
     return out, stats
 
 
+def anchor_kl(z: Tensor, ref_logits: Tensor, opts: LossOptions) -> Tensor:
+    """Per row of the (capped) policy logits ``z`` ``[n, V]``: the anchor's ``KL(q || pi)`` (``forward``) or
+    ``KL(pi || q)`` (``reverse``), ``pi = softmax(z)``, ``q = softmax(cap(ref_logits))`` (the reference
+    logits, any leading shape, unshifted, flattened here like ``z``), with ``0 log 0 = 0``."""
+    if opts.shift:
+        ref_logits = ref_logits[..., :-1, :]
+    zr = ref_logits.reshape(z.shape).detach()
+    if opts.softcap is not None:
+        zr = opts.softcap * torch.tanh(zr / opts.softcap)
+    log_pi, log_q = torch.log_softmax(z, dim=-1), torch.log_softmax(zr, dim=-1)
+    first, second = (log_q, log_pi) if opts.kl == "forward" else (log_pi, log_q)
+    p = first.exp()
+    # terms of no mass are 0, and their log difference (-inf - -inf) is kept out of autograd too
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return (p * torch.where(p > 0, first - second, zero)).sum(-1)
+
+
 def _one_process(opts: LossOptions) -> LossOptions:
     if opts.process_group is not None:
         raise ValueError("process_group: the reference computes on the whole head in one process; pass the whole "
@@ -158,20 +178,31 @@ def cross_entropy(logits: Tensor, target: Tensor, *, objective: ObjectiveLike = 
 
 @document_options
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                         ref_input: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                         ref_bias: Optional[Tensor] = None,
                          objective: ObjectiveLike = "dft", ignore_index: int = -100, reduction: str = "mean",
                          num_items_in_batch: NumItems = None, softcap: Optional[float] = None,
-                         label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         token_weights: Optional[Tensor] = None, shift: bool = False,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, kl_coef: float = 0.0,
+                         kl: str = "forward", token_weights: Optional[Tensor] = None, shift: bool = False,
                          return_stats: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
                          chunk_bytes: Optional[int] = None, autotune: bool = False,
                          accum_dtype: Optional[torch.dtype] = torch.float32,
                          logits_dtype: Optional[torch.dtype] = None, factored: Optional[bool] = None,
                          fused_head: bool = False, process_group=None,
                          allreduce_dgrad: bool = True, validate: bool = True):
-    """Materialising reference for :func:`dft_kernels.linear_cross_entropy`."""
+    """Materialising reference for :func:`dft_kernels.linear_cross_entropy` (with the anchor: both heads'
+    logits, the reference's detached)."""
     opts = _one_process(LossOptions.from_arguments(locals()))
     input, weight, bias = check_linear_args(input, weight, bias)
-    return _loss_from_logits(F.linear(input, weight, bias), target, opts, num_items_in_batch, token_weights)
+    ref_logits = None
+    anchored = _check_anchor(opts, ref_input, ref_weight, ref_bias)
+    if ref_input is not None:  # checked also when kl_coef=0 leaves it unused
+        ref_x, ref_w, ref_b = check_second_head(input, weight, ref_input, ref_weight, ref_bias, "ref_input",
+                                                "ref_weight", "ref_bias")
+        if anchored:
+            ref_logits = F.linear(ref_x, ref_w, ref_b).reshape(*input.shape[:-1], weight.shape[0])
+    return _loss_from_logits(F.linear(input, weight, bias), target, opts, num_items_in_batch, token_weights,
+                             ref_logits)
 
 
 # ---------------------------------------------------------------- the log-prob family (docs/rl.md)
@@ -237,3 +268,62 @@ def linear_logprobs(input: Tensor, weight: Tensor, target: Tensor, *, bias: Opti
         raise ValueError("process_group: the reference computes on the whole head in one process")
     input, weight, bias = check_linear_args(input, weight, bias)
     return _logprobs_from_logits(F.linear(input, weight, bias), target, temp, opts)
+
+
+# ---------------------------------------------------------------- distillation (dft_kernels/distill.py)
+
+
+def linear_distill(input: Tensor, weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor, target: Tensor, *,
+                   bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None, beta: float = 0.5,
+                   temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+                   num_items_in_batch: NumItems = None, shift: bool = False, backend: str = "auto",
+                   chunk_size: Optional[int] = None, process_group=None, validate: bool = True):
+    """Materialising reference for :func:`dft_kernels.linear_distill` (same signature): both heads' whole
+    logits, ``log_softmax`` of each over the temperature, the generalized JSD per token with ``0 log 0 = 0``,
+    autograd for every gradient (the teacher detached)."""
+    from .distill import _loss_options, distill_options
+
+    opts = distill_options(beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                           shift=shift, backend=backend, chunk_size=chunk_size, process_group=process_group,
+                           validate=validate)
+    if opts.process_group is not None:
+        raise ValueError("process_group: the reference computes on the whole head in one process")
+    input, weight, bias = check_linear_args(input, weight, bias)
+    vocab = weight.shape[0]
+    prepare(input, "input", target, vocab, _loss_options(opts), num_items_in_batch, None)  # checks only
+    t_x, t_w, t_b = check_second_head(input, weight, teacher_input, teacher_weight, teacher_bias, "teacher_input",
+                                      "teacher_weight", "teacher_bias")
+    z = F.linear(input, weight, bias)
+    zt = F.linear(t_x, t_w, t_b).reshape(z.shape)
+    if opts.shift:
+        z, zt, target = z[..., :-1, :], zt[..., :-1, :], target[..., 1:]
+    s = torch.log_softmax(z / opts.temperature, dim=-1)
+    t = torch.log_softmax(zt / opts.temperature, dim=-1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+
+    def kl(log_a, log_b):  # KL(a || b) per row; terms of no mass are 0 (kept out of autograd too)
+        a = log_a.exp()
+        return (a * torch.where(a > 0, log_a - log_b, zero)).sum(-1)
+
+    if opts.beta == 0.0:
+        per = kl(t, s)
+    elif opts.beta == 1.0:
+        per = kl(s, t)
+    else:
+        # entries where neither head has mass (-inf in both) have none in the mixture either; they are
+        # kept out of logsumexp, whose gradient there would be 0/0
+        void = (s == float("-inf")) & (t == float("-inf"))
+        s_, t_ = torch.where(void, zero, s), torch.where(void, zero, t)
+        mix = torch.logsumexp(torch.stack([s_ + torch.log1p(torch.tensor(-opts.beta, dtype=z.dtype)),
+                                           t_ + torch.log(torch.tensor(opts.beta, dtype=z.dtype))]), dim=0)
+        mix = torch.where(void, float("-inf"), mix)
+        per = opts.beta * kl(t, mix) + (1.0 - opts.beta) * kl(s, mix)
+    valid = (target != opts.ignore_index) & (target >= 0) & (target < vocab)
+    per = torch.where(valid, per, zero)
+    if opts.reduction == "none":
+        return per
+    if num_items_in_batch is not None:
+        return per.sum() / torch.as_tensor(num_items_in_batch, dtype=per.dtype, device=per.device)
+    if opts.reduction == "sum":
+        return per.sum()
+    return per.sum() / valid.sum().clamp_min(1)

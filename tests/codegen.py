@@ -2,7 +2,7 @@
 
 The CPU suite runs the kernels under Triton's interpreter, which accepts code that the compiler
 rejects and says nothing about the machine code.  The codegen tests (backends/test_triton_codegen.py,
-backends/test_triton_parallel_codegen.py, backends/test_logprobs_codegen.py,
+backends/test_triton_parallel_codegen.py, backends/test_logprobs_codegen.py, backends/test_pair_codegen.py,
 experimental/test_fused_head.py) share this harness:
 
 - :func:`run_script` (pytest side) runs a test's script in a subprocess without

@@ -76,6 +76,27 @@ and :func:`dft_kernels.logprobs`.  A backend whose ``supports("logprobs", params
     ``grad_out`` (as ``row_loss_grad``'s: any float dtype, unit stride along V) or, with
     ``grad_out=None``, over ``logits`` in place; zero rows at invalid rows.
 
+Two heads (paths ``"anchor"`` and ``"distill"``; docs/design.md, Two heads), for the anchored loss
+(``kl_coef > 0``) and :func:`dft_kernels.linear_distill`.  A backend whose ``supports(path, None)`` is
+"" has::
+
+    row_anchor_loss_grad(logits, ref_logits, target, params, token_weights=None, grad_scale=None,
+                         grad_out=None) -> RowOutputs
+    row_distill_loss_grad(logits, ref_logits, target, params, token_weights=None, grad_scale=None,
+                          grad_out=None) -> RowOutputs
+
+    ``logits``, ``target``, ``token_weights``, ``grad_scale``, ``grad_out`` and the outputs as
+    ``row_loss_grad``'s; ``ref_logits``: the second (frozen) head's raw ``[n, V]`` logits of the same
+    rows, in the logits' dtype, only read.  ``row_anchor_loss_grad`` (``params``: :class:`LossParams`)
+    adds to each valid row's objective loss ``kl_coef * KL`` with ``pi = softmax(cap(logits))``,
+    ``q = softmax(cap(ref_logits))``, ``KL(q || pi)`` for ``params.kl == "forward"`` and ``KL(pi || q)``
+    for ``"reverse"``, times the token weight, and to its gradient the KL's, ``pi - q`` or
+    ``pi (log pi - log q - KL)`` times the cap's ``sech^2``, times ``grad_scale * token_weight *
+    kl_coef``.  ``row_distill_loss_grad`` (``params``: :class:`~dft_kernels.options.DistillParams`)
+    computes the generalized JSD of ``log_softmax(logits / T)`` to ``log_softmax(ref_logits / T)``
+    (``beta``; the formulas in ``backends/torch.py``) and its gradient; ``nll``/``prob`` are the first
+    head's, ``entropy`` and ``correct`` None.  The torch and triton backends have them.
+
 Adding a backend is one file in this package plus one line in ``BACKENDS``.
 
 Which backend and path a call runs is decided once, at the entry point, by

@@ -31,6 +31,8 @@ def supports(path: str, params) -> str:
     if path != "rows":
         return f"the {NAME} backend has no {path!r} path"
     return top_k_reason(params.objective)
+
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()

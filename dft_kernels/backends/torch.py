@@ -21,6 +21,7 @@ boolean mask; the chunk loop in ``dft_kernels.chunked`` bounds them.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,8 +35,9 @@ NAME = "torch"
 
 
 def supports(path: str, params) -> str:
-    """"" for the two-pass ``"rows"`` path and the log-prob family ``"logprobs"`` (the contract's paths)."""
-    return "" if path in ("rows", "logprobs") else f"the {NAME} backend has no {path!r} path"
+    """"" for the two-pass ``"rows"`` path, the log-prob family ``"logprobs"`` and the two-head paths
+    ``"anchor"`` and ``"distill"`` (the contract's paths)."""
+    return "" if path in ("rows", "logprobs", "anchor", "distill") else f"the {NAME} backend has no {path!r} path"
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -243,3 +245,130 @@ def row_logprobs_grad(logits: Tensor, target: Tensor, params, row_stats: Tensor,
         grad.mul_(logits.to(dtype, copy=True).div_(params.softcap).cosh_().square_().reciprocal_())
     grad = torch.where(valid.unsqueeze(1), grad, zero)  # invalid rows: 0 even where their entries were not finite
     dest.copy_(grad)
+
+
+# ---------------------------------------------------------------- two heads (docs/objectives.md, Anchored objectives)
+
+
+def _capped(logits: Tensor, cap: Optional[float], dtype: torch.dtype) -> Tensor:
+    z = logits.to(dtype, copy=True)
+    if cap is not None:
+        z.div_(cap).tanh_().mul_(cap)
+    return z
+
+
+def _cap_factor(logits: Tensor, cap: Optional[float], dtype: torch.dtype) -> Optional[Tensor]:
+    """``d softcap(z0) / d z0 = 1 / cosh(z0 / cap)^2`` (None without a cap)."""
+    if cap is None:
+        return None
+    return logits.to(dtype, copy=True).div_(cap).cosh_().square_().reciprocal_()
+
+
+def _kl_rows(log_pi: Tensor, log_q: Tensor, direction: str, with_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Per row ``KL(q || pi)`` (``forward``) or ``KL(pi || q)`` (``reverse``) of two log-softmax rows, and
+    its gradient with respect to the logits of ``pi``: ``pi - q``, or ``pi (log pi - log q - KL)``.
+    Entries of zero mass (``-inf`` logits) add 0, never ``0 * inf``."""
+    pi, q = log_pi.exp(), log_q.exp()
+    zero = torch.zeros((), dtype=pi.dtype, device=pi.device)
+    if direction == "forward":
+        kl = torch.where(q > 0, q * (log_q - log_pi), zero).sum(dim=1)
+        return kl, (pi.sub_(q) if with_grad else None)
+    d = torch.where(pi > 0, log_pi - log_q, zero)
+    kl = (pi * d).sum(dim=1)
+    return kl, (d.sub_(kl.unsqueeze(1)).mul_(pi) if with_grad else None)
+
+
+def row_anchor_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, params: LossParams,
+                         token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
+                         grad_out: Optional[Tensor] = None) -> RowOutputs:
+    """The contract's ``row_anchor_loss_grad``: :func:`row_loss_grad` of the objective plus, per valid
+    row, ``kl_coef * KL`` between ``pi = softmax(cap(logits))`` and ``q = softmax(cap(ref_logits))``
+    (``params.kl``: ``forward`` is ``KL(q || pi)``, ``reverse`` ``KL(pi || q)``), times the token weight;
+    the KL's gradient (``pi - q``, or ``pi (log pi - log q - KL)``, times the cap's ``sech^2``) is added
+    to the objective's before the one write into ``grad_out`` (or over ``logits``).  ``ref_logits`` are
+    only read."""
+    n, vocab = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = valid_rows(target, params.ignore_index, vocab)
+    if grad_scale is None:
+        grad_out = None
+    elif grad_out is not None:
+        check_grad_out(grad_out, logits, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    with_grad = grad_scale is not None
+    # the KL first: row_loss_grad may overwrite the logits with the objective's gradient
+    log_pi = torch.log_softmax(_capped(logits, params.softcap, dtype), dim=1)
+    log_q = torch.log_softmax(_capped(ref_logits, params.softcap, dtype), dim=1)
+    kl, kl_grad = _kl_rows(log_pi, log_q, params.kl, with_grad)
+    del log_pi, log_q
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    row_weight = torch.where(valid, params.kl_coef * (1.0 if token_weights is None else token_weights.to(dtype)), zero)
+    kl = torch.where(valid, kl, zero)
+    if not with_grad:
+        out = row_loss_grad(logits, target, params, token_weights)
+        return out._replace(loss=out.loss + (kl * row_weight).to(out.loss.dtype))
+    cap_factor = _cap_factor(logits, params.softcap, dtype)  # before the logits may be overwritten
+    dest = logits if grad_out is None else grad_out
+    # the objective's gradient in the math dtype (in place over the logits only where they have it:
+    # row_loss_grad must not be given the logits as grad_out, its cap factor reads them last)
+    work = dest if dest.dtype == dtype else torch.empty((n, vocab), dtype=dtype, device=logits.device)
+    out = row_loss_grad(logits, target, params, token_weights, grad_scale, grad_out=None if work is logits else work)
+    kl_grad.mul_((row_weight * grad_scale.to(dtype)).unsqueeze(1))
+    kl_grad = torch.where(valid.unsqueeze(1), kl_grad, zero)  # invalid rows: 0 whatever their entries
+    if cap_factor is not None:
+        kl_grad.mul_(cap_factor)
+    work.add_(kl_grad)
+    if work is not dest:
+        dest.copy_(work)
+    return out._replace(loss=out.loss + (kl * row_weight).to(out.loss.dtype))
+
+
+def row_distill_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, params,
+                          token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
+                          grad_out: Optional[Tensor] = None) -> RowOutputs:
+    """The contract's ``row_distill_loss_grad``: per valid row the generalized Jensen-Shannon divergence of
+    the student ``s = log_softmax(logits / T)`` to the teacher ``t = log_softmax(ref_logits / T)``
+    (``params``: :class:`~dft_kernels.options.DistillParams`)::
+
+        beta = 0:  KL(t || s),  gradient (pi_s - pi_t) / T
+        beta = 1:  KL(s || t),  gradient pi_s (s - t - KL) / T
+        else:      beta KL(t || m) + (1 - beta) KL(s || m),  log m = logaddexp(s + log(1 - beta), t + log beta),
+                   gradient (1 - beta) pi_s (s - log m - KL(s || m)) / T
+
+    times the token weight and ``grad_scale``, written once into ``grad_out`` (or over ``logits``);
+    ``nll``/``prob`` are the student's at the target (0 at invalid rows)."""
+    n, vocab = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    valid = valid_rows(target, params.ignore_index, vocab)
+    if grad_scale is None:
+        grad_out = None
+    elif grad_out is not None:
+        check_grad_out(grad_out, logits, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    temp, beta = params.temperature, params.beta
+    s = torch.log_softmax(logits.to(dtype, copy=True).div_(temp), dim=1)
+    t = torch.log_softmax(ref_logits.to(dtype, copy=True).div_(temp), dim=1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    with_grad = grad_scale is not None
+    if beta == 0.0:
+        loss, grad = _kl_rows(s, t, "forward", with_grad)
+    elif beta == 1.0:
+        loss, grad = _kl_rows(s, t, "reverse", with_grad)
+    else:
+        log_m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+        pi_t = t.exp()
+        kl_t = torch.where(pi_t > 0, pi_t * (t - log_m), zero).sum(dim=1)
+        del pi_t
+        pi_s = s.exp()
+        d = torch.where(pi_s > 0, s - log_m, zero)
+        del log_m
+        kl_s = (pi_s * d).sum(dim=1)
+        loss = beta * kl_t + (1.0 - beta) * kl_s
+        grad = d.sub_(kl_s.unsqueeze(1)).mul_(pi_s).mul_(1.0 - beta) if with_grad else None
+    row_weight = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), zero)
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    logp = torch.where(valid, s.gather(1, safe_target).squeeze(1), zero)
+    if with_grad:
+        grad.mul_((row_weight * grad_scale.to(dtype) / temp).unsqueeze(1))
+        grad = torch.where(valid.unsqueeze(1), grad, zero)
+        (logits if grad_out is None else grad_out).copy_(grad)
+    return RowOutputs(loss=torch.where(valid, loss * row_weight, zero), nll=-logp,
+                      prob=torch.where(valid, logp.exp(), zero), entropy=None, correct=None)

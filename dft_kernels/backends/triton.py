@@ -535,12 +535,12 @@ def supports(path: str, params: LossParams) -> str:
     """"" where this backend runs ``path`` for ``params`` (the contract's paths), else why not: the
     factored gradient has no label smoothing or z-loss, whose gradients have terms that are not a
     multiple of the softmax; no path weights by a top-k entropy (``EAFT(top_k=k)``)."""
-    if path == "logprobs":
+    if path in ("logprobs", "distill"):
         return ""
-    if path not in ("rows", "factored"):
+    if path not in ("rows", "factored", "anchor"):
         return f"the triton backend has no {path!r} path"
-    reason = top_k_reason(params.objective)
-    if reason or path == "rows":
+    reason = "" if params is None else top_k_reason(params.objective)
+    if reason or path in ("rows", "anchor"):
         return reason
     if _as_float32(params.label_smoothing) != 0.0 or _as_float32(params.z_loss) != 0.0:
         return "label smoothing and z-loss have gradient terms that are not a multiple of the softmax"
@@ -851,3 +851,268 @@ def row_logprobs_grad(logits: Tensor, target: Tensor, params, row_stats: Tensor,
     flags = dict(HAS_SOFTCAP=cap is not None, PER_ROW_TEMP=per_row, HAS_GRAD_LOGP=grad_logp is not None,
                  HAS_GRAD_ENTROPY=grad_entropy is not None)
     _launch_rows(_row_logprobs_grad_kernel, n, vocab, logits.device, args, flags)
+
+
+# ---------------------------------------------------------------- two heads (docs/design.md, Two heads)
+#
+# The anchor (``row_anchor_loss_grad``) and distillation (``row_distill_loss_grad``) read a second, frozen
+# head's row beside each row of the trained head.  With ``z = cap(z0) / T`` (trained) and ``zr`` likewise
+# (second head), ``ls = z - lse``, ``lt = zr - lse_r``, pass 1 keeps, online over both rows in float32::
+#
+#     m, s = sum_j e^{z_j - m};  m_r, s_r = sum_j e^{zr_j - m_r}
+#     MODE 0 (KL(second || trained)):  a = sum_j e^{zr_j - m_r} (zr_j - z_j),  KL = a / s_r + lse - lse_r
+#     MODE 1 (KL(trained || second)):  a = sum_j e^{z_j - m} (z_j - zr_j),     KL = a / s + lse_r - lse
+#     MODE 2 (generalized JSD):        a second read once lse, lse_r are known, with
+#                                      log m = logaddexp(ls + log(1 - b), lt + log b):
+#                                      kl_s = sum_j e^{ls_j} (ls_j - log m_j),  kl_t = sum_j e^{lt_j} (lt_j - log m_j)
+#
+# and the gradient kernel writes, in one more read of both rows, ``coef * g_j * sech^2(z0_j / cap)`` with
+# ``g = pi - q`` (MODE 0), ``pi (ls - lt - KL)`` (MODE 1), ``pi (ls - log m - kl_s)`` (MODE 2), added to a
+# gradient already there (the anchor's objective, ``ACCUMULATE``) or alone (distillation).  ``coef`` is
+# per row (weights, the incoming scale, ``kl_coef``, ``1 - beta``, ``1/T``), 0 at invalid rows.
+
+PAIR_FORWARD, PAIR_REVERSE, PAIR_JSD = 0, 1, 2
+
+
+@_device_fn
+def _pair_block(ptrs, io_mask, col_ok, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """A ``[ROWS, BLOCK]`` block of ``cap(z0) / T`` in float32 (``-inf`` past V) and the raw ``z0``."""
+    z0 = tl.load(ptrs, mask=io_mask, other=0.0).to(tl.float32)
+    z = z0
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z0 / softcap)
+    return tl.where(col_ok[None, :], z * inv_temp, float("-inf")), z0
+
+
+@_device_fn
+def _online(m, s, acc, z, other, WITH_ACC: tl.constexpr):
+    """Merge a block into ``(m, s = sum e^{z - m}, acc = sum e^{z - m} (z - other))``."""
+    new_m = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+    keep = tl.where(m == float("-inf"), 0.0, tl.exp2((m - shift) * LOG2E))
+    e = tl.exp2((z - shift[:, None]) * LOG2E)
+    s = s * keep + tl.sum(e, axis=1)
+    if WITH_ACC:
+        acc = acc * keep + tl.sum(tl.where(e > 0.0, e * (z - other), 0.0), axis=1)
+    return new_m, s, acc
+
+
+@_device_fn
+def _log_mix(ls, lt, log1mb, logb):
+    """``log((1 - b) e^{ls} + b e^{lt})``, elementwise."""
+    a = ls + log1mb
+    b = lt + logb
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return hi + _log1p(tl.exp2((lo - hi) * LOG2E))
+
+
+@triton.jit
+def _pair_stats_kernel(
+    logits_ptr, stride_row, ref_ptr, stride_ref, n_rows, target_ptr, stats_ptr, logp_ptr,
+    V, ignore_index, softcap, inv_temp, log1mb, logb,
+    HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per row ``(lse, lse_r, KL or kl_s, kl_t)`` at ``stats_ptr + 4 * row`` and the trained head's
+    ``logp`` of the target (0 at invalid rows, as the divergences)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    row_ptrs = logits_ptr + rows * stride_row
+    ref_ptrs = ref_ptr + rows * stride_ref
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    m_r = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    s_r = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS], dtype=tl.float32)
+    acc_r = tl.zeros([ROWS], dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        bcols = start + cols
+        col_ok = bcols < V
+        io_mask = row_ok[:, None] & col_ok[None, :]
+        z, _ = _pair_block(row_ptrs[:, None] + bcols[None, :], io_mask, col_ok, softcap, inv_temp, HAS_SOFTCAP)
+        zr, _ = _pair_block(ref_ptrs[:, None] + bcols[None, :], io_mask, col_ok, softcap, inv_temp, HAS_SOFTCAP)
+        m, s, acc = _online(m, s, acc, z, zr, MODE == 1)
+        m_r, s_r, acc_r = _online(m_r, s_r, acc_r, zr, z, MODE == 0)
+    lse = m + tl.log(s)
+    lse_r = m_r + tl.log(s_r)
+    kl_t = tl.zeros([ROWS], dtype=tl.float32)
+    if MODE == 0:
+        kl = acc_r / s_r + (lse - lse_r)
+    elif MODE == 1:
+        kl = acc / s + (lse_r - lse)
+    else:
+        kl = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            bcols = start + cols
+            col_ok = bcols < V
+            io_mask = row_ok[:, None] & col_ok[None, :]
+            z, _ = _pair_block(row_ptrs[:, None] + bcols[None, :], io_mask, col_ok, softcap, inv_temp, HAS_SOFTCAP)
+            zr, _ = _pair_block(ref_ptrs[:, None] + bcols[None, :], io_mask, col_ok, softcap, inv_temp,
+                                HAS_SOFTCAP)
+            ls = z - lse[:, None]
+            lt = zr - lse_r[:, None]
+            lm = _log_mix(ls, lt, log1mb, logb)
+            ps = tl.exp2(ls * LOG2E)
+            pt = tl.exp2(lt * LOG2E)
+            kl += tl.sum(tl.where(ps > 0.0, ps * (ls - lm), 0.0), axis=1)
+            kl_t += tl.sum(tl.where(pt > 0.0, pt * (lt - lm), 0.0), axis=1)
+    z_y = tl.load(row_ptrs + y, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z_y / softcap)
+    tl.store(stats_ptr + 4 * rows, lse, mask=row_ok)
+    tl.store(stats_ptr + 4 * rows + 1, lse_r, mask=row_ok)
+    tl.store(stats_ptr + 4 * rows + 2, tl.where(valid, kl, 0.0), mask=row_ok)
+    tl.store(stats_ptr + 4 * rows + 3, tl.where(valid, kl_t, 0.0), mask=row_ok)
+    tl.store(logp_ptr + rows, tl.where(valid, z_y * inv_temp - lse, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _pair_grad_kernel(
+    logits_ptr, stride_row, ref_ptr, stride_ref, src_ptr, stride_src, dst_ptr, stride_dst, n_rows, target_ptr,
+    stats_ptr, coef_ptr, V, ignore_index, softcap, inv_temp, log1mb, logb,
+    HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr, ACCUMULATE: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``dst = (src +) coef * g * sech^2`` per row (the block comment above); zero rows at invalid rows
+    (``src``'s, which are zero, with ``ACCUMULATE``).  ``dst`` may be the logits themselves."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    row_ptrs = logits_ptr + rows * stride_row
+    ref_ptrs = ref_ptr + rows * stride_ref
+    y, valid = _load_targets(target_ptr, rows, row_ok, V, ignore_index)
+    lse = tl.load(stats_ptr + 4 * rows, mask=row_ok, other=0.0)
+    lse_r = tl.load(stats_ptr + 4 * rows + 1, mask=row_ok, other=0.0)
+    kl = tl.load(stats_ptr + 4 * rows + 2, mask=row_ok, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        bcols = start + cols
+        col_ok = bcols < V
+        io_mask = row_ok[:, None] & col_ok[None, :]
+        z, z0 = _pair_block(row_ptrs[:, None] + bcols[None, :], io_mask, col_ok, softcap, inv_temp, HAS_SOFTCAP)
+        zr, _ = _pair_block(ref_ptrs[:, None] + bcols[None, :], io_mask, col_ok, softcap, inv_temp, HAS_SOFTCAP)
+        ls = z - lse[:, None]
+        lt = zr - lse_r[:, None]
+        pi = tl.exp2(ls * LOG2E)
+        if MODE == 0:
+            g = pi - tl.exp2(lt * LOG2E)
+        elif MODE == 1:
+            g = tl.where(pi > 0.0, pi * ((ls - lt) - kl[:, None]), 0.0)
+        else:
+            g = tl.where(pi > 0.0, pi * ((ls - _log_mix(ls, lt, log1mb, logb)) - kl[:, None]), 0.0)
+        g = g * coef[:, None]
+        if HAS_SOFTCAP:
+            g = g * _sech2(z0 / softcap)
+        g = tl.where(valid[:, None], g, 0.0)
+        if ACCUMULATE:
+            g += tl.load(src_ptr + rows[:, None] * stride_src + bcols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + rows[:, None] * stride_dst + bcols[None, :], g.to(dst_ptr.dtype.element_ty), mask=io_mask)
+
+
+def _launch_pair(kernel, n: int, vocab: int, device, args, flags) -> None:
+    """Launch a two-head kernel over ``n`` rows: ``block_config``'s shape with the options' halved block
+    (two rows' blocks live at once), halved again with a softcap at the same warps (its tanh and
+    sech^2 of both rows): 8 entries of each row a thread at most, 4 with a softcap, so that ptxas holds
+    them in ``MAX_REGISTERS`` without spilling (tests/backends/test_pair_codegen.py)."""
+    rows, block, warps = block_config(vocab, options=True)
+    if flags["HAS_SOFTCAP"] and not _interpreting() and block > 512:
+        block //= 2
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(triton.cdiv(n, rows),)](*args, **flags, ROWS=rows, BLOCK=block, num_warps=warps,
+                                        maxnreg=MAX_REGISTERS)
+
+
+def _check_pair(logits: Tensor, ref_logits: Tensor) -> None:
+    _check_logits(logits)
+    if ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype or ref_logits.stride(1) != 1:
+        raise ValueError(f"ref_logits must have the logits' shape {tuple(logits.shape)} and dtype {logits.dtype} "
+                         f"with unit stride along V, got {tuple(ref_logits.shape)}, {ref_logits.dtype}, strides "
+                         f"{ref_logits.stride()}")
+
+
+def _pair_stats(logits, ref_logits, target, ignore_index, softcap, inv_temp, mode, beta=0.5):
+    n, vocab = logits.shape
+    stats = torch.zeros((n, 4), dtype=torch.float32, device=logits.device)
+    logp = torch.zeros(n, dtype=torch.float32, device=logits.device)
+    log1mb, logb = (float(torch.tensor(-beta).log1p()), float(torch.tensor(beta).log())) if mode == PAIR_JSD else (
+        0.0, 0.0)
+    if n:
+        args = (logits, logits.stride(0), ref_logits, ref_logits.stride(0), n, target.contiguous(), stats, logp,
+                vocab, ignore_index, 1.0 if softcap is None else float(softcap), inv_temp, log1mb, logb)
+        _launch_pair(_pair_stats_kernel, n, vocab, logits.device, args,
+                     dict(HAS_SOFTCAP=softcap is not None, MODE=mode))
+    return stats, logp, (log1mb, logb)
+
+
+def _pair_grad(logits, ref_logits, target, ignore_index, softcap, inv_temp, mode, logs, stats, coef, src, dst):
+    n, vocab = logits.shape
+    if n == 0:
+        return
+    accumulate = src is not None
+    src = dst if src is None else src
+    args = (logits, logits.stride(0), ref_logits, ref_logits.stride(0), src, src.stride(0), dst, dst.stride(0), n,
+            target.contiguous(), stats, coef.to(torch.float32).contiguous(), vocab, ignore_index,
+            1.0 if softcap is None else float(softcap), inv_temp, *logs)
+    _launch_pair(_pair_grad_kernel, n, vocab, logits.device, args,
+                 dict(HAS_SOFTCAP=softcap is not None, MODE=mode, ACCUMULATE=accumulate))
+
+
+def _row_weights(target, token_weights, ignore_index, vocab):
+    """``(valid, weight)`` per row: the token weight (1 without), 0 at invalid rows."""
+    valid = (target != ignore_index) & (target >= 0) & (target < vocab)
+    w = valid.to(torch.float32)
+    return valid, w if token_weights is None else torch.where(valid, token_weights.to(torch.float32), 0.0)
+
+
+def row_anchor_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, params: LossParams,
+                         token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
+                         grad_out: Optional[Tensor] = None) -> RowOutputs:
+    """The contract's ``row_anchor_loss_grad``: the objective's row kernel (:func:`row_loss_grad`) into a
+    float32 gradient, and the KL's statistics (one online read of both rows) and gradient (one more
+    read of both, added to the objective's and written once where it goes)."""
+    _check_pair(logits, ref_logits)
+    n, vocab = logits.shape
+    mode = PAIR_FORWARD if params.kl == "forward" else PAIR_REVERSE
+    stats, _, logs = _pair_stats(logits, ref_logits, target, params.ignore_index, params.softcap, 1.0, mode)
+    valid, w = _row_weights(target, token_weights, params.ignore_index, vocab)
+    kl_loss = _as_float32(params.kl_coef) * w * stats[:, 2]
+    if grad_scale is None:
+        out = row_loss_grad(logits, target, params, token_weights)
+        return out._replace(loss=out.loss + kl_loss)
+    if grad_out is not None:
+        check_grad_out(grad_out, logits, _SUPPORTED_DTYPES)
+    dst = logits if grad_out is None else grad_out
+    work = dst if dst.dtype == torch.float32 and dst is not logits else torch.empty(
+        (n, vocab), dtype=torch.float32, device=logits.device)
+    out = row_loss_grad(logits, target, params, token_weights, grad_scale, grad_out=work)
+    coef = _as_float32(params.kl_coef) * w * grad_scale.to(torch.float32)
+    _pair_grad(logits, ref_logits, target, params.ignore_index, params.softcap, 1.0, mode, logs, stats, coef, work,
+               dst)
+    return out._replace(loss=out.loss + kl_loss)
+
+
+def row_distill_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, params,
+                          token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
+                          grad_out: Optional[Tensor] = None) -> RowOutputs:
+    """The contract's ``row_distill_loss_grad``: the divergence's statistics in one online read of both
+    rows (two for ``0 < beta < 1``) and the gradient in one more, written once."""
+    _check_pair(logits, ref_logits)
+    n, vocab = logits.shape
+    beta = params.beta
+    mode = PAIR_FORWARD if beta == 0.0 else PAIR_REVERSE if beta == 1.0 else PAIR_JSD
+    inv_temp = _as_float32(1.0 / params.temperature)
+    stats, logp, logs = _pair_stats(logits, ref_logits, target, params.ignore_index, None, inv_temp, mode, beta)
+    valid, w = _row_weights(target, token_weights, params.ignore_index, vocab)
+    per_row = stats[:, 2] if mode != PAIR_JSD else beta * stats[:, 3] + (1.0 - beta) * stats[:, 2]
+    if grad_scale is not None:
+        if grad_out is not None:
+            check_grad_out(grad_out, logits, _SUPPORTED_DTYPES)
+        dst = logits if grad_out is None else grad_out
+        coef = w * grad_scale.to(torch.float32) * (inv_temp * (1.0 - beta if mode == PAIR_JSD else 1.0))
+        _pair_grad(logits, ref_logits, target, params.ignore_index, None, inv_temp, mode, logs, stats, coef, None,
+                   dst)
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    return RowOutputs(loss=per_row * w, nll=-logp, prob=torch.where(valid, logp.exp(), zero), entropy=None,
+                      correct=None)
