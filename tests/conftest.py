@@ -58,6 +58,9 @@ if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
     round_bfloat16_to_nearest_even()
 
 sys.path.insert(0, os.path.dirname(__file__))
+# tests/test_masked_vocab.py reuses the csrc emulation of tests/backends/test_csrc_emulation.py, also when
+# it runs alone (pytest puts a test file's folder on sys.path only once it collects a file there)
+sys.path.insert(1, os.path.join(os.path.dirname(__file__), "backends"))
 
 # Hypothesis (tests/test_fuzz.py, tests/test_property.py): "ci", the default (`make test`), is
 # derandomized: the examples are a function of the test's source, the same on every run, so the
