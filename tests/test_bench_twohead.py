@@ -157,3 +157,26 @@ def test_cli_two_heads_writes_a_twohead_csv(tmp_path, capsys):
     assert all(r["status"] == "ok" and r["peak_mb"] != "" and r["load_avg"] for r in rows)
     assert rows[1]["check"] == "ok" and rows[4]["check"] == "ok"
     assert "| distill custom N32 H16 V200 fp32 | eager gjsd |" in capsys.readouterr().out
+
+
+def test_llamafactory_provider_passes_their_calling_convention(monkeypatch):
+    """Their ``asft_loss_func(outputs, labels, ref_logits, asft_alpha)`` takes ``[B, T, V]`` logits in a
+    dict and ``[B, T]`` labels and shifts itself: a stand-in module with that signature (the formula,
+    re-derived) must agree with ours through the provider."""
+    import sys
+    import types
+
+    def asft_loss_func(outputs, labels, ref_logits, asft_alpha=0.1, ignore_index=-100):
+        logits = outputs["logits"].float()
+        assert logits.dim() == 3 and labels.dim() == 2 and ref_logits.shape == logits.shape
+        assert logits.shape[0] == 1   # one sequence: eager_asft's own shift is theirs
+        return eager_asft(logits[0], ref_logits[0].float(), labels[0], kl_coef=asft_alpha)
+
+    fake = types.ModuleType("llamafactory.train.trainer_utils")
+    fake.asft_loss_func = asft_loss_func
+    monkeypatch.setitem(sys.modules, "llamafactory", types.ModuleType("llamafactory"))
+    monkeypatch.setitem(sys.modules, "llamafactory.train", types.ModuleType("llamafactory.train"))
+    monkeypatch.setitem(sys.modules, "llamafactory.train.trainer_utils", fake)
+    rows = _run("asft", [ours_asft("torch"), LLAMAFACTORY])
+    lf = rows["llamafactory asft"]
+    assert lf["status"] == "ok" and lf["check"] == "ok" and lf["grad_rel_err"] <= 1e-5, lf
