@@ -24,7 +24,14 @@ from .report import markdown_table, write_csv
 from .rl import RL_CPU_SHAPES, RL_GPU_SHAPES, rl_providers
 from .shapes import CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, parse_shape
 from .timing import TimingConfig
-from .twohead import TWOHEAD_CPU_SHAPES, TWOHEAD_GPU_SHAPES, make_two_head_inputs, two_head_plan, two_head_providers
+from .twohead import (
+    SUITE_PROVIDERS,
+    TWOHEAD_CPU_SHAPES,
+    TWOHEAD_GPU_SHAPES,
+    make_two_head_inputs,
+    two_head_plan,
+    two_head_providers,
+)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BENCH_EXTRA = 'pip install -e ".[bench]"'
@@ -116,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     providers = rl_providers(device) if args.rl else two_head_providers(device) if args.two_heads \
         else default_providers(device)
+    if args.list and args.two_heads:   # each suite's own providers (ours differs between them)
+        for suite, make in SUITE_PROVIDERS.items():
+            print(f"{suite}:")
+            print_providers(make(device))
+        return 0
     if args.list:
         print_providers(providers)
         return 0

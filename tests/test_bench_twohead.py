@@ -180,3 +180,11 @@ def test_llamafactory_provider_passes_their_calling_convention(monkeypatch):
     rows = _run("asft", [ours_asft("torch"), LLAMAFACTORY])
     lf = rows["llamafactory asft"]
     assert lf["status"] == "ok" and lf["check"] == "ok" and lf["grad_rel_err"] <= 1e-5, lf
+
+
+def test_cli_list_shows_each_suites_providers(capsys):
+    assert main(["--two-heads", "--list"]) == 0
+    out = capsys.readouterr().out
+    asft, distill = out.split("distill:\n")
+    assert asft.startswith("asft:\n") and "kl_coef=0.1" in asft and "eager asft" in asft and "trl gjsd" not in asft
+    assert "dk.linear_distill" in distill and "trl gjsd" in distill and "gemm floor" in distill
