@@ -9,7 +9,7 @@ import subprocess
 
 import torch
 
-PEERS = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "dft_kernels")
+PEERS = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "trl", "llamafactory", "dft_kernels")
 
 
 def device_name(device: torch.device) -> str:

@@ -45,7 +45,9 @@ def render(csv_paths: list[str], doc_dir: str, gpu_only: bool = False, doc_link:
         rows = read_csv(path)
         stem = os.path.splitext(path)[0]
         rel_csv = os.path.relpath(path, doc_dir).replace(os.sep, "/")
-        suite = " - RL suite (`python -m bench --rl`, docs/rl.md)" if stem.endswith("-rl") else ""
+        suite = (" - RL suite (`python -m bench --rl`, docs/rl.md)" if stem.endswith("-rl") else
+                 " - two-head suite (`python -m bench --two-heads`, docs/objectives.md)" if stem.endswith("-twohead")
+                 else "")
         parts += [f"### {rows[0]['device'] if rows else os.path.basename(stem)}{suite}", "",
                   f"From [`{rel_csv}`]({rel_csv}).", "", markdown_table(rows, skips_as_list=True).rstrip("\n"), ""]
         png = stem + ".png"

@@ -12,7 +12,9 @@ ROW_FIELDS = [
     "ms_median", "ms_p20", "ms_p80", "fwd_ms_median", "peak_mb", "mem_method", "x_floor", "x_liger",
     "loss", "grad_checksum", "loss_rel_err", "grad_rel_err", "check", "check_against",
 ]
-CONTEXT_FIELDS = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "dft_kernels", "commit", "load_avg"]
+CONTEXT_FIELDS = [
+    "torch", "triton", "liger-kernel", "cut-cross-entropy", "trl", "llamafactory", "dft_kernels", "commit", "load_avg",
+]
 FIELDS = ROW_FIELDS + CONTEXT_FIELDS
 
 MEM_METHOD_TEXT = {
@@ -76,7 +78,8 @@ def markdown_table(rows: list[dict], skips_as_list: bool = False) -> str:
     method = first.get("mem_method", "")
     lines = [
         f"Device: **{first['device']}**; torch {first.get('torch', '-')}, triton {first.get('triton', '-')}, "
-        f"liger-kernel {first.get('liger-kernel', '-')}, cut-cross-entropy {first.get('cut-cross-entropy', '-')}; "
+        f"liger-kernel {first.get('liger-kernel', '-')}, cut-cross-entropy {first.get('cut-cross-entropy', '-')}"
+        + "".join(f", {k} {first[k]}" for k in ("trl", "llamafactory") if first.get(k)) + "; "
         f"dft_kernels {first.get('dft_kernels', '-')} at commit `{first.get('commit', '-')}`; "
         f"1-min load average at start {first.get('load_avg', '-')}.",
         "",
