@@ -624,6 +624,16 @@ FOUND = [
          validate=False, out_of_range=False, bias=True, token_weights=None, num_items=None,
          target_dtype=torch.int64, grads=("weight",), layout_pred="contiguous", layout_weight="contiguous",
          layout_vec="broadcast", seed=0),
+    # library (triton): a label smoothing of 1.4e-45, a float32 subnormal, on bfloat16 logits: the
+    # interpreter wrote an all-zero bfloat16 gradient ("d logits: rel err 1.000e+00", make fuzz
+    # SEED=3502400212; float32 outputs were right).  The launcher now takes kernel scalars below
+    # float32's smallest normal as 0, as flush-to-zero arithmetic does (test_subnormal_options_are_zero)
+    Case(api="logits", dtype=torch.bfloat16, lead=(1,), hidden=1, vocab=2, scale=0.5, objective=dk.CE(),
+         reduction="mean", ignore_index=-100, ignored="none", softcap=None, label_smoothing=1.401298464324817e-45,
+         z_loss=0.0, shift=False, return_stats=False, chunk_size=None, accum_dtype=torch.float32,
+         allreduce_dgrad=False, validate=False, out_of_range=False, bias=False, token_weights=None, num_items=None,
+         target_dtype=torch.int64, grads=("logits",), layout_pred="contiguous", layout_weight="contiguous",
+         layout_vec="contiguous", seed=0),
 ]
 
 
@@ -724,3 +734,18 @@ def test_factored_row_scale_stays_normal(backend, grads):
     """Found by the fuzz test: the triton backend's factored gradient wrote a row's factor as a float32
     subnormal (p^4 = 5.8e-45 for Power(3) at p = 8.7e-12), so dW and dX were 2-9% off."""
     run_case(dataclasses.replace(FACTORED_ROW_SCALE_CASE, grads=grads), backend)
+
+
+@pytest.mark.parametrize("option", ["label_smoothing", "z_loss"])
+def test_subnormal_options_are_zero(backend, option):
+    """An option below float32's smallest normal number gives the option-free result (found by the fuzz
+    test: a bfloat16 logits gradient of zeros on the triton backend); bfloat16 and float32 logits."""
+    for dtype in (torch.bfloat16, torch.float32):
+        z = (torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * 0.5).to(dtype)
+        t = torch.tensor([1, 4, 0])
+        grads = []
+        for value in (1e-38, 0.0):
+            zl = z.clone().requires_grad_()
+            dk.cross_entropy(zl, t, backend=backend, validate=False, **{option: value}).backward()
+            grads.append(zl.grad)
+        assert torch.equal(grads[0], grads[1]) and grads[1].abs().max() > 0, (dtype, grads)

@@ -521,8 +521,15 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _as_float32(value: float) -> float:
-    """``value`` rounded to float32, as a Python float (what the kernel's scalar argument holds)."""
-    return float(torch.tensor(float(value), dtype=torch.float32))
+    """``value`` rounded to float32, as a Python float (what the kernel's scalar argument holds), and 0
+    below float32's smallest normal number, as flush-to-zero arithmetic takes it: such a smoothing,
+    z-loss or parameter moves a float32 result by less than that number (with a label smoothing of 1e-38
+    the interpreter wrote an all-zero bfloat16 gradient; tests/test_fuzz.py, FOUND)."""
+    rounded = float(torch.tensor(float(value), dtype=torch.float32))
+    return 0.0 if abs(rounded) < _FLOAT32_TINY else rounded
+
+
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 def row_loss_grad(logits: Tensor, target: Tensor, params: LossParams,
                   token_weights: Optional[Tensor] = None,
