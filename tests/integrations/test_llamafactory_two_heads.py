@@ -183,10 +183,12 @@ def test_eaft_step_matches_llamafactory_formula(tmp_path, alpha):
     options, init, batches, loss, gnorm = _run(tmp_path, {"use_eaft_loss": True, "eaft_alpha": alpha,
                                                           "dft_kernels": {"chunk_size": 8}})
     assert options.objective == dk.EAFT(alpha=alpha, top_k=20, normalizer=3.0)
+    report = f"EAFT alpha {alpha}"
     nib = {int(b["num_items_in_batch"]) for b in batches}
     assert nib == {sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
     want, want_norm = _float64(init, batches, lambda z, b: lf_eaft(z, b["labels"], int(b["num_items_in_batch"]),
                                                                    alpha))
+    print(f"{report}: loss {loss!r} vs {want!r}, grad norm {gnorm!r} vs {want_norm!r}")
     assert rel_err(torch.tensor(loss, dtype=torch.float64), torch.tensor(want)) <= TOL, (loss, want)
     assert rel_err(torch.tensor(gnorm, dtype=torch.float64), torch.tensor(want_norm)) <= TOL, (gnorm, want_norm)
 
@@ -218,6 +220,7 @@ def test_asft_step_matches_llamafactory_formula(tmp_path, normalization, kl):
         return per_mb
 
     want, want_norm = _float64(init, batches, theirs)
+    print(f"ASFT {normalization} {kl}: loss {loss!r} vs {want!r}, grad norm {gnorm!r} vs {want_norm!r}")
     assert rel_err(torch.tensor(loss, dtype=torch.float64), torch.tensor(want)) <= TOL, (loss, want)
     assert rel_err(torch.tensor(gnorm, dtype=torch.float64), torch.tensor(want_norm)) <= TOL, (gnorm, want_norm)
 
