@@ -231,3 +231,27 @@ def test_asft_without_reference_model_raises(tmp_path):
     with pytest.raises(ValueError, match="no reference model"):
         cls(finetuning_args=FinetuningArgs(True), ref_model=None, model=tiny_llama(), args=_args(tmp_path),
             train_dataset=token_rows(4), data_collator=pad_collate, callbacks=[PatchModelCallback(options)])
+
+
+def test_asft_evaluation_loss_is_the_anchored_loss(tmp_path):
+    """evaluate(): the eval loss is the anchored loss of the eval batch (no gradient, eval mode), as the
+    mean over its valid tokens of DFT + asft_alpha * KL (one eval batch)."""
+    torch.manual_seed(7)
+    reference = tiny_llama()
+    torch.manual_seed(1)
+    model = tiny_llama()
+    options, _ = split_config({"use_asft_loss": True, "asft_alpha": 0.3, "finetuning_type": "full",
+                               "dft_kernels": {"chunk_size": 8}})
+    rows = token_rows(BS)
+    cls = anchored_trainer(LlamaFactoryLikeTrainer, options.anchor)
+    trainer = cls(finetuning_args=FinetuningArgs(True), ref_model=reference, model=model, args=_args(tmp_path),
+                  train_dataset=rows, eval_dataset=rows, data_collator=pad_collate,
+                  callbacks=[PatchModelCallback(options)])
+    got = trainer.evaluate()["eval_loss"]
+    batch = pad_collate(rows)
+    with torch.no_grad():
+        m64, r64 = copy.deepcopy(model).double().eval(), copy.deepcopy(reference).double().eval()
+        dk.unpatch(m64)
+        fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        want = lf_asft(m64(**fwd).logits, r64(**fwd).logits, batch["labels"], 0.3)
+    assert rel_err(torch.tensor(got, dtype=torch.float64), want) <= TOL, (got, float(want))
