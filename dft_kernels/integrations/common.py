@@ -193,13 +193,17 @@ class FrozenHead:
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
+    softcap: Optional[float] = None   # the model's final logit softcap (only with plain=False)
 
 
-def frozen_head(model, input_ids, attention_mask=None, *, who: str, role: str) -> FrozenHead:
+def frozen_head(model, input_ids, attention_mask=None, *, who: str, role: str, plain: bool = True) -> FrozenHead:
     """Run a frozen causal LM's backbone (no gradient, eval mode) on ``input_ids`` / ``attention_mask``
     and return its final hidden states with its head weight and bias; its ``[tokens, vocab]`` logits
-    are never built.  DDP / DeepSpeed / accelerate wrappers are unwrapped; a DTensor head is gathered."""
-    from dft_kernels.hf.inspection import _backbone, _check_head
+    are never built.  DDP / DeepSpeed / accelerate wrappers are unwrapped; a DTensor head is gathered.
+    ``plain``: refuse a model whose config scales or softcaps its logits; otherwise its logit scale is
+    folded into the hidden states and the bias (``scale (h W^T + b) = (scale h) W^T + scale b``) and its
+    softcap returned in ``softcap``."""
+    from dft_kernels.hf.inspection import _backbone, _check_head, head_spec
 
     inner = unwrap_module(model)
     get_base = getattr(inner, "get_base_model", None)
@@ -207,7 +211,7 @@ def frozen_head(model, input_ids, attention_mask=None, *, who: str, role: str) -
         head_owner = get_base()
     else:
         head_owner = inner
-    plain_head(head_owner, who, role)
+    spec = plain_head(head_owner, who, role) if plain else head_spec(head_owner)
     head = _check_head(head_owner)
     was_training = inner.training
     inner.eval()
@@ -222,4 +226,11 @@ def frozen_head(model, input_ids, attention_mask=None, *, who: str, role: str) -
     if callable(full):  # FSDP2 DTensor
         w = full()
         b = b.full_tensor() if b is not None and callable(getattr(b, "full_tensor", None)) else b
-    return FrozenHead(hidden=hidden.detach(), weight=w.detach(), bias=None if b is None else b.detach())
+    hidden, w, b = hidden.detach(), w.detach(), None if b is None else b.detach()
+    scale = spec.scale
+    if not (isinstance(scale, float) and scale == 1.0):
+        if isinstance(scale, torch.Tensor):
+            scale = scale.detach().to(device=hidden.device, dtype=hidden.dtype)
+        hidden = hidden * scale
+        b = None if b is None else b * scale
+    return FrozenHead(hidden=hidden, weight=w, bias=b, softcap=spec.softcap)

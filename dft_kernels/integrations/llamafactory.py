@@ -53,7 +53,7 @@ import torch
 
 import dft_kernels as dk
 
-from .common import Anchor, FrozenHead, FusedLossCheck, LossOptions, frozen_head, patched_model, plain_head
+from .common import Anchor, FrozenHead, FusedLossCheck, LossOptions, frozen_head, patched_model
 
 __all__ = ["CONFIG_KEY", "PatchModelCallback", "split_config", "run", "main", "install_anchor", "anchored_trainer"]
 
@@ -202,7 +202,6 @@ def install_anchor(model) -> None:
         raise RuntimeError("install_anchor: the model's dk.patch state is missing")
     if getattr(target.forward, "__dft_kernels_anchor__", False):
         return
-    plain_head(target, "use_asft_loss", "trained")
     patched_forward = target.forward
 
     @functools.wraps(getattr(patched_forward, "__func__", patched_forward))  # the class forward's signature
@@ -226,6 +225,10 @@ def _anchored_forward(model, reference: FrozenHead, anchor: Anchor, num_items_in
     from dft_kernels.hf.inspection import _backbone, _check_head
 
     state = model.__dict__[_STATE_ATTR]
+    if reference.softcap != state.spec.softcap:
+        raise ValueError(f"use_asft_loss: the trained model's final logit softcap is {state.spec.softcap!r} but the "
+                         f"reference model's is {reference.softcap!r}; the anchored loss applies one softcap to "
+                         "both heads")
     labels = kwargs.pop("labels", None)
     if not isinstance(labels, torch.Tensor):
         raise ValueError("labels: the anchored loss needs the labels tensor")
@@ -281,7 +284,7 @@ def anchored_trainer(base: type, anchor: Anchor) -> type:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             reference = frozen_head(self.ref_model, inputs["input_ids"], inputs.get("attention_mask"),
-                                    who="use_asft_loss", role="reference")
+                                    who="use_asft_loss", role="reference", plain=False)
             divisor = num_items_in_batch if anchor.normalization == "tokens" else None
             outputs = model(**inputs, **{_ANCHOR_KWARG: (reference, anchor, divisor)})
             return (outputs.loss, outputs) if return_outputs else outputs.loss

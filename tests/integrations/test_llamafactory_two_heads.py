@@ -138,9 +138,9 @@ def _args(tmp_path):
         dataloader_num_workers=0, disable_tqdm=True, seed=0, max_grad_norm=1e9)
 
 
-def _run(tmp_path, config, ref_model=None):
+def _run(tmp_path, config, ref_model=None, make=tiny_llama):
     torch.manual_seed(1)
-    model = tiny_llama()
+    model = make()
     rows = token_rows(GA * BS)
     options, rest = split_config(config)
     init = copy.deepcopy(model.state_dict())
@@ -165,8 +165,8 @@ def _run(tmp_path, config, ref_model=None):
     return options, init, batches, float(log["loss"]), float(log["grad_norm"])
 
 
-def _float64(model_state, batches, loss_fn):
-    ref = tiny_llama().double()
+def _float64(model_state, batches, loss_fn, make=tiny_llama):
+    ref = make().double()
     ref.load_state_dict({k: v.double() for k, v in model_state.items()})
     ref.train()
     total = torch.zeros((), dtype=torch.float64)
@@ -255,3 +255,50 @@ def test_asft_evaluation_loss_is_the_anchored_loss(tmp_path):
         fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         want = lf_asft(m64(**fwd).logits, r64(**fwd).logits, batch["labels"], 0.3)
     assert rel_err(torch.tensor(got, dtype=torch.float64), want) <= TOL, (got, float(want))
+
+
+def tiny_gemma2():
+    """Gemma 2: a final logit softcap (2.0, so that it bends these logits) on both heads."""
+    cfg = transformers.Gemma2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    initializer_range=0.3, final_logit_softcapping=2.0, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2)
+    return transformers.Gemma2ForCausalLM(cfg).float()
+
+
+def tiny_granite():
+    """Granite: logits divided by logits_scaling (0.25: the logits grow 4x) on both heads."""
+    cfg = transformers.GraniteConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                                     logits_scaling=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.GraniteForCausalLM(cfg).float()
+
+
+@pytest.mark.parametrize("make", [tiny_gemma2, tiny_granite], ids=["softcap", "logits_scaling"])
+def test_asft_with_a_logit_transform_on_both_heads(tmp_path, make):
+    """A model whose config softcaps or scales its logits: the reference's scale is folded into its hidden
+    states, one softcap applies to both heads (LLaMA-Factory's formula on both models' final logits)."""
+    torch.manual_seed(7)
+    reference = make()
+    ref_before = copy.deepcopy(reference.state_dict())
+    config = {"use_asft_loss": True, "asft_alpha": 0.3, "finetuning_type": "full", "dft_kernels": {"chunk_size": 8}}
+    _, init, batches, loss, gnorm = _run(tmp_path, config, ref_model=reference, make=make)
+    ref64 = make().double().eval()
+    ref64.load_state_dict({k: v.double() for k, v in ref_before.items()})
+
+    def theirs(logits, b):
+        with torch.no_grad():
+            ref_logits = ref64(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return lf_asft(logits, ref_logits, b["labels"], 0.3)
+
+    want, want_norm = _float64(init, batches, theirs, make=make)
+    assert rel_err(torch.tensor(loss, dtype=torch.float64), torch.tensor(want)) <= TOL, (loss, want)
+    assert rel_err(torch.tensor(gnorm, dtype=torch.float64), torch.tensor(want_norm)) <= TOL, (gnorm, want_norm)
+
+
+def test_asft_refuses_different_softcaps(tmp_path):
+    torch.manual_seed(7)
+    reference = tiny_llama()   # no softcap, while the trained Gemma 2 has one
+    config = {"use_asft_loss": True, "finetuning_type": "full"}
+    with pytest.raises(ValueError, match="softcap"):
+        _run(tmp_path, config, ref_model=reference, make=tiny_gemma2)
