@@ -262,13 +262,18 @@ def _anchored_forward(model, reference: FrozenHead, anchor: Anchor, num_items_in
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
+def _computed_by_compute_loss(*args, **kwargs):
+    raise RuntimeError("dft_kernels: the anchored (use_asft_loss) loss is computed by the trainer's compute_loss "
+                       "(anchored_trainer); nothing should call compute_loss_func")
+
+
 def anchored_trainer(base: type, anchor: Anchor) -> type:
     """A subclass of LLaMA-Factory's SFT trainer (``base``, its ``CustomSeq2SeqTrainer``) whose
     ``compute_loss`` is the anchored dft_kernels loss when ``use_asft_loss`` is set: the reference
     model (LLaMA-Factory's ``self.ref_model``, prepared by it) runs its backbone on the batch's
     ``input_ids`` and ``attention_mask`` (what LLaMA-Factory gives it) and the trained model gets the
-    batch plus its hidden states and head weight; LLaMA-Factory's ``compute_loss_func`` (its ASFT on
-    the logits) is removed."""
+    batch plus its hidden states and head weight.  LLaMA-Factory's ``compute_loss_func`` (its ASFT on
+    the logits) is replaced by one that raises if called, so the Trainer normalises as with theirs."""
 
     class DFTKernelsASFTTrainer(base):
         def __init__(self, *args, **kwargs):
@@ -276,7 +281,10 @@ def anchored_trainer(base: type, anchor: Anchor) -> type:
             if getattr(self, "ref_model", None) is None:
                 raise ValueError("use_asft_loss: LLaMA-Factory created no reference model (LoRA without "
                                  "ref_model?); nothing to anchor to")
-            self.compute_loss_func = None   # LLaMA-Factory's asft_loss_func, on both models' logits
+            # LLaMA-Factory's asft_loss_func (on both models' logits) goes.  The slot stays taken, so that the
+            # Trainer treats the loss as it treats theirs (counts num_items_in_batch; does not divide the
+            # micro-batch loss by the accumulation steps), whatever the model's model_accepts_loss_kwargs.
+            self.compute_loss_func = _computed_by_compute_loss
             self.dft_kernels_anchor = anchor
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
