@@ -112,8 +112,9 @@ def split_config(config: Mapping[str, Any]) -> tuple[LossOptions, dict]:
                                      f"{CONFIG_KEY}.{key}")
                 anchor_keys[key] = section.pop(key)
     if use_eaft and use_asft:
-        raise ValueError("use_eaft_loss and use_asft_loss: LLaMA-Factory trains one of them (EAFT wins there); set "
-                         "one. With dft_kernels, an EAFT objective anchored to the reference is "
+        raise ValueError("use_eaft_loss and use_asft_loss: set one (LLaMA-Factory does not combine them: its ASFT "
+                         "step would call its EAFT function with the reference logits in place of num_items_in_batch). "
+                         "With dft_kernels, an EAFT objective anchored to the reference is "
                          f"use_asft_loss: true with {CONFIG_KEY}.objective: eaft")
     if use_eaft:
         if isinstance(section, dict) and "objective" in section:
