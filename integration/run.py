@@ -10,10 +10,12 @@ environment: what is tested is this working tree), and prints
 
     trainer | version | status | step-1 loss ours | step-1 loss theirs | rel. err | wall time
 
-A trainer whose pinned environment does not install is reported "not installable" with pip's
-error.  Logs and JSON results: ``.integration/<trainer>/``; the table also goes to
-``.integration/results.md``.  Exit status 1 when a smoke test fails.  Standard library only:
-it runs with the system Python.
+A smoke test's extra pairs (``PAIRS``: the trainer's other losses through ours and through the
+trainer, e.g. ``llamafactory (use_asft_loss)``) get a row each, "wall time" being their two runs
+(the install column says "cached": it is the trainer's).  A trainer whose pinned environment does not
+install is reported "not installable" with pip's error.  Logs and JSON results:
+``.integration/<trainer>/``; the table also goes to ``.integration/results.md``.  Exit status 1 when
+a smoke test fails.  Standard library only: it runs with the system Python.
 """
 
 from __future__ import annotations
@@ -213,6 +215,17 @@ def main(argv=None) -> int:
                          f"supervised tokens x vocab {result.get('tokens_x_vocab')}); fused calls "
                          f"{result.get('fused_calls')}, micro-batches checked {result.get('checked_micro_batches')}")
         rows.append(row)
+        for name, pair in (result.get("pairs") or {}).items():   # the trainer's other losses, ours vs theirs
+            rows.append({"trainer": f"{trainer.name} ({name})", "version": row["version"], "install_s": 0.0,
+                         "status": pair.get("status", "fail"), "ours_step1": (pair.get("ours") or [None])[0],
+                         "theirs_step1": (pair.get("theirs") or [None])[0],
+                         "wall_s": sum(v or 0.0 for v in (pair.get("run_wall_s") or {}).values()) or None})
+            if pair.get("status") == "pass":
+                notes.append(f"{trainer.name} ({name}): pass — steps 1-3 ours {pair.get('ours')} theirs "
+                             f"{pair.get('theirs')}; largest tensor ours {pair.get('ours_largest')} elements (theirs "
+                             f"{pair.get('theirs_largest')}, supervised tokens x vocab {pair.get('tokens_x_vocab')}); "
+                             f"fused calls {pair.get('fused_calls')}, micro-batches checked "
+                             f"{pair.get('checked_micro_batches')}; {pair.get('detail') or ''}")
 
     command = " ".join(["python3 -m integration.run", *(sys.argv[1:] if argv is None else argv)])
     header = (f"`{command}`, {started} to {_now()}, {os.cpu_count()} CPUs, load average (1/5/15 min) "

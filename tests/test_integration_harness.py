@@ -90,3 +90,19 @@ def test_trl_smoke_test_in_the_test_environment(tmp_path):
     result = json.loads(out.read_text())
     assert result["status"] == "pass", "\n".join(result["reasons"]) + "\n" + json.dumps(result.get("tracebacks"))
     assert proc.returncode == 0
+
+
+def test_check_of_a_pair_skips_the_dft_reference_and_an_absent_loss_check():
+    """PAIRS (a trainer's other losses: EAFT, ASFT, GKD) are not DFT: no float64 DFT reference, and an
+    integration without FusedLossCheck reports no checked micro-batches."""
+    ours = _ours(reference_step1=None)
+    del ours["checked_micro_batches"]
+    assert common.check(ours, _run(0.25), reference=False) == []
+    assert any("step-1 loss ours" in r for r in common.check(ours, _run(0.25 * (1 + 2e-5)), reference=False))
+
+
+def test_table_has_a_row_per_pair():
+    rows = [{"trainer": "llamafactory (use_asft_loss)", "version": "0.9.5", "status": "pass", "install_s": 0.0,
+             "wall_s": 89.0, "ours_step1": 1.418357491, "theirs_step1": 1.418357491}]
+    line = run.table(rows).splitlines()[2]
+    assert line.startswith("| llamafactory (use_asft_loss) | 0.9.5 | pass | 1.418357491 | 1.418357491 | 0.0e+00")

@@ -12,11 +12,29 @@ from transformers import TrainerCallback
 import dft_kernels as dk
 from dft_kernels.objectives import OBJECTIVES, Objective, get_objective
 
-__all__ = ["LossOptions", "FusedLossCheck", "patched_model", "refuse_trainer_loss"]
+__all__ = ["LossOptions", "FusedLossCheck", "patched_model", "refuse_trainer_loss", "FrozenHead", "frozen_head",
+           "unwrap_module", "plain_head", "Anchor"]
 
 # Values of accum_dtype and logits_dtype a YAML config can give (dk.patch takes a torch.dtype or None).
 _ACCUM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "none": None}
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The anchor of an anchored objective (ASFT): ``kl_coef * KL`` to a frozen reference model, ``kl``
+    ``"forward"`` (``KL(pi_ref || pi_theta)``) or ``"reverse"``; ``normalization`` how the trainer's
+    micro-batch loss is normalised (the integration that sets it documents the values)."""
+
+    kl_coef: float = 0.1
+    kl: str = "forward"
+    normalization: str = "tokens"
+
+    def __post_init__(self):
+        if isinstance(self.kl_coef, bool) or not isinstance(self.kl_coef, (int, float)) or not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef must be a number >= 0, got {self.kl_coef!r}")
+        if self.kl not in ("forward", "reverse"):
+            raise ValueError(f"kl must be 'forward' or 'reverse', got {self.kl!r}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,7 @@ class LossOptions:
 
     objective: Objective = field(default_factory=dk.DFT)
     loss_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    anchor: Optional["Anchor"] = None   # set by an integration that trains against a reference model (ASFT)
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]], *, where: str = "dft_kernels") -> "LossOptions":
@@ -140,3 +159,78 @@ class FusedLossCheck(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self._check(state, model, "the last micro-batch")
+
+
+# ------------------------------------------------------------------ a frozen second model (reference, teacher)
+
+
+def unwrap_module(model):
+    """The module inside DDP / DeepSpeed-engine / accelerate wrappers (``.module`` chains)."""
+    seen = 0
+    while isinstance(getattr(model, "module", None), torch.nn.Module) and seen < 8:
+        model = model.module
+        seen += 1
+    return model
+
+
+def plain_head(model, who: str, role: str):
+    """Refuse a causal LM whose logits are not ``hidden @ lm_head.weight.T (+ bias)`` (a final logit
+    softcap or a logit scale in its config): the heads here take no such transform."""
+    from dft_kernels.hf.inspection import head_spec
+
+    spec = head_spec(model)
+    if spec.softcap is not None or not (isinstance(spec.scale, float) and spec.scale == 1.0):
+        raise ValueError(f"{who}: the {role} model's config scales or softcaps its logits (scale {spec.scale!r}, "
+                         f"final_logit_softcapping {spec.softcap!r}), which this integration does not apply; "
+                         "use the trainer's own loss for this model")
+    return spec
+
+
+@dataclass(frozen=True)
+class FrozenHead:
+    """A frozen model's final hidden states at a batch's positions and its LM head, detached."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float] = None   # the model's final logit softcap (only with plain=False)
+
+
+def frozen_head(model, input_ids, attention_mask=None, *, who: str, role: str, plain: bool = True) -> FrozenHead:
+    """Run a frozen causal LM's backbone (no gradient, eval mode) on ``input_ids`` / ``attention_mask``
+    and return its final hidden states with its head weight and bias; its ``[tokens, vocab]`` logits
+    are never built.  DDP / DeepSpeed / accelerate wrappers are unwrapped; a DTensor head is gathered.
+    ``plain``: refuse a model whose config scales or softcaps its logits; otherwise its logit scale is
+    folded into the hidden states and the bias (``scale (h W^T + b) = (scale h) W^T + scale b``) and its
+    softcap returned in ``softcap``."""
+    from dft_kernels.hf.inspection import _backbone, _check_head, head_spec
+
+    inner = unwrap_module(model)
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base) and type(inner).__name__.startswith("Peft"):
+        head_owner = get_base()
+    else:
+        head_owner = inner
+    spec = plain_head(head_owner, who, role) if plain else head_spec(head_owner)
+    head = _check_head(head_owner)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            out = _backbone(head_owner)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        inner.train(was_training)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    w, b = head.weight, head.bias
+    full = getattr(w, "full_tensor", None)
+    if callable(full):  # FSDP2 DTensor
+        w = full()
+        b = b.full_tensor() if b is not None and callable(getattr(b, "full_tensor", None)) else b
+    hidden, w, b = hidden.detach(), w.detach(), None if b is None else b.detach()
+    scale = spec.scale
+    if not (isinstance(scale, float) and scale == 1.0):
+        if isinstance(scale, torch.Tensor):
+            scale = scale.detach().to(device=hidden.device, dtype=hidden.dtype)
+        hidden = hidden * scale
+        b = None if b is None else b * scale
+    return FrozenHead(hidden=hidden, weight=w, bias=b, softcap=spec.softcap)

@@ -25,11 +25,21 @@ log-probs and the entropy with ``dk.linear_logprobs`` at the trainer's temperatu
     from dft_kernels.integrations.trl import DFTGRPOTrainer
 
     trainer = DFTGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=prompts)
+
+TRL's GKD (``trl.experimental.gkd.GKDTrainer``) computes its generalized Jensen-Shannon loss on the
+student's and the teacher's full logits.  ``DFTGKDTrainer`` is ``GKDTrainer`` with that loss from
+``dk.linear_distill`` on the two models' final hidden states and head weights (:func:`add_distill_head`);
+TRL's on-policy / sequence-level generation, data and everything else are unchanged::
+
+    from dft_kernels.integrations.trl import DFTGKDTrainer      # imports trl.experimental.gkd
+
+    trainer = DFTGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(...), train_dataset=ds)
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from typing import Any, Mapping, Optional
 
@@ -46,9 +56,9 @@ import dft_kernels as dk
 from dft_kernels.hf import ModelLossMixin
 from dft_kernels.options import is_dtensor
 
-from .common import FusedLossCheck, LossOptions, refuse_trainer_loss
+from .common import FusedLossCheck, LossOptions, frozen_head, plain_head, refuse_trainer_loss, unwrap_module
 
-__all__ = ["DFTSFTTrainer", "DFTGRPOTrainer", "add_logprob_head"]
+__all__ = ["DFTSFTTrainer", "DFTGRPOTrainer", "add_logprob_head", "add_distill_head"]  # and DFTGKDTrainer (lazy)
 
 # Config attributes that scale a model's logits before its softcap (TRL's fused head applies them;
 # this head refuses them rather than guess their convention).
@@ -182,3 +192,130 @@ class DFTGRPOTrainer(GRPOTrainer):
         if self.ref_model is not None:
             add_logprob_head(self.ref_model, temperature=self.temperature, cast_lm_head_to_fp32=cast,
                              return_entropy=False, logprob_kwargs=dft_logprob_kwargs)
+
+
+# ------------------------------------------------------------------ GKD: the generalized JSD from two heads
+
+_DISTILL_KWARG = "dft_kernels_distill"
+_DISTILL_OPTIONS = ("temperature", "backend", "chunk_size", "validate")
+
+
+def add_distill_head(model, **distill_kwargs) -> None:
+    """Make ``model(input_ids=, attention_mask=, dft_kernels_distill=(teacher, labels, beta,
+    num_items_in_batch))`` (``teacher`` a :class:`~dft_kernels.integrations.common.FrozenHead` of the
+    teacher at the same positions) return ``CausalLMOutputWithPast(loss=..., logits=None)`` with the
+    loss from ``dk.linear_distill`` on the model's final hidden states and head weight, next-token
+    aligned (position ``t`` counts where ``labels[:, t + 1] != -100``), computed inside the head
+    module's call (FSDP / DeepSpeed hooks run around it); ``model.dft_kernels_distill_calls`` counts
+    the calls.  Other calls (generation, inference) run the forward the model had.
+    ``distill_kwargs``: ``temperature`` (default 1.0: TRL's GKD loss), ``backend``, ``chunk_size``,
+    ``validate`` of ``dk.linear_distill``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from dft_kernels.hf.forward import _run_in_head
+    from dft_kernels.hf.inspection import _backbone, _check_head
+
+    unknown = sorted(set(distill_kwargs) - set(_DISTILL_OPTIONS))
+    if unknown:
+        raise ValueError(f"dft_distill_kwargs: {unknown} not among {list(_DISTILL_OPTIONS)} (beta is the trainer's; "
+                         "the reduction is TRL's: the mean over valid tokens, or / num_items_in_batch)")
+    plain_head(model, "add_distill_head", "student")
+    previous_forward = model.forward
+    model.dft_kernels_distill_calls = 0
+
+    @functools.wraps(getattr(previous_forward, "__func__", previous_forward))
+    def forward(self, *args, **kwargs):
+        request = kwargs.pop(_DISTILL_KWARG, None)
+        if request is None:
+            return previous_forward(*args, **kwargs)
+        if args:
+            raise TypeError("add_distill_head: pass the inputs by keyword (input_ids=..., attention_mask=...)")
+        if kwargs.get("output_router_logits"):
+            raise ValueError("add_distill_head: output_router_logits (the MoE aux loss) is not supported")
+        teacher, labels, beta, num_items_in_batch = request
+        kwargs["use_cache"] = False
+        hidden = _backbone(self)(**kwargs).last_hidden_state
+        head = _check_head(self)
+
+        def distill(h):
+            w, b = head.weight, head.bias
+            if is_dtensor(w):   # FSDP2: gather the head, as TRL does
+                w = w.full_tensor()
+                b = None if b is None else b.full_tensor()
+            autocast_off = contextlib.nullcontext()
+            if torch.is_autocast_enabled(h.device.type):   # the head GEMM in the autocast dtype, as nn.Linear
+                dt = torch.get_autocast_dtype(h.device.type)
+                h, w, b = h.to(dt), w.to(dt), None if b is None else b.to(dt)
+                autocast_off = torch.autocast(h.device.type, enabled=False)
+            elif h.dtype != w.dtype:
+                h = h.to(w.dtype)
+            tb = None if teacher.bias is None else teacher.bias.to(device=h.device, dtype=h.dtype)
+            with autocast_off:
+                return dk.linear_distill(h, w, teacher.hidden.to(device=h.device, dtype=h.dtype),
+                                         teacher.weight.to(device=h.device, dtype=h.dtype), labels.to(h.device),
+                                         bias=b, teacher_bias=tb, beta=beta, shift=True,
+                                         num_items_in_batch=num_items_in_batch, **distill_kwargs)
+
+        loss = _run_in_head(head, hidden, distill)
+        self.dft_kernels_distill_calls += 1
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _gkd_trainer_class():
+    from trl.experimental.gkd import GKDTrainer
+
+    class DFTGKDTrainer(GKDTrainer):
+        """``trl.experimental.gkd.GKDTrainer`` with its generalized JSD loss from ``dk.linear_distill``
+        on the student's and the teacher's final hidden states and head weights: neither model's
+        ``[tokens, vocab]`` logits are built.  The loss is TRL's: ``beta`` from ``args.beta``, the
+        divergence at temperature 1 (TRL's ``compute_loss`` does not pass ``args.temperature``, its
+        sampling temperature, to the loss), masked where the next-token label is -100, the sum over
+        valid tokens / ``num_items_in_batch`` (the mean over the micro-batch's valid tokens without it).
+
+        ``dft_distill_kwargs``: ``temperature`` (of the divergence; default 1.0 as TRL's loss),
+        ``backend``, ``chunk_size``, ``validate`` of ``dk.linear_distill``.  Refused: DeepSpeed ZeRO-3
+        (the heads are read outside their modules' parameter gather), ``use_liger_kernel``, the MoE
+        router aux loss, and models whose config scales or softcaps the logits.
+        """
+
+        def __init__(self, *args, dft_distill_kwargs: Optional[Mapping[str, Any]] = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            from accelerate.utils import is_peft_model
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise ValueError("DFTGKDTrainer: DeepSpeed ZeRO-3 is not supported (the heads are read outside "
+                                 "their modules' parameter gather); use ZeRO-2 or FSDP2")
+            if getattr(self.args, "use_liger_kernel", False):
+                raise ValueError("DFTGKDTrainer: use_liger_kernel=True; the loss is dk.linear_distill, set "
+                                 "use_liger_kernel=False")
+            if getattr(self, "aux_loss_enabled", False):
+                raise ValueError("DFTGKDTrainer: the MoE router auxiliary loss is enabled (router_aux_loss_coef); "
+                                 "TRL's GKD loss does not add it either. Set GKDConfig(router_aux_loss_coef=0.0)")
+            refuse_trainer_loss(self, "DFTGKDTrainer")
+            student = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            add_distill_head(student, **dict(dft_distill_kwargs or {}))
+            plain_head(unwrap_module(self.teacher_model), "DFTGKDTrainer", "teacher")
+            self.dft_kernels_student = student
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            teacher = frozen_head(self.teacher_model, inputs["input_ids"], inputs["attention_mask"],
+                                  who="DFTGKDTrainer", role="teacher")
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            **{_DISTILL_KWARG: (teacher, inputs["labels"], self.beta, num_items_in_batch)})
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return DFTGKDTrainer
+
+
+_LAZY = {}
+
+
+def __getattr__(name):  # DFTGKDTrainer imports trl.experimental (which warns) only when asked for
+    if name == "DFTGKDTrainer":
+        if name not in _LAZY:
+            _LAZY[name] = _gkd_trainer_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
