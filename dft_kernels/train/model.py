@@ -98,7 +98,6 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, model_path: O
 
     ``model_path`` (a checkpoint's model dir) overrides ``cfg.model`` when resuming.
     """
-
     attn = choose_attn_implementation(cfg.attn_implementation, device)
     model = _initial_model(cfg, tokenizer, attn, model_path)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

@@ -14,6 +14,7 @@ from dft_kernels.train import TrainConfig  # noqa: E402
 from dft_kernels.train.data import EvalExample, load_train_examples, single_rows  # noqa: E402
 from dft_kernels.train.demo_data import SUITE, build_tokenizer, write_demo_suite  # noqa: E402
 from dft_kernels.train.demo_report import verdict  # noqa: E402
+from dft_kernels.train.metrics import read_metrics  # noqa: E402
 
 TINY = dict(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1, tiny_intermediate_size=64)
 
@@ -156,7 +157,7 @@ def test_demo_pipeline_small(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Setting A" in text and "Setting B" in text and "DFT - SFT, hard EM" in text
     seed = out["results"]["seeds"][0]
-    for label, objective in (("SFT", "ce"), ("DFT", "dft")):
+    for label, objective in (("SFT", "ce"), ("DFT", "dft"), ("ASFT", "dft")):
         run = seed["A"][label]
         assert run["objective"] == objective and run["steps"] == 2
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]          # 0 = the warm start
@@ -166,11 +167,20 @@ def test_demo_pipeline_small(tmp_path, capsys):
     # the same tokens scored before and after: fine-tuning changed their probabilities
     assert seed["A"]["SFT"]["probs"] != seed["warm"]["probs"]
     b = seed["B"]
-    assert set(b) == {"RFT", "DFT"} or "fewer than one batch" in b["skipped"]
+    assert set(b) == {"RFT", "DFT", "ASFT"} or "fewer than one batch" in b["skipped"]
+    # ASFT is DFT plus the anchor to the warm start (here, 2 steps from it with the first at lr 0, the
+    # KL's gradient is still zero: the anchor's effect is checked in tests/train/test_train_anchor.py)
+    assert len(read_metrics(os.path.join(tmp_path, "seed0", "A-ASFT", "metrics.jsonl"))) == 2
+    with open(os.path.join(tmp_path, "seed0", "A-ASFT", "checkpoint-2", "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["config"]["kl_coef"] == 0.1 and state["config"]["kl"] == "forward"
+    assert state["reference"]["source"] == "initial"
+    assert "ASFT - DFT, hard EM" in text
     assert seed["sampling"]["samples"] == 32
     assert os.path.getsize(out["plot"]) > 20_000
     md = doc.read_text()
     assert md.startswith("# Demo\n\nhand-written text") and "--test" in md and "| SFT (ce) |" in md
+    assert "| ASFT (dft + 0.1 KL) |" in md
 
 
 def test_docs_block_is_replaced_not_appended(tmp_path):
