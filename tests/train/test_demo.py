@@ -196,3 +196,24 @@ def test_docs_block_is_replaced_not_appended(tmp_path):
     assert text.count(END) == 1 and "| second |" in text and "| first |" not in text and "`two`" in text
     assert text.startswith("# Title\n\ntext before\n") and text.endswith("text after\n")
     assert "](x.png)" in text
+
+
+def test_plan_runs_asft_beside_sft_and_dft_and_settings_select():
+    from dft_kernels.train.demo import DemoOptions, plan, run_demo
+
+    paths = {k: f"/data/{k}.jsonl" for k in ("warmstart", "finetune", "heldout_hard", "heldout_easy")}
+    names = lambda opts: [j.name for j in plan(opts, paths, 0, shards=2)]  # noqa: E731
+    both = names(DemoOptions())
+    for n in ("A-SFT", "A-DFT", "A-ASFT", "B-RFT", "B-DFT", "B-ASFT", "sample0", "sample1"):
+        assert f"seed0/{n}" in both, n
+    only_a = names(DemoOptions(settings="A"))
+    assert not any("sample" in n or "/B-" in n for n in only_a) and "seed0/A-ASFT" in only_a
+    jobs = {j.name: j for j in plan(DemoOptions(asft_kl_coef=0.2), paths, 0, shards=1)}
+    asft, dft = jobs["seed0/A-ASFT"].spec["config"], jobs["seed0/A-DFT"].spec["config"]
+    assert (asft["objective"], asft["kl_coef"], asft["kl"], asft["ref_model"]) == ("dft", 0.2, "forward", None)
+    assert dft["kl_coef"] == 0.0 and {k: v for k, v in asft.items() if k not in ("kl_coef", "output_dir")} == \
+        {k: v for k, v in dft.items() if k not in ("kl_coef", "output_dir")}  # the same run but for the anchor
+    with pytest.raises(ValueError, match="^settings: "):
+        run_demo(settings="C")
+    with pytest.raises(ValueError, match="^asft_kl_coef: "):
+        run_demo(asft_kl_coef=0.0)
