@@ -217,3 +217,32 @@ def test_resume_refuses_a_reference_that_changed(data, tmp_path, one_thread):
     _tiny_model_dir(tmp_path / "ref", seed=8)  # the same path, other weights: the config alone cannot tell
     with pytest.raises(CheckpointError, match="^resume: the reference model differs: .*--force_resume"):
         train(cfg(data, out, resume="latest", **run))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_process_gloo_anchor_matches_one_process(data, tmp_path, fsdp):
+    import subprocess
+    import sys
+
+    from dft_kernels.train.metrics import read_metrics
+
+    common = dict(max_steps=3, grad_accum_steps=2, objective="dft", kl_coef=0.5)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(cfg(data, tmp_path / "one", **dict(common, per_device_batch_size=4)))
+    finally:
+        torch.set_num_threads(n)
+    two_cfg = cfg(data, tmp_path / "two", fsdp=fsdp, **dict(common, per_device_batch_size=2))
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(two_cfg.to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dft_kernels.train", "--config", str(path)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "two" / "metrics.jsonl")) if "loss" in r]
+    assert len(losses) == 3
+    # steps 2 and 3 carry a non-zero KL (the model has moved from the initial copy)
+    assert rel_err(torch.tensor(losses, dtype=torch.float64), torch.tensor(single["losses"], dtype=torch.float64)) \
+        <= 1e-5, (losses, single["losses"])
