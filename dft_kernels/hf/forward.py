@@ -19,7 +19,7 @@ from .inspection import _REFUSED_CONFIG_FLAGS, HeadSpec, PatchError, _backbone, 
 
 # Per-call keyword arguments the patched forward consumes (never passed to the backbone).
 # ref_hidden_states / ref_lm_head: the frozen reference model's final hidden states on the same batch and
-# its LM head, for the anchor (dk.patch(..., kl_coef=, kl=); docs/integrations.md, "The anchor").
+# its LM head, for the anchor (dk.patch(..., kl_coef=, kl=); docs/integrations.md, "What dk.patch does").
 _CALL_LOSS_KEYS = ("num_items_in_batch", "ignore_index", "shift_labels", "token_weights", "ref_hidden_states",
                    "ref_lm_head")
 
