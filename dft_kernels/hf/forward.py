@@ -18,7 +18,10 @@ from ..vocab_parallel.shard import is_vocab_sharded
 from .inspection import _REFUSED_CONFIG_FLAGS, HeadSpec, PatchError, _backbone, _check_head, _describe
 
 # Per-call keyword arguments the patched forward consumes (never passed to the backbone).
-_CALL_LOSS_KEYS = ("num_items_in_batch", "ignore_index", "shift_labels", "token_weights")
+# ref_hidden_states / ref_lm_head: the frozen reference model's final hidden states on the same batch and
+# its LM head, for the anchor (dk.patch(..., kl_coef=, kl=); docs/integrations.md, "What dk.patch does").
+_CALL_LOSS_KEYS = ("num_items_in_batch", "ignore_index", "shift_labels", "token_weights", "ref_hidden_states",
+                   "ref_lm_head")
 
 _STATE_ATTR = "_dft_kernels_state"
 _MISSING = object()
@@ -175,6 +178,9 @@ def _patched_forward(self, *args, **kwargs):
     flat = _bind(state, args, kwargs)
     labels = kwargs.get("labels") if flat is None else flat.get("labels")
     shift_labels = extra.get("shift_labels")
+    if labels is None and shift_labels is None:
+        for key in ("ref_hidden_states", "ref_lm_head"):  # the anchor is a loss term: nothing to do without labels
+            extra.pop(key, None)
     if flat is None and (labels is not None or shift_labels is not None):
         raise TypeError(f"{_describe(self)} (patched by dft_kernels): could not map the positional arguments of "
                         "this call to forward()'s parameters; pass them by keyword (input_ids=..., labels=...)")
@@ -256,14 +262,20 @@ def _fused_forward(model, state: _PatchState, flat: dict, labels, extra: dict):
     target, shift, token_weights = _targets(labels, extra, hidden.shape[:-1], head.weight.device)
     opts = _loss_options(state, extra)
     spec = state.spec
+    ref = _reference(model, state, extra, hidden.shape[:-1], logits_to_keep)
 
     def fused_head(h: Tensor) -> Tensor:
         x, w, b = _head_operands(head, h, spec)
+        anchor = {}
+        if ref is not None:
+            rx, rw, rb = _head_operands(ref[1], ref[0].to(x.device), spec)
+            anchor = dict(ref_input=rx.to(x.dtype), ref_weight=rw.to(x.dtype),
+                          ref_bias=None if rb is None else rb.to(x.dtype))
         with torch.autocast(x.device.type, enabled=False):
             return linear_cross_entropy(
                 x, w, target.to(x.device), bias=b, objective=state.objective, softcap=spec.softcap,
                 num_items_in_batch=extra.get("num_items_in_batch"), token_weights=token_weights, shift=shift,
-                **opts)
+                **anchor, **opts)
 
     loss = _run_in_head(head, hidden, fused_head)
     if not torch.compiler.is_compiling():
@@ -272,6 +284,38 @@ def _fused_forward(model, state: _PatchState, flat: dict, labels, extra: dict):
         loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
         hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None))
     return out.to_tuple() if want_tuple else out
+
+
+def _reference(model, state: _PatchState, extra: dict, kept_shape, logits_to_keep):
+    """``(ref_hidden, ref_head)`` for the anchor, aligned with the kept positions, or None when the call
+    carries no reference.  ``kl_coef > 0`` needs both; given without it they are checked by the loss and
+    unused."""
+    ref_h, ref_head = extra.get("ref_hidden_states"), extra.get("ref_lm_head")
+    kl_coef = state.loss_kwargs.get("kl_coef", 0.0)
+    if ref_h is None and ref_head is None:
+        if kl_coef > 0:
+            raise ValueError(
+                f"{_describe(model)} is patched with kl_coef={kl_coef} (the anchor), so every training call needs "
+                "the frozen reference model's final hidden states on the same batch and its LM head: pass "
+                "ref_hidden_states=ref_model.get_decoder()(...).last_hidden_state (under torch.no_grad) and "
+                "ref_lm_head=ref_model.get_output_embeddings() to the forward")
+        return None
+    if ref_h is None or ref_head is None:
+        missing = "ref_hidden_states" if ref_h is None else "ref_lm_head"
+        raise ValueError(f"{missing} is missing: ref_hidden_states and ref_lm_head come together (the reference "
+                         "model's final hidden states and its LM head)")
+    if not isinstance(ref_h, Tensor):
+        raise TypeError(f"ref_hidden_states must be a torch.Tensor, got {type(ref_h).__name__}")
+    if not isinstance(ref_head, nn.Module) or not isinstance(getattr(ref_head, "weight", None), Tensor):
+        raise TypeError(f"ref_lm_head must be the reference model's LM head (an nn.Linear), got "
+                        f"{type(ref_head).__name__}")
+    if ref_h.dim() != 3:
+        raise ValueError(f"ref_hidden_states must be (batch, positions, hidden), got shape {tuple(ref_h.shape)}")
+    ref_h = _slice_to_keep(ref_h, logits_to_keep)
+    if tuple(ref_h.shape[:-1]) != tuple(kept_shape):
+        raise ValueError(f"ref_hidden_states covers (batch, positions) {tuple(ref_h.shape[:-1])} but the model's "
+                         f"kept positions are {tuple(kept_shape)}: run the reference on the same batch")
+    return ref_h.detach(), ref_head
 
 
 def _eval_forward(model, state: _PatchState, flat: dict, labels, extra: dict):

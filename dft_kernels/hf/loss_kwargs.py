@@ -17,9 +17,6 @@ _NOT_PATCH_KWARGS = {
     "return_stats": "the model output has no field for them; call dk.linear_cross_entropy yourself for stats",
     "input": "the patched forward supplies it", "weight": "the patched forward supplies it",
     "target": "the patched forward supplies it",
-    "kl_coef": "the anchor needs the reference model's hidden states at every call; call "
-               "dk.linear_cross_entropy(..., ref_input=, ref_weight=, kl_coef=) yourself",
-    "kl": "it belongs to the anchor (kl_coef), which the patched forward does not compute",
 }
 # Options of dk.linear_cross_entropy that dk.patch accepts once for every call: all but the above.
 PATCH_LOSS_KWARGS = tuple(n for n in OPTION_NAMES if n != "objective" and n not in _NOT_PATCH_KWARGS)

@@ -31,7 +31,9 @@ def patch(model, objective: ObjectiveLike = "dft", *, liger: bool = False,
     a PEFT model is unwrapped to its base model).  ``objective``: as in
     :func:`dft_kernels.linear_cross_entropy`.  ``loss_kwargs``: ``ignore_index``, ``reduction``,
     ``label_smoothing``, ``z_loss``, ``backend``, ``chunk_size``, ``accum_dtype``, ``logits_dtype``,
-    ``validate``.
+    ``validate``; ``kl_coef``/``kl`` add the anchor (ASFT), for which every training call passes
+    ``ref_hidden_states=`` (the frozen reference model's final hidden states on the same batch) and
+    ``ref_lm_head=`` (its LM head) to the forward.
     ``liger``: also apply Liger-Kernel's RMSNorm/RoPE/SwiGLU kernels (CUDA only; its losses stay
     off).  ``verify``: ``"auto"`` (default) checks the decomposition numerically when the
     parameters are materialised and warns when they are not; ``True`` requires the check;

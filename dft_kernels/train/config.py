@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, get_origin
@@ -26,22 +27,29 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the option."""
 
 
-# Loss options the trainer sets itself (objective: its own option; the labels it builds use -100).
-TRAINER_LOSS_OPTIONS = ("objective", "ignore_index")
+# Loss options the trainer sets itself (objective, kl_coef, kl: its own options; the labels it builds use -100).
+TRAINER_LOSS_OPTIONS = ("objective", "ignore_index", "kl_coef", "kl")
+KL_DIRECTIONS = ("forward", "reverse")
 
 
-def check_loss_kwargs(loss_kwargs: dict, objective="dft") -> dict:
+def check_loss_kwargs(loss_kwargs: dict, objective="dft", anchor: Optional[dict] = None) -> dict:
     """``loss_kwargs`` as the trainer passes them to ``dk.patch``: the options ``dk.patch`` takes, less
-    :data:`TRAINER_LOSS_OPTIONS`, with values checked for ``objective``.  Raises :class:`ConfigError`."""
+    :data:`TRAINER_LOSS_OPTIONS`, with values checked for ``objective`` together with ``anchor`` (the
+    ``kl_coef``/``kl`` the trainer adds).  Raises :class:`ConfigError`."""
     from ..hf import check_loss_kwargs as check_patch_kwargs
 
     for key in TRAINER_LOSS_OPTIONS:
         if isinstance(loss_kwargs, dict) and key in loss_kwargs:
-            raise ConfigError(f"loss_kwargs: must not set {key!r} (the trainer owns it)")
+            hint = f" (use --{key.replace('_', '-')})" if key in ("kl_coef", "kl") else ""
+            raise ConfigError(f"loss_kwargs: must not set {key!r} (the trainer owns it){hint}")
     try:
-        return check_patch_kwargs(loss_kwargs, objective)
+        checked = check_patch_kwargs(dict(loss_kwargs, **(anchor or {})) if isinstance(loss_kwargs, dict)
+                                     else loss_kwargs, objective)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"loss_kwargs: {e}") from None
+    for key in anchor or {}:
+        checked.pop(key)
+    return checked
 
 
 def _opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
@@ -73,6 +81,11 @@ class TrainConfig:
     objective_args: dict = _opt(factory=dict, help='objective parameters as JSON, e.g. \'{"min_weight": 0.1}\'')
     loss_kwargs: dict = _opt(factory=dict, help="extra dk.patch options as JSON: ignore_index, reduction, "
                                                 "label_smoothing, z_loss, backend, chunk_size, accum_dtype, validate")
+    kl_coef: float = _opt(0.0, "the anchor (ASFT): each token's loss plus kl_coef * KL to a frozen reference "
+                               "model (0: off; LLaMA-Factory's asft_alpha is 0.1)")
+    kl: str = _opt("forward", f"one of {KL_DIRECTIONS}: KL(ref || model) (ASFT's) or KL(model || ref); with kl_coef")
+    ref_model: Optional[str] = _opt(None, "local HF model dir of the reference; default: a frozen copy of the "
+                                          "initial model (with kl_coef > 0)")
     log_stats: bool = _opt(True, "per-step NLL / mean prob / accuracy / entropy (one no-grad head pass)")
     # --- data
     train_file: Optional[str] = _opt(None, "training data: .jsonl, .json or .parquet (required to train)")
@@ -155,9 +168,20 @@ class TrainConfig:
              f"must be divisible by tiny_num_heads={self.tiny_num_heads}")
         need(self.tiny_num_heads % self.tiny_num_kv_heads == 0, "tiny_num_kv_heads",
              f"must divide tiny_num_heads={self.tiny_num_heads}")
+        need(isinstance(self.kl_coef, (int, float)) and not isinstance(self.kl_coef, bool)
+             and math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef", "must be a finite number >= 0")
+        need(self.kl in KL_DIRECTIONS, "kl", f"expected one of {KL_DIRECTIONS}")
+        need(self.ref_model is None or self.kl_coef > 0, "ref_model",
+             "is the reference of the anchor and needs kl_coef > 0")
+        need(self.ref_model is None or (isinstance(self.ref_model, str) and self.ref_model != ""), "ref_model",
+             "must be a local model directory")
         need(isinstance(self.objective_args, dict), "objective_args", "must be a mapping")
         need(isinstance(self.loss_kwargs, dict), "loss_kwargs", "must be a mapping")
-        check_loss_kwargs(self.loss_kwargs, self.make_objective())
+        check_loss_kwargs(self.loss_kwargs, self.make_objective(), self.anchor_kwargs())
+
+    def anchor_kwargs(self) -> dict:
+        """The anchor's loss options for ``dk.patch``: none at ``kl_coef == 0`` (the plain loss, unchanged)."""
+        return {"kl_coef": float(self.kl_coef), "kl": self.kl} if self.kl_coef > 0 else {}
 
 
     def make_objective(self):

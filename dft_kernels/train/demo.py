@@ -6,12 +6,13 @@ randomly initialised Qwen2.  Per seed:
 
 1. **Warm start** ("pretraining"): SFT of the random model on broad arithmetic (2-4 term chains)
    at a from-scratch learning rate; it gives the base model that both settings fine-tune.
-2. **Setting A, expert demonstrations**: SFT (objective ``ce``) and DFT (``dft``) fine-tune the
-   warm start on worked solutions of the harder problems (3-4 terms), identical settings, a
-   learning rate 10x below the warm start's; held-out exact match every ``eval_every`` steps.
+2. **Setting A, expert demonstrations**: SFT (objective ``ce``), DFT (``dft``) and ASFT (``dft`` plus
+   ``asft_kl_coef`` x KL to the frozen warm start) fine-tune the warm start on worked solutions of the
+   harder problems (3-4 terms), identical settings, a learning rate 10x below the warm start's;
+   held-out exact match every ``eval_every`` steps.
 3. **Setting B, offline RL**: the warm start samples ``num_samples`` solutions per fine-tuning
-   problem at temperature 1; the ones with the right answer are the data; RFT (``ce`` on them)
-   and DFT fine-tune on exactly that data, same settings and curves.
+   problem at temperature 1; the ones with the right answer are the data; RFT (``ce`` on them),
+   DFT and ASFT fine-tune on exactly that data, same settings and curves.
 4. **Token probabilities** of the fine-tuning targets under the warm start and after each run.
 
 Every unit of work is a process (``demo_jobs``); independent ones run side by side, one per core.
@@ -30,6 +31,7 @@ from typing import Callable, Optional
 
 from .config import TrainConfig
 from .demo_data import write_demo_suite
+from .demo_report import SETTINGS
 
 __all__ = ["DemoOptions", "run_demo", "demo_config", "chance_accuracy"]
 
@@ -55,6 +57,8 @@ class DemoOptions:
     rft_problems: int = 1000        # setting B: fine-tuning problems sampled from
     num_samples: int = 4            # setting B: samples per problem
     temperature: float = 1.0        # setting B: sampling temperature
+    asft_kl_coef: float = 0.1       # ASFT: DFT + this x KL(warm start || model), LLaMA-Factory's asft_alpha
+    settings: str = "AB"            # which settings run: AB, A or B (A alone skips the sampling)
     probs_examples: int = 500       # fine-tuning examples whose target-token probabilities are recorded
     eval_batch_size: int = 200
     max_new_tokens: int = 64
@@ -188,9 +192,11 @@ def plan(opts: DemoOptions, paths: dict, seed: int, shards: int) -> list[Job]:
               max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size)
     probs = dict(probs_file=paths["finetune"], probs_limit=opts.probs_examples)
 
-    def train_job(name, objective, train_file, steps, lr, model, deps, before=None, eval_every=0, extra=None):
+    def train_job(name, objective, train_file, steps, lr, model, deps, before=None, eval_every=0, extra=None,
+                  anchor=None):
         out = os.path.join(root, name)
-        cfg = demo_config(objective, out, train_file, steps, lr, seed, model=model, **opts.overrides)
+        cfg = demo_config(objective, out, train_file, steps, lr, seed, model=model, **(anchor or {}),
+                          **opts.overrides)
         spec = dict(kind="train", dir=out, config=cfg.to_dict(), eval_every=eval_every, **ev, **(extra or {}))
         return Job(f"seed{seed}/{name}", spec, deps, before)
 
@@ -210,13 +216,32 @@ def plan(opts: DemoOptions, paths: dict, seed: int, shards: int) -> list[Job]:
     rft_file = os.path.join(root, "rft.jsonl")
     batch = opts.overrides.get("per_device_batch_size", DEMO_SETTINGS["per_device_batch_size"])
     merge = _merge_samples([s.spec["sample_out"] for s in samples], rft_file, batch)
+    def methods(setting):
+        return [(label, *method_config(label, opts)) for label in SETTINGS[setting][1]]
+
     a_runs = [train_job(f"A-{label}", obj, paths["finetune"], opts.steps, opts.lr, warm_model, (warm.name,),
-                        eval_every=opts.eval_every, extra=probs) for label, obj in (("SFT", "ce"), ("DFT", "dft"))]
+                        eval_every=opts.eval_every, extra=probs, anchor=anchor) for label, obj, anchor in methods("A")]
     b_runs = [train_job(f"B-{label}", obj, rft_file, opts.steps, opts.lr, warm_model, tuple(s.name for s in samples),
-                        before=merge, eval_every=opts.eval_every, extra=probs)
-              for label, obj in (("RFT", "ce"), ("DFT", "dft"))]
+                        before=merge, eval_every=opts.eval_every, extra=probs, anchor=anchor)
+              for label, obj, anchor in methods("B")]
+    if "B" not in opts.settings:
+        samples, b_runs = [], []
+    if "A" not in opts.settings:
+        a_runs = []
     # order = launch priority: the samplers before the A runs so that B can start early
     return jobs[:1] + samples + a_runs + jobs[1:] + b_runs
+
+
+def method_config(label: str, opts: DemoOptions) -> tuple:
+    """``(objective, anchor options)`` of a run label: SFT and RFT are ``ce``, DFT is ``dft``, ASFT is ``dft``
+    plus ``asft_kl_coef`` x KL(warm start || model) (forward KL; the reference is the frozen warm start)."""
+    if label in ("SFT", "RFT"):
+        return "ce", {}
+    if label == "DFT":
+        return "dft", {}
+    if label == "ASFT":
+        return "dft", {"kl_coef": opts.asft_kl_coef, "kl": "forward"}
+    raise ValueError(f"unknown demo method {label!r}")
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -232,6 +257,10 @@ def run_demo(options: Optional[DemoOptions] = None, *, docs: Optional[str] = Non
         raise TypeError("run_demo: pass DemoOptions or keyword fields, not both")
     if opts.seeds < 1:
         raise ValueError(f"seeds: must be >= 1, got {opts.seeds}")
+    if opts.settings not in ("AB", "A", "B"):
+        raise ValueError(f"settings: expected AB, A or B, got {opts.settings!r}")
+    if not opts.asft_kl_coef > 0:
+        raise ValueError(f"asft_kl_coef: must be > 0 (ASFT's anchor), got {opts.asft_kl_coef}")
     t0 = time.time()
     r0 = _child_cpu_s()
     paths = write_demo_suite(os.path.join(opts.out_dir, "data"), n_heldout=opts.n_heldout)

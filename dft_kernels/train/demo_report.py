@@ -7,13 +7,33 @@ import os
 import re
 import statistics
 
-__all__ = ["collect", "format_tables", "plot_demo", "write_docs_block", "verdict", "SETTINGS"]
+__all__ = ["collect", "format_tables", "plot_demo", "write_docs_block", "verdict", "run_label", "SETTINGS"]
 
-# setting -> (title, (label of the 'ce' run, label of the 'dft' run))
+# setting -> (title, (label of the 'ce' run, label of the 'dft' run, label of the anchored 'dft' run))
 SETTINGS = {
-    "A": ("Setting A, expert demonstrations: SFT vs DFT on the fine-tuning set's worked solutions", ("SFT", "DFT")),
-    "B": ("Setting B, offline RL: RFT vs DFT on the warm start's own verified-correct samples", ("RFT", "DFT")),
+    "A": ("Setting A, expert demonstrations: SFT vs DFT vs ASFT on the fine-tuning set's worked solutions",
+          ("SFT", "DFT", "ASFT")),
+    "B": ("Setting B, offline RL: RFT vs DFT vs ASFT on the warm start's own verified-correct samples",
+          ("RFT", "DFT", "ASFT")),
 }
+
+
+def _settings(opts) -> list:
+    """The settings the run ran (``opts.settings``: AB, A or B)."""
+    return [k for k in SETTINGS if k in getattr(opts, "settings", "AB")]
+
+
+def _pairs(labels: tuple) -> list:
+    """The differences reported, (first, second) = first - second: DFT and ASFT against the ce run,
+    and ASFT against DFT."""
+    base, dft, asft = labels
+    return [(dft, base), (asft, base), (asft, dft)]
+
+
+def run_label(label: str, run: dict, opts) -> str:
+    if label == "ASFT":
+        return f"ASFT (dft + {getattr(opts, 'asft_kl_coef', 0.1):g} KL)"
+    return f"{label} ({run['objective']})"
 LOW, HIGH = 0.1, 0.9     # token-probability thresholds reported in the table
 
 
@@ -30,7 +50,8 @@ def collect(jobs, opts) -> dict:
             if name.startswith(f"seed{s}/sample"):
                 for k in entry["sampling"]:
                     entry["sampling"][k] += res[name][k]
-        for setting, (_, labels) in SETTINGS.items():
+        for setting in _settings(opts):
+            labels = SETTINGS[setting][1]
             entry[setting] = {}
             for label in labels:
                 r = dict(res[f"seed{s}/{setting}-{label}"])
@@ -91,7 +112,8 @@ def format_tables(results: dict, opts) -> dict:
     text, md = [], []
     cols = ["run", "hard EM %", "easy EM %", "train NLL", f"tokens p<{LOW} %", f"tokens p>{HIGH} %",
             "result digits mean p", f"result digits p<{LOW} %"]
-    for setting, (title, labels) in SETTINGS.items():
+    for setting in _settings(opts):
+        title, labels = SETTINGS[setting]
         skipped = [s[setting]["skipped"] for s in seeds if "skipped" in s[setting]]
         if skipped:
             text += [f"{title}: skipped: {skipped[0]}", ""]
@@ -101,11 +123,11 @@ def format_tables(results: dict, opts) -> dict:
                  "-", *_token_cells([s["warm"] for s in seeds])]]
         for label in labels:
             runs = [s[setting][label] for s in seeds]
-            rows.append([f"{label} ({runs[0]['objective']})", _fmt([r["hard"] for r in runs]),
+            rows.append([run_label(label, runs[0], opts), _fmt([r["hard"] for r in runs]),
                          _fmt([r["easy"] for r in runs]), _fmt([r["final_nll"] for r in runs], 1.0, 4),
                          *_token_cells(runs)])
-        a, b = labels
-        diffs = {k: [s[setting][b][k] - s[setting][a][k] for s in seeds] for k in ("hard", "easy")}
+        diffs = {(b, a, k): [s[setting][b][k] - s[setting][a][k] for s in seeds]
+                 for b, a in _pairs(labels) for k in ("hard", "easy")}
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         sampled = ""
         if setting == "B":
@@ -119,16 +141,16 @@ def format_tables(results: dict, opts) -> dict:
         text.append("-" * (sum(widths) + 2 * (len(cols) - 1)))
         for r in rows:
             text.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        for k in ("hard", "easy"):
-            text.append(f"{b} - {a}, {k} EM: {_fmt(diffs[k])} points -> {verdict(diffs[k], (b, a))}")
+        for (b, a, k), d in diffs.items():
+            text.append(f"{b} - {a}, {k} EM: {_fmt(d)} points -> {verdict(d, (b, a))}")
         text.append("")
         md.append(f"**{header}**\n")
         md.append("| " + " | ".join(cols) + " |")
         md.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
         md += ["| " + " | ".join(r) + " |" for r in rows]
         md.append("")
-        for k in ("hard", "easy"):
-            md.append(f"- {b} − {a}, {k} EM: {_fmt(diffs[k])} points: **{verdict(diffs[k], (b, a))}**")
+        for (b, a, k), d in diffs.items():
+            md.append(f"- {b} − {a}, {k} EM: {_fmt(d)} points: **{verdict(d, (b, a))}**")
         md.append("")
     chance = results.get("chance", {})
     foot = (f"hard/easy EM: greedy exact match of the \\boxed answer on {opts.n_heldout} unseen 4-term / 3-term "
@@ -156,10 +178,12 @@ def plot_demo(results: dict, opts, path: str) -> str:
     import numpy as np
 
     seeds = results["seeds"]
-    colors = {"warm start": "0.45", "SFT": "C0", "RFT": "C0", "DFT": "C3"}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.2), squeeze=False)
+    colors = {"warm start": "0.45", "SFT": "C0", "RFT": "C0", "DFT": "C3", "ASFT": "C2"}
+    settings = _settings(opts)
+    fig, axes = plt.subplots(len(settings), 3, figsize=(15, 4.1 * len(settings) + 0.4), squeeze=False)
     bins = np.linspace(0.0, 1.0, 21)
-    for row, (setting, (title, labels)) in enumerate(SETTINGS.items()):
+    for row, setting in enumerate(settings):
+        title, labels = SETTINGS[setting]
         if any("skipped" in s[setting] for s in seeds):
             for ax in axes[row]:
                 ax.axis("off")
@@ -173,7 +197,7 @@ def plot_demo(results: dict, opts, path: str) -> str:
                 ys = np.array([[p[key] for p in c] for c in curves]) * 100
                 m = ys.mean(0)
                 ax.plot(steps, m, marker="o", ms=3, color=colors[label],
-                        label=f"{label} ({seeds[0][setting][label]['objective']})")
+                        label=run_label(label, seeds[0][setting][label], opts))
                 if len(seeds) > 1:
                     sd = ys.std(0, ddof=1)
                     ax.fill_between(steps, m - sd, m + sd, color=colors[label], alpha=0.18, lw=0)

@@ -178,6 +178,31 @@ def _resume_state(cfg: TrainConfig, d: Dist, resume_path: str, data_fp: Optional
     return state
 
 
+def _reference_info(cfg: TrainConfig, d: Dist, reference, state: Optional[dict]) -> Optional[dict]:
+    """What a checkpoint records of the anchor's reference (its source and the sha256 of its parameters),
+    or None without one.  Resuming, the rebuilt reference must match the checkpoint's record (unless
+    ``force_resume``): the anchor of the resumed steps is the one the run started with."""
+    if reference is None:
+        return None
+    info = d.on_main(lambda: {"source": reference.source, "sha256": reference.fingerprint()})
+    if state is not None:
+        def check():
+            saved = state.get("reference")
+            if saved == info:
+                return
+            what = (f"the checkpoint records no reference model, this run has {info['source']}" if saved is None else
+                    f"the reference model differs: the checkpoint's is {saved.get('source')} (sha256 "
+                    f"{str(saved.get('sha256'))[:12]}), this run's is {info['source']} (sha256 {info['sha256'][:12]})")
+            if not cfg.force_resume:
+                raise CheckpointError(f"resume: {what}; the anchor (kl_coef) must keep the run's reference: pass the "
+                                      "same --ref-model (or none, for the initial model) and the same --model/--seed, "
+                                      "or --force_resume to continue anyway")
+            _warn(f"--force_resume: resuming although {what}")
+
+        d.on_main(check)
+    return info
+
+
 def _peak_mem_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -212,7 +237,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step) -> dict:
     from .data import BatchPlan, collate, load_eval_examples, load_train_examples, pack_examples, single_rows
     from .evaluate import evaluate
     from .metrics import MetricsLogger, plot_metrics
-    from .model import HeadStatsProbe, build_model, load_tokenizer, packing_supported
+    from .model import HeadStatsProbe, build_model, build_reference, load_tokenizer, packing_supported
 
     t_start = time.time()
     torch.manual_seed(cfg.seed)
@@ -246,8 +271,12 @@ def _run(cfg: TrainConfig, d: Dist, on_step) -> dict:
                                         system_prompt=cfg.system_prompt, limit=cfg.eval_limit)
                      if cfg.eval_file else [])
 
-    model, attn = build_model(cfg, tokenizer, d.device,
-                              model_path=os.path.join(resume_path, "model") if resume_path else None)
+    model, attn, initial = build_model(cfg, tokenizer, d.device,
+                                       model_path=os.path.join(resume_path, "model") if resume_path else None)
+    # the anchor (kl_coef > 0): a frozen reference, before the probe hooks the model
+    reference = build_reference(cfg, tokenizer, d.device, attn, model, initial)
+    del initial
+    ref_info = _reference_info(cfg, d, reference, state)
     if cfg.packing:
         reason = packing_supported(attn)
         if reason:
@@ -301,6 +330,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step) -> dict:
         nonlocal save_errors
         state = {"step": step, "tokens_seen": tokens_seen, "world_size": d.world, "nonfinite_steps": nonfinite_steps,
                  "data": dict(position, **(data_fp or {})), "config": cfg.to_dict(), "config_sha256": config_sha}
+        if ref_info is not None:
+            state["reference"] = ref_info
         try:
             return save_checkpoint(cfg.output_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                    scheduler=scheduler, state=state, fsdp_module=fsdp_module,
@@ -371,10 +402,16 @@ def _run(cfg: TrainConfig, d: Dist, on_step) -> dict:
                     sync_ctx = contextlib.nullcontext()
                 with sync_ctx:
                     with autocast():
+                        anchor = {}
+                        if reference is not None:  # a second forward, no graph: the reference's hidden states
+                            anchor = dict(ref_hidden_states=reference.hidden_states(batch["input_ids"],
+                                                                                    batch["position_ids"]),
+                                          ref_lm_head=reference.head)
                         if probe is not None:
                             probe.labels = batch["labels"]
                         out = train_module(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                           labels=batch["labels"], num_items_in_batch=num_items, use_cache=False)
+                                           labels=batch["labels"], num_items_in_batch=num_items, use_cache=False,
+                                           **anchor)
                     loss = out.loss
                     # DDP / FSDP average gradients over ranks; the loss is already a share of the global
                     # sum / global target count, so scale by the world size to get the plain sum back.

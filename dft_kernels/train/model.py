@@ -3,6 +3,7 @@ Liger's non-loss kernels, gradient checkpointing, the dk.patch loss, and the per
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from typing import Optional
@@ -11,8 +12,8 @@ import torch
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["TINY_MODELS", "load_tokenizer", "build_model", "choose_attn_implementation", "HeadStatsProbe",
-           "packing_supported"]
+__all__ = ["TINY_MODELS", "load_tokenizer", "build_model", "build_reference", "ReferenceModel",
+           "choose_attn_implementation", "HeadStatsProbe", "packing_supported"]
 
 TINY_MODELS = ("tiny", "tiny-llama")
 
@@ -91,24 +92,14 @@ def _tiny_config(cfg: TrainConfig, tokenizer):
 
 
 def build_model(cfg: TrainConfig, tokenizer, device: torch.device, model_path: Optional[str] = None):
-    """The causal LM in float32 on ``device`` (bf16 comes from autocast), patched with dk.patch.
+    """``(model, attn_implementation, initial)``: the causal LM in float32 on ``device`` (bf16 comes from
+    autocast), patched with dk.patch; ``initial``: with ``kl_coef > 0`` and no ``ref_model``, an unpatched
+    copy of it before any step (the anchor's reference, :func:`build_reference`), else None.
 
     ``model_path`` (a checkpoint's model dir) overrides ``cfg.model`` when resuming.
     """
-    from transformers import AutoModelForCausalLM
-
     attn = choose_attn_implementation(cfg.attn_implementation, device)
-    path = model_path or (None if cfg.model in TINY_MODELS else cfg.model)
-    if path is None:
-        torch.manual_seed(cfg.seed)  # the random init is part of the run's seed
-        model = AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer), attn_implementation=attn,
-                                                 dtype=torch.float32)
-    else:
-        if not os.path.isdir(path):
-            raise ConfigError(f"model: {path!r} is not a local model directory nor one of {TINY_MODELS} "
-                              "(dft-train never downloads)")
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32,
-                                                     local_files_only=True)
+    model = _initial_model(cfg, tokenizer, attn, model_path)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ConfigError(f"tokenizer: it has {len(tokenizer)} tokens but the model's embedding has "
                           f"{model.get_input_embeddings().weight.shape[0]} rows")
@@ -116,8 +107,88 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, model_path: O
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    # the anchor's reference when it is the initial model: copied before the patch, so it is a plain model
+    initial = copy.deepcopy(model) if cfg.kl_coef > 0 and cfg.ref_model is None and model_path is None else None
     patch_loss(model, cfg, liger=use_liger(cfg, model, device))
-    return model, attn
+    return model, attn, initial
+
+
+def _initial_model(cfg: TrainConfig, tokenizer, attn: str, model_path: Optional[str] = None):
+    """``cfg.model`` as the run starts from it (a local dir, or the tiny model's seeded random init), or
+    ``model_path``; float32 on the CPU, unpatched."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_path or (None if cfg.model in TINY_MODELS else cfg.model)
+    if path is None:
+        torch.manual_seed(cfg.seed)  # the random init is part of the run's seed
+        return AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer), attn_implementation=attn,
+                                                dtype=torch.float32)
+    if not os.path.isdir(path):
+        raise ConfigError(f"model: {path!r} is not a local model directory nor one of {TINY_MODELS} "
+                          "(dft-train never downloads)")
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32,
+                                                local_files_only=True)
+
+
+class ReferenceModel:
+    """The anchor's frozen reference (``kl_coef > 0``): an unpatched causal LM in eval mode whose parameters
+    never require a gradient.  ``hidden_states`` runs its backbone under ``torch.no_grad`` on the batch the
+    model trains on; the patched loss reads them with ``head`` (docs/trainer.md, "The anchor")."""
+
+    def __init__(self, model, source: str):
+        model.eval()
+        model.requires_grad_(False)
+        self.model, self.source = model, source
+        self.head = model.get_output_embeddings()
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def fingerprint(self) -> str:
+        """sha256 of the parameters' names, dtypes, shapes and bytes: a resumed run checks that it has the
+        reference the run started with."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in self.model.state_dict().items():
+            t = p.detach().to("cpu").contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+def build_reference(cfg: TrainConfig, tokenizer, device: torch.device, attn: str, model,
+                    initial=None) -> Optional[ReferenceModel]:
+    """The anchor's reference, or None at ``kl_coef == 0``: ``cfg.ref_model`` loaded from its directory;
+    else the initial model: ``initial`` (:func:`build_model`'s copy) at the start of a run, or, when
+    resuming (``model`` is then the checkpoint's), the initial model rebuilt as the run built it
+    (``cfg.model`` loaded again, or the tiny model's init from ``cfg.seed``; the global RNG is left as it was)."""
+    if not cfg.kl_coef > 0:
+        return None
+    if cfg.ref_model is not None:
+        if not os.path.isdir(cfg.ref_model):
+            raise ConfigError(f"ref_model: {cfg.ref_model!r} is not a local model directory (dft-train never "
+                              "downloads)")
+        from transformers import AutoModelForCausalLM
+
+        ref, source = AutoModelForCausalLM.from_pretrained(cfg.ref_model, attn_implementation=attn,
+                                                           dtype=torch.float32, local_files_only=True), cfg.ref_model
+    elif initial is not None:
+        ref, source = initial, "initial"
+    else:
+        rng = torch.get_rng_state()
+        ref, source = _initial_model(cfg, tokenizer, attn), "initial"
+        torch.set_rng_state(rng)
+    ref.config.use_cache = False
+    ref.to(device)
+    reference = ReferenceModel(ref, source)
+    v_ref, v = reference.head.weight.shape[0], model.get_output_embeddings().weight.shape[0]
+    if v_ref != v:
+        raise ConfigError(f"ref_model: the reference's LM head has {v_ref} rows (vocabulary) but the model's has {v}; "
+                          "the anchor compares both distributions over the same vocabulary")
+    return reference
 
 
 def use_liger(cfg: TrainConfig, model, device: torch.device) -> bool:
@@ -134,7 +205,7 @@ def patch_loss(model, cfg: TrainConfig, liger: bool = False) -> None:
     (which also applies Liger's non-loss kernels when ``liger``)."""
     from .. import hf
 
-    hf.patch(model, objective=cfg.make_objective(), liger=liger, **cfg.loss_kwargs)
+    hf.patch(model, objective=cfg.make_objective(), liger=liger, **cfg.loss_kwargs, **cfg.anchor_kwargs())
 
 
 class HeadStatsProbe:

@@ -474,3 +474,73 @@ def test_compute_loss_func_matches_reference():
     assert rel_err(fn({"logits": logits}, labels, num_items_in_batch=torch.tensor(29)), ref_loss) <= 1e-5
     with pytest.raises(TypeError, match="reduction"):
         dkhf.compute_loss_func("dft", reduction="none")
+
+
+# ------------------------------------------------------------------ the anchor (ASFT): kl_coef, ref_hidden_states
+
+def _anchored_reference(model, ref_model, ids, mask, labels, objective, kl_coef, kl, softcap):
+    """float64 copies of both unpatched models -> hidden states -> the float64 oracle; returns (loss, copy)."""
+    pol = copy.deepcopy(model)
+    dk.unpatch(pol)
+    pol = pol.double()
+    ref = copy.deepcopy(ref_model).double()
+    h = pol.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        rh = ref.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    head, rhead = pol.get_output_embeddings(), ref.get_output_embeddings()
+    loss = dk.reference.linear_cross_entropy(h, head.weight, labels, bias=head.bias, ref_input=rh,
+                                             ref_weight=rhead.weight, ref_bias=rhead.bias, objective=objective,
+                                             shift=True, kl_coef=kl_coef, kl=kl, softcap=softcap)
+    return loss, pol
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "phi"])
+def test_patched_anchor_matches_reference(name, kl):
+    model = make_model(name)
+    ref_model = make_model(name).eval().requires_grad_(False)  # another init: the KL is far from zero
+    ids, mask, labels = make_batch()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    want, pol = _anchored_reference(model, ref_model, ids, mask, labels, "dft", 0.2, kl, softcap)
+    dk.patch(model, "dft", chunk_size=8, kl_coef=0.2, kl=kl)
+    model.train()
+    with torch.no_grad():
+        rh = ref_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, ref_hidden_states=rh,
+                ref_lm_head=ref_model.get_output_embeddings())
+    assert rel_err(out.loss, want) <= 1e-5
+    out.loss.backward()
+    want.backward()
+    assert_grads_match(model, pol)
+    assert all(p.grad is None for p in ref_model.parameters())
+    # the anchor is in the loss: without it (kl_coef=0) the value differs
+    plain, _ = _anchored_reference(model, ref_model, ids, mask, labels, "dft", 0.0, kl, softcap)
+    assert abs(float(want - plain)) > 1e-3 * float(plain)
+
+
+def test_patched_anchor_needs_the_reference_and_names_it():
+    model = make_model("llama")
+    ref_model = make_model("llama").eval()
+    ids, mask, labels = make_batch()
+    dk.patch(model, "dft", kl_coef=0.1)
+    model.train()
+    with pytest.raises(ValueError, match="kl_coef=0.1 .*ref_hidden_states=.*ref_lm_head="):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        rh = ref_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    with pytest.raises(ValueError, match="^ref_lm_head is missing"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, ref_hidden_states=rh)
+    with pytest.raises(ValueError, match="^ref_hidden_states covers"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, ref_hidden_states=rh[:, 1:],
+              ref_lm_head=ref_model.get_output_embeddings())
+    with pytest.raises(TypeError, match="^ref_lm_head must be"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, ref_hidden_states=rh, ref_lm_head=rh)
+    # eval mode with labels: the objective's loss alone (the anchor is a training term), the kwargs accepted
+    model.eval()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, ref_hidden_states=rh,
+                ref_lm_head=ref_model.get_output_embeddings())
+    want = dk.reference.cross_entropy(out.logits.double(), labels, objective="dft", shift=True)
+    assert rel_err(out.loss, want) <= 1e-5
+    # without labels (generate): the original forward, the reference kwargs dropped
+    assert model(input_ids=ids, ref_hidden_states=rh, ref_lm_head=ref_model.get_output_embeddings()).logits \
+        is not None

@@ -14,6 +14,7 @@ from dft_kernels.train import TrainConfig  # noqa: E402
 from dft_kernels.train.data import EvalExample, load_train_examples, single_rows  # noqa: E402
 from dft_kernels.train.demo_data import SUITE, build_tokenizer, write_demo_suite  # noqa: E402
 from dft_kernels.train.demo_report import verdict  # noqa: E402
+from dft_kernels.train.metrics import read_metrics  # noqa: E402
 
 TINY = dict(tiny_hidden_size=32, tiny_num_layers=1, tiny_num_heads=2, tiny_num_kv_heads=1, tiny_intermediate_size=64)
 
@@ -156,7 +157,7 @@ def test_demo_pipeline_small(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Setting A" in text and "Setting B" in text and "DFT - SFT, hard EM" in text
     seed = out["results"]["seeds"][0]
-    for label, objective in (("SFT", "ce"), ("DFT", "dft")):
+    for label, objective in (("SFT", "ce"), ("DFT", "dft"), ("ASFT", "dft")):
         run = seed["A"][label]
         assert run["objective"] == objective and run["steps"] == 2
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]          # 0 = the warm start
@@ -166,11 +167,20 @@ def test_demo_pipeline_small(tmp_path, capsys):
     # the same tokens scored before and after: fine-tuning changed their probabilities
     assert seed["A"]["SFT"]["probs"] != seed["warm"]["probs"]
     b = seed["B"]
-    assert set(b) == {"RFT", "DFT"} or "fewer than one batch" in b["skipped"]
+    assert set(b) == {"RFT", "DFT", "ASFT"} or "fewer than one batch" in b["skipped"]
+    # ASFT is DFT plus the anchor to the warm start (here, 2 steps from it with the first at lr 0, the
+    # KL's gradient is still zero: the anchor's effect is checked in tests/train/test_train_anchor.py)
+    assert len(read_metrics(os.path.join(tmp_path, "seed0", "A-ASFT", "metrics.jsonl"))) == 2
+    with open(os.path.join(tmp_path, "seed0", "A-ASFT", "checkpoint-2", "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["config"]["kl_coef"] == 0.1 and state["config"]["kl"] == "forward"
+    assert state["reference"]["source"] == "initial"
+    assert "ASFT - DFT, hard EM" in text
     assert seed["sampling"]["samples"] == 32
     assert os.path.getsize(out["plot"]) > 20_000
     md = doc.read_text()
     assert md.startswith("# Demo\n\nhand-written text") and "--test" in md and "| SFT (ce) |" in md
+    assert "| ASFT (dft + 0.1 KL) |" in md
 
 
 def test_docs_block_is_replaced_not_appended(tmp_path):
@@ -186,3 +196,24 @@ def test_docs_block_is_replaced_not_appended(tmp_path):
     assert text.count(END) == 1 and "| second |" in text and "| first |" not in text and "`two`" in text
     assert text.startswith("# Title\n\ntext before\n") and text.endswith("text after\n")
     assert "](x.png)" in text
+
+
+def test_plan_runs_asft_beside_sft_and_dft_and_settings_select():
+    from dft_kernels.train.demo import DemoOptions, plan, run_demo
+
+    paths = {k: f"/data/{k}.jsonl" for k in ("warmstart", "finetune", "heldout_hard", "heldout_easy")}
+    names = lambda opts: [j.name for j in plan(opts, paths, 0, shards=2)]  # noqa: E731
+    both = names(DemoOptions())
+    for n in ("A-SFT", "A-DFT", "A-ASFT", "B-RFT", "B-DFT", "B-ASFT", "sample0", "sample1"):
+        assert f"seed0/{n}" in both, n
+    only_a = names(DemoOptions(settings="A"))
+    assert not any("sample" in n or "/B-" in n for n in only_a) and "seed0/A-ASFT" in only_a
+    jobs = {j.name: j for j in plan(DemoOptions(asft_kl_coef=0.2), paths, 0, shards=1)}
+    asft, dft = jobs["seed0/A-ASFT"].spec["config"], jobs["seed0/A-DFT"].spec["config"]
+    assert (asft["objective"], asft["kl_coef"], asft["kl"], asft["ref_model"]) == ("dft", 0.2, "forward", None)
+    assert dft["kl_coef"] == 0.0 and {k: v for k, v in asft.items() if k not in ("kl_coef", "output_dir")} == \
+        {k: v for k, v in dft.items() if k not in ("kl_coef", "output_dir")}  # the same run but for the anchor
+    with pytest.raises(ValueError, match="^settings: "):
+        run_demo(settings="C")
+    with pytest.raises(ValueError, match="^asft_kl_coef: "):
+        run_demo(asft_kl_coef=0.0)
