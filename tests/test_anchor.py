@@ -340,9 +340,9 @@ def test_module_takes_the_anchor():
         dk.LinearCrossEntropyLoss(kl="both")
 
 
-def test_patch_refuses_the_anchor_with_the_reason():
-    with pytest.raises(TypeError, match="does not take 'kl_coef': the anchor needs the reference model"):
-        dk.hf.check_loss_kwargs({"kl_coef": 0.1})
+def test_patch_takes_the_anchor_options():
+    """dk.patch carries the anchor (its forward takes the reference per call: tests/hf/test_hf.py)."""
+    assert dk.hf.check_loss_kwargs({"kl_coef": 0.1, "kl": "reverse"}) == {"kl_coef": 0.1, "kl": "reverse"}
 
 
 # ---- torch.compile ----
