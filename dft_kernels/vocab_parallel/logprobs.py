@@ -179,17 +179,24 @@ def _backward_chunks(source, target, temperature, softcap, shard: VocabShard, ig
         yield s, e, dz
 
 
+def _forward_and_save(ctx, source, operands: tuple, target, temperature, softcap, shard, ignore_index, chunk,
+                      with_stats):
+    """The autograd Functions' forward: every chunk (:func:`_forward`), then what backward needs saved."""
+    logp, entropy, stats, sum_sq, is_top1 = _forward(source, target, temperature, softcap, shard, ignore_index,
+                                                     chunk, with_stats)
+    ctx.save_for_backward(*operands, target, temperature, stats, logp)
+    ctx.softcap, ctx.shard, ctx.ignore_index, ctx.chunk = softcap, shard, ignore_index, chunk
+    ctx.set_materialize_grads(False)
+    if with_stats:
+        ctx.mark_non_differentiable(sum_sq, is_top1)
+    return logp, entropy, sum_sq, is_top1
+
+
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, temperature, softcap, shard, ignore_index, chunk, with_stats):
-        logp, entropy, stats, sum_sq, is_top1 = _forward(_Head(x, weight, bias), target, temperature, softcap, shard,
-                                                         ignore_index, chunk, with_stats)
-        ctx.save_for_backward(x, weight, bias, target, temperature, stats, logp)
-        ctx.softcap, ctx.shard, ctx.ignore_index, ctx.chunk = softcap, shard, ignore_index, chunk
-        ctx.set_materialize_grads(False)
-        if with_stats:
-            ctx.mark_non_differentiable(sum_sq, is_top1)
-        return logp, entropy, sum_sq, is_top1
+        return _forward_and_save(ctx, _Head(x, weight, bias), (x, weight, bias), target, temperature, softcap, shard,
+                                 ignore_index, chunk, with_stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_sum_sq, _grad_top1):
@@ -217,14 +224,8 @@ class _LinearLogprobs(torch.autograd.Function):
 class _LogitsLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, temperature, softcap, shard, ignore_index, chunk, with_stats):
-        logp, entropy, stats, sum_sq, is_top1 = _forward(_Given(logits), target, temperature, softcap, shard,
-                                                         ignore_index, chunk, with_stats)
-        ctx.save_for_backward(logits, target, temperature, stats, logp)
-        ctx.softcap, ctx.shard, ctx.ignore_index, ctx.chunk = softcap, shard, ignore_index, chunk
-        ctx.set_materialize_grads(False)
-        if with_stats:
-            ctx.mark_non_differentiable(sum_sq, is_top1)
-        return logp, entropy, sum_sq, is_top1
+        return _forward_and_save(ctx, _Given(logits), (logits,), target, temperature, softcap, shard, ignore_index,
+                                 chunk, with_stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_sum_sq, _grad_top1):
