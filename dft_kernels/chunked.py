@@ -280,7 +280,7 @@ class RowSteps:
 
     def __init__(self, plan: LossPlan, kernel=None):
         self.params: LossParams = plan.params
-        self._steps = [(kernel, "rows", "vocab-parallel")] if kernel is not None else [
+        self._steps = [(kernel, plan.path, "vocab-parallel")] if kernel is not None else [
             (get_backend(name), path, name) for name, path in plan.steps]
 
     @property
@@ -327,8 +327,8 @@ class PairSteps(RowSteps):
 
     _METHODS = {ANCHOR: "row_anchor_loss_grad", DISTILL: "row_distill_loss_grad"}
 
-    def __init__(self, plan, chunks: TwoHeadChunks):
-        super().__init__(plan)
+    def __init__(self, plan, chunks: TwoHeadChunks, kernel=None):
+        super().__init__(plan, kernel)
         self.chunks = chunks
 
     def __call__(self, logits: Tensor, target: Tensor, token_weights: Optional[Tensor], scale: Optional[Tensor],
@@ -430,7 +430,7 @@ def _chunks_and_steps(x, weight, bias, ref, plan, with_grad, accum_dtype, dx_dty
         return (LinearChunks(x, weight, bias, plan, with_grad, accum_dtype, dx_dtype, compaction),
                 RowSteps(plan, kernel))
     chunks = TwoHeadChunks(x, weight, bias, ref, plan, with_grad, accum_dtype, dx_dtype, compaction)
-    return chunks, PairSteps(plan, chunks)
+    return chunks, PairSteps(plan, chunks, kernel)
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,

@@ -27,8 +27,9 @@ from .functional import (
     check_second_head,
     finish,
     prepare,
+    vocab_parallel_linear,
 )
-from .options import DistillOptions, LossOptions, document_options, is_dtensor, plan_distill
+from .options import DISTILL_OPTION_NAMES, DistillOptions, LossOptions, document_options, is_dtensor, plan_distill
 
 __all__ = ["linear_distill", "distill_options"]
 
@@ -72,13 +73,19 @@ def linear_distill(
     opts = DistillOptions(beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                           shift=shift, backend=backend, chunk_size=chunk_size, process_group=process_group,
                           validate=validate)
+    loss_opts = _loss_options(opts)
     if opts.process_group is not None or any(is_dtensor(t) for t in (input, weight, teacher_input, teacher_weight)):
-        raise NotImplementedError("process_group: distillation on a vocab-parallel head (a process_group or a "
-                                  "DTensor head) is not supported yet; gather both heads and pass "
-                                  "process_group=None")
+
+        def single_process(input, weight, bias, teacher):
+            return linear_distill(input, weight, *teacher[:2], target, bias=bias, teacher_bias=teacher[2],
+                                  num_items_in_batch=num_items_in_batch,
+                                  **{n: getattr(opts, n) for n in DISTILL_OPTION_NAMES if n != "process_group"})
+
+        second = ((teacher_input, teacher_weight, teacher_bias), ("teacher_input", "teacher_weight", "teacher_bias"))
+        return vocab_parallel_linear(input, weight, bias, target, opts, loss_opts, num_items_in_batch, None, second,
+                                     single_process)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     vocab_size, hidden = weight.shape
-    loss_opts = _loss_options(opts)
     prep = prepare(input, "input", target, vocab_size, loss_opts, num_items_in_batch, None)
     t_x, t_w, t_b = check_second_head(input, weight, teacher_input, teacher_weight, teacher_bias, "teacher_input",
                                       "teacher_weight", "teacher_bias")

@@ -25,16 +25,22 @@ from .backends import valid_rows
 from .backends.split import resolve_split_backend
 from .objectives import ObjectiveLike
 from .options import (
+    ANCHOR,
+    DISTILL,
     LINEAR_ONLY_OPTIONS,
+    DistillPlan,
     LossOptions,
+    LossPlan,
     document_options,
     is_dtensor,
     plan_linear,
     plan_logits,
     plan_vocab_parallel,
+    plan_vocab_parallel_pair,
 )
 from .stats import LossStats
 from .vocab_parallel.autograd import ParallelRun, linear_loss, logits_loss
+from .vocab_parallel.pair_kernel import VocabParallelPairKernel
 from .vocab_parallel.row_kernel import VocabParallelRowKernel
 from .vocab_parallel.shard import gather_layout, unwrap_head, unwrap_logits, unwrap_replicated
 
@@ -102,10 +108,8 @@ def linear_cross_entropy(
                        validate=validate)
     anchored = _check_anchor(opts, ref_input, ref_weight, ref_bias)
     if opts.process_group is not None or is_dtensor(weight) or is_dtensor(input):
-        if anchored:
-            raise NotImplementedError("process_group: the anchored loss (kl_coef > 0) is not supported on a "
-                                      "vocab-parallel head yet; gather the head or pass kl_coef=0")
-        return _vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights)
+        return _vocab_parallel_linear(input, weight, target, bias, opts, num_items_in_batch, token_weights,
+                                      (ref_input, ref_weight, ref_bias) if anchored else None)
     input, weight, bias = check_linear_args(*_autocast_cast(input, weight, bias))
     if ref_input is not None:  # with ref_weight (_check_anchor); checked also when kl_coef=0 leaves it unused
         ref_x, ref_w, ref_b = check_second_head(input, weight, ref_input, ref_weight, ref_bias, "ref_input",
@@ -421,17 +425,47 @@ def _single_process_options(opts: LossOptions) -> dict:
 
 
 def _vocab_parallel_linear(input, weight, target, bias, opts: LossOptions, num_items_in_batch: NumItems,
-                           token_weights: Optional[Tensor]):
-    """The vocab-parallel branch of :func:`linear_cross_entropy`: unwrap DTensors, learn the slice
-    layout, check the arguments against the *global* vocabulary, run the chunked loss with the
-    vocab-parallel row kernel; with no group (or a group of one rank) the local tensors go back to
-    the single-process path."""
-    weight, bias, group = unwrap_head(weight, bias, opts.process_group)
-    input = unwrap_replicated("input", input, partial_grad=_sharded(group) and not opts.allreduce_dgrad)
-    if not _sharded(group):
+                           token_weights: Optional[Tensor], ref: Optional[tuple] = None):
+    """The vocab-parallel branch of :func:`linear_cross_entropy` (``ref``: the anchor's
+    ``(ref_input, ref_weight, ref_bias)``, with ``kl_coef > 0``)."""
+
+    def single_process(input, weight, bias, second):
+        extra = {} if second is None else dict(zip(("ref_input", "ref_weight", "ref_bias"), second))
         return linear_cross_entropy(input, weight, target, bias=bias, num_items_in_batch=num_items_in_batch,
-                                    token_weights=token_weights, **_single_process_options(opts))
-    if opts.logits_dtype is not None:
+                                    token_weights=token_weights, **extra, **_single_process_options(opts))
+
+    second = None if ref is None else (ref, ("ref_input", "ref_weight", "ref_bias"))
+    return vocab_parallel_linear(input, weight, bias, target, opts, opts, num_items_in_batch, token_weights,
+                                 second, single_process)
+
+
+def vocab_parallel_linear(input, weight, bias, target, opts, loss_opts: LossOptions, num_items_in_batch: NumItems,
+                          token_weights: Optional[Tensor], second: Optional[tuple], single_process):
+    """The vocab-parallel branch of the linear losses: unwrap DTensors, learn the slice layout, check the
+    arguments against the *global* vocabulary, run the chunked loss with the vocab-parallel row kernel;
+    with no group (or a group of one rank) ``single_process(input, weight, bias, second_head)`` gets the
+    local tensors.
+
+    ``opts``: the call's options (:class:`LossOptions`, or :class:`~dft_kernels.options.DistillOptions`),
+    ``loss_opts`` the :class:`LossOptions` of its argument checks and reduction.  ``second``: None, or
+    ``((input2, weight2, bias2), names)`` of a frozen second head split like the first (the anchor's
+    reference with an anchored ``opts``, else distillation's teacher): each rank holds the same slice of
+    both heads; the two-head row kernel runs (:mod:`dft_kernels.vocab_parallel.pair_kernel`)."""
+    weight, bias, group = unwrap_head(weight, bias, opts.process_group)
+    allreduce_dgrad = getattr(opts, "allreduce_dgrad", True)
+    input = unwrap_replicated("input", input, partial_grad=_sharded(group) and not allreduce_dgrad)
+    if second is not None:
+        (input2, weight2, bias2), names = second
+        weight2, bias2, group2 = unwrap_head(weight2, bias2, opts.process_group)
+        if group2 is not group and group2 is not None and (
+                group is None or dist.get_process_group_ranks(group2) != dist.get_process_group_ranks(group)):
+            raise ValueError(f"{names[1]} is split over another process group than weight; both heads must be "
+                             "split over the same group, each rank holding the same slice of both")
+        input2 = unwrap_replicated(names[0], input2)
+        second = (input2, weight2, bias2)
+    if not _sharded(group):
+        return single_process(input, weight, bias, second)
+    if getattr(opts, "logits_dtype", None) is not None:
         raise ValueError("logits_dtype: the fast mode (16-bit chunk logits) is not supported on the vocab-parallel "
                          "path; leave it None")
     # under torch.autocast: one cast to its dtype, as on one process (the Functions run with autocast off)
@@ -439,15 +473,31 @@ def _vocab_parallel_linear(input, weight, target, bias, opts: LossOptions, num_i
     local_vocab, hidden = weight.shape
     x = _contiguous(input.reshape(-1, hidden))
     split = resolve_split_backend(opts.backend, input.device)
-    shard = gather_layout(group, local_vocab, x.shape[0], opts.chunk_size, input.device)
-    prep = prepare(input, "input", target, shard.vocab_size, opts, num_items_in_batch, token_weights)
+    layout_of_second = None
+    if second is not None:
+        if not isinstance(second[1], Tensor) or second[1].dim() != 2:
+            raise ValueError(f"{names[1]} must be a 2-D tensor, this rank's slice of the second head")
+        layout_of_second = (names[1], second[1].shape[0])
+    shard = gather_layout(group, local_vocab, x.shape[0], opts.chunk_size, input.device, layout_of_second)
+    prep = prepare(input, "input", target, shard.vocab_size, loss_opts, num_items_in_batch, token_weights)
     grad_on = torch.is_grad_enabled()
-    plan = plan_vocab_parallel(opts, x, shard.max_local_size, weight.dtype, grad_on and x.requires_grad,
-                               grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
-    run = ParallelRun(plan=plan, kernel=VocabParallelRowKernel(split, shard), group=group)
+    need = (grad_on and x.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    ref = None
+    if second is None:
+        plan = plan_vocab_parallel(opts, x, shard.max_local_size, weight.dtype, *need)
+        kernel = VocabParallelRowKernel(split, shard)
+    else:
+        # each rank checks its slice of the second head against its slice of the first: the same sizes on
+        # every rank, so the same vocabulary columns (the slices are contiguous and in rank order)
+        ref = check_second_head(input, weight, *second, *names)
+        path, plan_type = (ANCHOR, LossPlan) if isinstance(opts, LossOptions) else (DISTILL, DistillPlan)
+        plan = plan_vocab_parallel_pair(opts, path, plan_type, x, shard.max_local_size, weight.dtype, *need)
+        kernel = VocabParallelPairKernel(split, shard)
+    run = ParallelRun(plan=plan, kernel=kernel, group=group, allreduce_dgrad=allreduce_dgrad)
     loss, *stats_sums = linear_loss(x, _contiguous(weight), bias, prep.target, prep.token_weights, prep.divisor,
-                                    run)
-    return finish(loss, stats_sums, prep, opts, shard.vocab_size)
+                                    run, ref)
+    return finish(loss, stats_sums, prep, loss_opts, shard.vocab_size)
 
 
 def _vocab_parallel_logits(logits, target, opts: LossOptions, num_items_in_batch: NumItems,

@@ -611,6 +611,25 @@ def plan_vocab_parallel(opts: LossOptions, rows: torch.Tensor, max_local_size: i
                     need_db)
 
 
+def plan_vocab_parallel_pair(opts, path: str, plan_type, rows: torch.Tensor, max_local_size: int,
+                             weight_dtype: torch.dtype, need_dx: bool, need_dw: bool, need_db: bool):
+    """The plan of a vocab-parallel two-head call (``path``: ``"anchor"`` with a :class:`LossPlan`,
+    ``"distill"`` with a :class:`DistillPlan`) on ``x`` ``[N, H]``: the two-head row kernel over this
+    rank's slices (:mod:`dft_kernels.vocab_parallel.pair_kernel`), chunk buffers for two logits rows per
+    token plus its torch working rows, the default chunk from the largest slice."""
+    if path == ANCHOR and opts.objective.entropy_top_k is not None:
+        raise ValueError(f"objective: {opts.objective!r} has no vocab-parallel path: the entropy of a row's top-k "
+                         "logits needs a top-k over every rank's slice (top_k=None, the exact entropy, has one)")
+    logits_dt, grad_dt = head_dtypes(rows.dtype, None, rows.device)
+    row_bytes = (2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
+                 + _TORCH_PAIR_WORK_ROWS * torch.promote_types(rows.dtype, torch.float32).itemsize)
+    budget = _budget(opts, rows.device) if path == ANCHOR else _budget_of(rows.device)
+    chunk = opts.chunk_size or default_chunk_size(rows.shape[0], max_local_size, row_bytes, budget)
+    accum_dtype = opts.accum_dtype if path == ANCHOR else torch.float32
+    accum = weight_dtype if accum_dtype is None else torch.promote_types(accum_dtype, weight_dtype)
+    return plan_type(opts, (("vocab-parallel", path),), chunk, logits_dt, grad_dt, accum, need_dx, need_dw, need_db)
+
+
 def document_options(obj, options=None):
     """Decorator: append to a function's (or class's) docstring the documentation of the options
     its signature takes, from the field docs of ``options`` (default :class:`LossOptions`)."""
@@ -829,7 +848,10 @@ class DistillOptions:
         None, "token rows per chunk; None: the most rows whose chunk buffers (two logits rows per token) fit "
               "the device's budget (docs/design.md, Chunk size).")
     process_group: Optional[object] = _logprob_option(
-        None, "vocab-parallel heads are not supported yet: anything but None raises NotImplementedError.")
+        None, "the tensor-parallel group over which both heads are split along the vocabulary (each rank passes "
+              "its slice of ``weight`` and ``teacher_weight``, the same slice of both, and the whole ``input``, "
+              "``teacher_input`` and ``target``); DTensor heads sharded ``Shard(0)`` need none "
+              "(docs/distributed.md).")
     validate: bool = _logprob_option(
         True, "check with one host sync that every target is in ``[0, V)`` or ``ignore_index``; False skips it.")
 

@@ -225,11 +225,12 @@ def test_errors_name_the_argument(change, exc, match):
         dk.reference.linear_distill(*args.values(), **kw)
 
 
-def test_process_group_is_not_supported_yet():
+def test_process_group_needs_torch_distributed():
+    """Vocab-parallel distillation (tests/vocab_parallel/test_pair_parallel.py) needs an initialised group."""
     group = dist.ProcessGroup(dist.HashStore(), 0, 1)
     x, w, _, t = make_inputs(B * T, H, V, torch.float64)
     xt, wt, _ = _teacher((B * T,), seed=4)
-    with pytest.raises(NotImplementedError, match="process_group"):
+    with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         dk.linear_distill(x, w, xt, wt, t, process_group=group)
 
 

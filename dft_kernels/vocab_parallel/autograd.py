@@ -30,9 +30,10 @@ class ParallelRun:
     """What one vocab-parallel call runs with, besides its tensors: the plan (chunk rows,
     accumulator dtype, which gradients), the row kernel over this rank's slice, the group."""
 
-    plan: LossPlan
-    kernel: object                 # VocabParallelRowKernel
+    plan: LossPlan                 # or a DistillPlan
+    kernel: object                 # VocabParallelRowKernel, or VocabParallelPairKernel for two heads
     group: object                  # the tensor-parallel ProcessGroup
+    allreduce_dgrad: bool = True   # False: the caller reduces dX itself
 
     @property
     def opts(self):
@@ -52,18 +53,19 @@ def _autocast_off(method):
 
 
 def _allreduce_dgrad(dx: Optional[Tensor], run: ParallelRun) -> None:
-    if dx is not None and run.opts.allreduce_dgrad:
+    if dx is not None and run.allreduce_dgrad:
         dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=run.group)
 
 
 class _LinearLoss(torch.autograd.Function):
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, weight, bias, target, token_weights, divisor, run: ParallelRun):
+    def forward(ctx, x, weight, bias, target, token_weights, divisor, run: ParallelRun, ref: Optional[tuple]):
         loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, run.plan,
-                                                         run.kernel)
+                                                         run.kernel, ref=ref)
         _allreduce_dgrad(dx, run)
         ctx.run = run
+        ctx.ref = ref if run.opts.reduction == "none" else None  # detached, frozen: not a graph input
         ctx.mark_non_differentiable(*stats)
         ctx.set_materialize_grads(False)
         if run.opts.reduction == "none":
@@ -78,15 +80,15 @@ class _LinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_stats):
         run: ParallelRun = ctx.run
         if grad_loss is None:
-            return (None,) * 7
+            return (None,) * 8
         if run.opts.reduction == "none":
             x, weight, bias, target, token_weights = ctx.saved_tensors
             dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, run.plan,
-                                                      run.kernel)
+                                                      run.kernel, ref=ctx.ref)
             _allreduce_dgrad(dx, run)
         else:
             dx, dw, db = chunked.scale_stashes(ctx, ctx.saved_tensors, grad_loss, ctx.dtypes)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 class _LogitsLoss(torch.autograd.Function):
@@ -120,10 +122,13 @@ class _LogitsLoss(torch.autograd.Function):
 
 
 def linear_loss(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, token_weights: Optional[Tensor],
-                divisor: Optional[Tensor], run: ParallelRun):
+                divisor: Optional[Tensor], run: ParallelRun, ref: Optional[tuple] = None):
     """``(loss, nll_sum, prob_sum, correct_sum, entropy_sum)`` of the head slice ``weight``/``bias``
-    (gradients to ``x`` — the full one unless ``allreduce_dgrad=False`` — and to this rank's slice)."""
-    return _LinearLoss.apply(x, weight, bias, target, token_weights, divisor, run)
+    (gradients to ``x`` — the full one unless ``allreduce_dgrad=False`` — and to this rank's slice).
+    ``ref``: ``(ref_x, ref_weight, ref_bias)``, this rank's slice of a frozen second head (the anchor's
+    reference, distillation's teacher), with a :class:`~dft_kernels.vocab_parallel.pair_kernel.
+    VocabParallelPairKernel` as ``run.kernel``."""
+    return _LinearLoss.apply(x, weight, bias, target, token_weights, divisor, run, ref)
 
 
 def logits_loss(logits: Tensor, target: Tensor, token_weights: Optional[Tensor], divisor: Optional[Tensor],

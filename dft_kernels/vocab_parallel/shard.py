@@ -41,18 +41,24 @@ def _layout_device(group, device: torch.device) -> torch.device:
 
 
 def gather_layout(group, local_size: int, num_tokens: int, chunk_size: Optional[int],
-                  device: torch.device) -> VocabShard:
-    """The group's slice sizes, by one ``all_gather`` of ``(local_size, num_tokens, chunk_size)``."""
+                  device: torch.device, second: Optional[tuple] = None) -> VocabShard:
+    """The group's slice sizes, by one ``all_gather`` of ``(local_size, num_tokens, chunk_size)``.
+    ``second``: ``(name, rows)`` of a second head's weight slice (the anchor's reference, a teacher),
+    which must match ``local_size`` on every rank (the same vocabulary columns in both heads)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if rank < 0:
         raise ValueError("process_group: this process is not a member of the given process group")
-    mine = torch.tensor([local_size, num_tokens, -1 if chunk_size is None else chunk_size], dtype=torch.int64,
-                        device=_layout_device(group, device))
-    table = torch.empty(world * 3, dtype=torch.int64, device=mine.device)
+    width = 3 if second is None else 4
+    mine = torch.tensor([local_size, num_tokens, -1 if chunk_size is None else chunk_size, *(
+        () if second is None else (second[1],))], dtype=torch.int64, device=_layout_device(group, device))
+    table = torch.empty(world * width, dtype=torch.int64, device=mine.device)
     # all_gather_single is all_gather_into_tensor's name from torch 2.13 on (the old one warns)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(table, mine, group=group)
-    sizes, tokens, chunks = (table.view(world, 3).t().tolist())
+    sizes, tokens, chunks, *second_sizes = (table.view(world, width).t().tolist())
+    if second is not None and second_sizes[0] != sizes:
+        raise ValueError(f"{second[0]}: each rank must hold the same vocabulary slice of both heads; the slice "
+                         f"sizes in rank order are {sizes} for weight and {second_sizes[0]} for {second[0]}")
     if len(set(tokens)) != 1:
         raise ValueError(f"process_group: every rank must pass the same input and target (the whole batch); "
                          f"the ranks have {tokens} tokens")
