@@ -366,12 +366,23 @@ def row_distill_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, pa
         kl_s = (pi_s * d).sum(dim=1)
         loss = beta * kl_t + (1.0 - beta) * kl_s
         grad = d.sub_(kl_s.unsqueeze(1)).mul_(pi_s).mul_(1.0 - beta) if with_grad else None
-    row_weight = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), zero)
     safe_target = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
     logp = torch.where(valid, s.gather(1, safe_target).squeeze(1), zero)
-    if with_grad:
-        grad.mul_((row_weight * grad_scale.to(dtype) / temp).unsqueeze(1))
-        grad = torch.where(valid.unsqueeze(1), grad, zero)
-        (logits if grad_out is None else grad_out).copy_(grad)
+    return distill_outputs(loss, grad, logp, valid, token_weights, grad_scale, temp,
+                           logits if grad_out is None else grad_out)
+
+
+def distill_outputs(loss: Tensor, grad: Optional[Tensor], logp: Tensor, valid: Tensor,
+                    token_weights: Optional[Tensor], grad_scale: Optional[Tensor], temperature: float,
+                    dest: Tensor) -> RowOutputs:
+    """The end of a distillation row call (here and on a vocab-parallel slice): the per-row divergence
+    ``loss`` times the token weight, and its logits gradient ``grad`` (None without one) times the token
+    weight, ``grad_scale`` and ``1 / temperature``, zero at invalid rows, written into ``dest``."""
+    dtype = loss.dtype
+    zero = torch.zeros((), dtype=dtype, device=loss.device)
+    row_weight = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), zero)
+    if grad is not None:
+        grad.mul_((row_weight * grad_scale.to(dtype) / temperature).unsqueeze(1))
+        dest.copy_(torch.where(valid.unsqueeze(1), grad, zero))
     return RowOutputs(loss=torch.where(valid, loss * row_weight, zero), nll=-logp,
                       prob=torch.where(valid, logp.exp(), zero), entropy=None, correct=None)

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..backends import RowOutputs, check_grad_out, valid_rows
 from ..backends.split import owned_rows
+from ..backends.torch import distill_outputs
 from .row_kernel import VocabParallelRowKernel
 from .shard import VocabShard
 
@@ -176,10 +177,5 @@ class VocabParallelPairKernel:
             kl_s = packed[:, 2]
             loss = beta * packed[:, 1] + (1.0 - beta) * kl_s
             grad = d.sub_(kl_s.unsqueeze(1)).mul_(pi_s).mul_(1.0 - beta) if with_grad else None
-        row_weight = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), zero)
-        if with_grad:
-            grad.mul_((row_weight * grad_scale.to(dtype) / temp).unsqueeze(1))
-            grad = torch.where(valid.unsqueeze(1), grad, zero)
-            (logits if grad_out is None else grad_out).copy_(grad)
-        return RowOutputs(loss=torch.where(valid, loss * row_weight, zero), nll=-logp,
-                          prob=torch.where(valid, logp.exp(), zero), entropy=None, correct=None)
+        return distill_outputs(loss, grad, logp, valid, token_weights, grad_scale, temp,
+                               logits if grad_out is None else grad_out)
