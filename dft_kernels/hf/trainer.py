@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from torch import nn
@@ -10,6 +11,8 @@ from ..functional import cross_entropy
 from ..objectives import ObjectiveLike, get_objective
 from .loss_kwargs import COMPUTE_LOSS_KWARGS, check_loss_kwargs
 from .patching import is_patched
+
+_log = logging.getLogger("dft_kernels")
 
 
 def compute_loss_func(objective: ObjectiveLike = "dft", **loss_kwargs) -> Callable:
@@ -31,7 +34,9 @@ def compute_loss_func(objective: ObjectiveLike = "dft", **loss_kwargs) -> Callab
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if logits is None:
             raise ValueError("compute_loss_func: the model returned no logits (a dk.patch-ed model in training mode "
-                             "with labels); either use the patched model's own loss or keep logits")
+                             "with labels, or TRL's SFTConfig(loss_type='chunked_nll'), TRL 1.14's default, whose "
+                             "head returns none); either use the patched model's own loss or keep logits "
+                             "(SFTConfig(loss_type='nll'))")
         if labels is None:
             raise ValueError("compute_loss_func: labels is None; the batch must have labels")
         return cross_entropy(logits, labels.to(logits.device), objective=obj, shift=True,
@@ -52,8 +57,20 @@ class ModelLossMixin:
             pass
 
     The model then receives ``labels`` and ``num_items_in_batch`` and returns the patched loss;
-    TRL's entropy / token-accuracy metrics are not logged (they need TRL's own head).
+    TRL's entropy / token-accuracy metrics are not logged (they need TRL's own head).  TRL 1.14's
+    ``SFTConfig`` defaults to ``loss_type="chunked_nll"``, whose head replaces ``model.forward`` (and with
+    it the patch): the mixin sets the trainer's ``args.loss_type`` to ``"nll"`` before TRL sees it, with
+    a warning.
     """
+
+    def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "loss_type", None) == "chunked_nll":
+            _log.warning("dft_kernels.hf.ModelLossMixin: TRL's loss_type='chunked_nll' (TRL 1.14's default) would "
+                         "replace model.forward, and with it the dk.patch loss; using loss_type='nll', whose loss "
+                         "the mixin takes from the patched model")
+            training_args.loss_type = "nll"
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from transformers import Trainer

@@ -100,8 +100,12 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- files and manifest
 
 def file_sha256(path: str) -> str:
+    # hashlib.file_digest is Python 3.11+; the package supports 3.10
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _sha256_many(paths: list[str]) -> list[str]:

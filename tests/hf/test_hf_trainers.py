@@ -127,10 +127,13 @@ def test_trl_sft_trainer_bypassing_the_patch_is_an_error(tmp_path):
 
 
 def test_trl_sft_trainer_unchanged_with_compute_loss_func(tmp_path):
-    """The stock SFTTrainer with dk.hf.compute_loss_func: DFT on the model's logits."""
+    """The stock SFTTrainer with dk.hf.compute_loss_func: DFT on the model's logits.  loss_type="nll" (TRL
+    1.15+'s default): TRL 1.14's default "chunked_nll" head returns no logits (docs/integrations.md)."""
     model = tiny_llama()
     recorder = Recorder(model)
-    trainer = trl.SFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=sft_dataset(),
+    args = sft_args(tmp_path)
+    args.loss_type = "nll"
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=sft_dataset(),
                              processing_class=word_tokenizer(), callbacks=[recorder],
                              compute_loss_func=recording_loss_func(recorder))
     trainer.train()
