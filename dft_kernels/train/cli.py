@@ -12,6 +12,30 @@ __all__ = ["main"]
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Run ``dft-train`` and return its exit code.  As a program (``argv`` None) on a rank that torchrun
+    started, the process ends here, without finalising the interpreter (:func:`_end_rank`)."""
+    code = _main(argv)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _end_rank(code)
+    return code
+
+
+def _end_rank(code: int) -> None:
+    """End a torchrun rank once its run is over and everything it wrote is closed: ``os._exit``, after
+    flushing the logs and the standard streams.  torch's gloo worker threads can outlive
+    ``destroy_process_group`` (an FSDP2 or DDP model still holds the group) and free a collective's
+    tensors while Python finalises, which aborts the process (SIGABRT, "terminate called without an active
+    exception"; pytorch/pytorch#190489) and makes torchrun report a finished run as failed.  Checkpoints
+    and metrics are already written atomically by then; nothing registered with ``atexit`` is needed."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: Optional[list]) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError, parse_args
     from .data import DataError
