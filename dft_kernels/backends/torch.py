@@ -278,12 +278,13 @@ def _kl_rows(log_pi: Tensor, log_q: Tensor, direction: str, with_grad: bool) -> 
     return kl, (d.sub_(kl.unsqueeze(1)).mul_(pi) if with_grad else None)
 
 
-def _pair_prologue(logits: Tensor, target: Tensor, params, grad_scale: Optional[Tensor],
-                   grad_out: Optional[Tensor]):
-    """``(math dtype, valid rows, grad_out)`` of a two-head row call: ``grad_out`` is dropped without a
+def pair_prologue(logits: Tensor, target: Tensor, params, grad_scale: Optional[Tensor],
+                  grad_out: Optional[Tensor], vocab_size: Optional[int] = None):
+    """``(math dtype, valid rows, grad_out)`` of a two-head row call (here and on a vocab-parallel slice,
+    whose ``vocab_size`` is the whole head's; default: the logits' width): ``grad_out`` is dropped without a
     gradient and checked otherwise."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    valid = valid_rows(target, params.ignore_index, logits.shape[1])
+    valid = valid_rows(target, params.ignore_index, logits.shape[1] if vocab_size is None else vocab_size)
     if grad_scale is None:
         grad_out = None
     elif grad_out is not None:
@@ -301,7 +302,7 @@ def row_anchor_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, par
     to the objective's before the one write into ``grad_out`` (or over ``logits``).  ``ref_logits`` are
     only read."""
     n, vocab = logits.shape
-    dtype, valid, grad_out = _pair_prologue(logits, target, params, grad_scale, grad_out)
+    dtype, valid, grad_out = pair_prologue(logits, target, params, grad_scale, grad_out)
     with_grad = grad_scale is not None
     # the KL first: row_loss_grad may overwrite the logits with the objective's gradient
     log_pi = torch.log_softmax(_capped(logits, params.softcap, dtype), dim=1)
@@ -345,7 +346,7 @@ def row_distill_loss_grad(logits: Tensor, ref_logits: Tensor, target: Tensor, pa
     times the token weight and ``grad_scale``, written once into ``grad_out`` (or over ``logits``);
     ``nll``/``prob`` are the student's at the target (0 at invalid rows)."""
     n, vocab = logits.shape
-    dtype, valid, grad_out = _pair_prologue(logits, target, params, grad_scale, grad_out)
+    dtype, valid, grad_out = pair_prologue(logits, target, params, grad_scale, grad_out)
     temp, beta = params.temperature, params.beta
     s = torch.log_softmax(logits.to(dtype, copy=True).div_(temp), dim=1)
     t = torch.log_softmax(ref_logits.to(dtype, copy=True).div_(temp), dim=1)

@@ -38,20 +38,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import RowOutputs, check_grad_out, valid_rows
+from ..backends import RowOutputs
 from ..backends.split import owned_rows
-from ..backends.torch import distill_outputs
+from ..backends.torch import distill_outputs, pair_prologue
 from .row_kernel import VocabParallelRowKernel
 from .shard import VocabShard
 
 __all__ = ["VocabParallelPairKernel"]
-
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _math_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
 
 def _global_log_softmax(z: Tensor, u: Tensor, group) -> tuple[Tensor, Tensor]:
     """``(log pi, log q)``: the log-softmax over the whole vocabulary of this rank's slices ``z`` and
@@ -83,20 +76,10 @@ class VocabParallelPairKernel:
         self.shard = shard
         self.name = f"{split_backend.NAME} (vocab-parallel, two heads)"
 
-    def _prologue(self, logits: Tensor, target: Tensor, ignore_index: int, grad_scale: Optional[Tensor],
-                  grad_out: Optional[Tensor]):
-        dtype = _math_dtype(logits)
-        valid = valid_rows(target, ignore_index, self.shard.vocab_size)
-        if grad_scale is None:
-            grad_out = None
-        elif grad_out is not None:
-            check_grad_out(grad_out, logits, _GRAD_DTYPES)
-        return dtype, valid, grad_out
-
     def row_anchor_loss_grad(self, logits: Tensor, ref_logits: Tensor, target: Tensor, params,
                              token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
                              grad_out: Optional[Tensor] = None) -> RowOutputs:
-        dtype, valid, grad_out = self._prologue(logits, target, params.ignore_index, grad_scale, grad_out)
+        dtype, valid, grad_out = pair_prologue(logits, target, params, grad_scale, grad_out, self.shard.vocab_size)
         cap = params.softcap
         z, u = (t.to(dtype, copy=True) for t in (logits, ref_logits))
         if cap is not None:
@@ -142,7 +125,7 @@ class VocabParallelPairKernel:
     def row_distill_loss_grad(self, logits: Tensor, ref_logits: Tensor, target: Tensor, params,
                               token_weights: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
                               grad_out: Optional[Tensor] = None) -> RowOutputs:
-        dtype, valid, grad_out = self._prologue(logits, target, params.ignore_index, grad_scale, grad_out)
+        dtype, valid, grad_out = pair_prologue(logits, target, params, grad_scale, grad_out, self.shard.vocab_size)
         temp, beta = params.temperature, params.beta
         s, t = (x.to(dtype, copy=True).div_(temp) for x in (logits, ref_logits))
         s, t = _global_log_softmax(s, t, self.shard.group)
