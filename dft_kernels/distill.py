@@ -93,8 +93,8 @@ def linear_distill(
     grad_on = torch.is_grad_enabled()
     plan = plan_distill(opts, x, weight, bias, grad_on and x.requires_grad, grad_on and weight.requires_grad,
                         grad_on and bias is not None and bias.requires_grad)
-    loss, _dx, _dw, _db, *_stats = ops.lce_pair_forward(x, _contiguous(weight), bias, t_x, t_w, t_b, prep.target,
-                                                        None, prep.divisor, plan.encode())
+    loss, _dx, _dw, _db, *_stats = ops.lce_forward(x, _contiguous(weight), bias, prep.target, None, prep.divisor,
+                                                   plan.encode(), t_x, t_w, t_b)
     return finish(loss, None, prep, loss_opts, vocab_size)
 
 

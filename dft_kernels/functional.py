@@ -120,13 +120,9 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     plan = plan_linear(opts, x, weight, bias, grad_on and x.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
-    if anchored:
-        loss, _dx, _dw, _db, *stats_sums = ops.lce_pair_forward(x, _contiguous(weight), bias, ref_x, ref_w, ref_b,
-                                                                prep.target, prep.token_weights, prep.divisor,
-                                                                plan.encode())
-        return finish(loss, stats_sums, prep, opts, vocab_size)
+    second = (ref_x, ref_w, ref_b) if anchored else ()
     loss, _dx, _dw, _db, *stats_sums = ops.lce_forward(x, _contiguous(weight), bias, prep.target,
-                                                       prep.token_weights, prep.divisor, plan.encode())
+                                                       prep.token_weights, prep.divisor, plan.encode(), *second)
     return finish(loss, stats_sums, prep, opts, vocab_size)
 
 

@@ -6,15 +6,17 @@ so a training step that calls :func:`dft_kernels.linear_cross_entropy` compiles 
 
 Ops (namespace ``dft_kernels``)::
 
-    lce_forward(x, weight, bias?, target, token_weights?, divisor?, plan)
+    lce_forward(x, weight, bias?, target, token_weights?, divisor?, plan, ref_x?, ref_weight?, ref_bias?)
         -> (loss, dx, dw, db, nll_sum, prob_sum, correct_sum, entropy_sum)
-    lce_backward_none(x, weight, bias?, target, token_weights?, grad_loss, plan) -> (dx, dw, db)
+    lce_backward_none(x, weight, bias?, target, token_weights?, grad_loss, plan, ref_x?, ref_weight?, ref_bias?)
+        -> (dx, dw, db)
     ce_forward(logits, target, token_weights?, divisor?, plan)
         -> (loss, grad, nll_sum, prob_sum, correct_sum, entropy_sum)
     ce_backward_none(logits, target, token_weights?, grad_loss, plan) -> grad
 
-``plan`` is :meth:`LossPlan.encode` of the plan the entry point resolved (backend steps, path,
-chunk rows, dtypes, which gradients); the ops decode it (cached) and run it as it is.  A
+``plan`` is :meth:`ChunkPlan.encode` of the plan the entry point resolved (backend steps, path,
+chunk rows, dtypes, which gradients); the ops decode it (cached) and run it as it is.  The ``ref_*``
+tensors are a second, frozen head (the anchored loss, distillation), given with such a plan.  A
 gradient output that is not computed is an empty tensor
 (custom ops cannot return None); so is a stats sum that is not computed.  For
 ``mean``/``sum`` the forward op already returns the gradients for ``grad_output = 1``
@@ -30,11 +32,10 @@ import torch
 from torch import Tensor
 
 from . import chunked
-from .options import decode_logprob_plan, decode_pair_plan, decode_plan
+from .options import decode_plan
 
 __all__ = ["lce_forward", "lce_backward_none", "ce_forward", "ce_backward_none", "linear_logprobs_forward",
-           "linear_logprobs_backward", "logprobs_forward", "logprobs_backward", "lce_pair_forward",
-           "lce_pair_backward_none", "IMPLEMENTATIONS"]
+           "linear_logprobs_backward", "logprobs_forward", "logprobs_backward", "IMPLEMENTATIONS"]
 
 _T8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 _T6 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -50,10 +51,10 @@ def _or_none(t: Tensor, wanted: bool) -> Optional[Tensor]:
 
 
 def _stats_fake(device, plan: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    opts = decode_plan(plan).options
+    params = decode_plan(plan).params
     f32 = chunked.wide_dtype(dtype)
-    shape = () if opts.return_stats else (0,)
-    ent_shape = () if opts.return_stats and opts.objective.needs_entropy else (0,)
+    shape = () if params.with_stats else (0,)
+    ent_shape = () if params.with_stats and params.needs_entropy else (0,)
     return (torch.empty(shape, dtype=f32, device=device), torch.empty(shape, dtype=f32, device=device),
             torch.empty(shape, dtype=f32, device=device), torch.empty(ent_shape, dtype=f32, device=device))
 
@@ -70,22 +71,32 @@ def _autocast_off(impl):
     points cast the inputs to the autocast dtype instead (:mod:`dft_kernels.functional`)."""
 
     @functools.wraps(impl)
-    def run(*args):
+    def run(*args, **kwargs):
         with torch.autocast(args[0].device.type, enabled=False):
-            return impl(*args)
+            return impl(*args, **kwargs)
 
     return run
 
 
 # ---------------------------------------------------------------- linear + loss
+#
+# With ``ref_weight`` (and ``ref_x``, ``ref_bias``): the loss of the trained head (x, weight, bias) with a
+# second, frozen head read beside it, chunk by chunk: the anchored objective (``plan``: an anchored
+# LossPlan's encoding) or distillation (a DistillPlan's).  The second head gets no gradient.
+
+
+def _second_head(ref_x: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor]):
+    return None if ref_weight is None else (ref_x, ref_weight, ref_bias)
 
 
 @_autocast_off
 def _lce_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      token_weights: Optional[Tensor], divisor: Optional[Tensor], plan: str) -> _T8:
+                      token_weights: Optional[Tensor], divisor: Optional[Tensor], plan: str,
+                      ref_x: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                      ref_bias: Optional[Tensor] = None) -> _T8:
     p = decode_plan(plan)
     loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, p,
-                                                     compact=True)
+                                                     compact=True, ref=_second_head(ref_x, ref_weight, ref_bias))
     stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(p.accum_dtype)
     return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
             *stats)
@@ -95,7 +106,7 @@ lce_forward = torch.library.custom_op("dft_kernels::lce_forward", mutates_args=(
 
 
 @lce_forward.register_fake
-def _(x, weight, bias, target, token_weights, divisor, plan):
+def _(x, weight, bias, target, token_weights, divisor, plan, ref_x=None, ref_weight=None, ref_bias=None):
     p = decode_plan(plan)
     grads = p.options.reduction != "none"
     dx = x.new_empty(x.shape if grads and p.need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
@@ -108,9 +119,11 @@ def _(x, weight, bias, target, token_weights, divisor, plan):
 
 @_autocast_off
 def _lce_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                            token_weights: Optional[Tensor], grad_loss: Tensor, plan: str) -> _T3:
+                            token_weights: Optional[Tensor], grad_loss: Tensor, plan: str,
+                            ref_x: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+                            ref_bias: Optional[Tensor] = None) -> _T3:
     dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss, decode_plan(plan),
-                                              compact=True)
+                                              compact=True, ref=_second_head(ref_x, ref_weight, ref_bias))
     return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
 
 
@@ -119,8 +132,11 @@ lce_backward_none = torch.library.custom_op("dft_kernels::lce_backward_none", mu
 
 
 @lce_backward_none.register_fake
-def _(x, weight, bias, target, token_weights, grad_loss, plan):
-    p = decode_plan(plan)
+def _(x, weight, bias, target, token_weights, grad_loss, plan, ref_x=None, ref_weight=None, ref_bias=None):
+    return _grads_fake(x, weight, bias, decode_plan(plan))
+
+
+def _grads_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], p) -> _T3:
     dx = x.new_empty(x.shape if p.need_dx else (0,))
     dw = weight.new_empty(weight.shape if p.need_dw else (0,))
     db = weight.new_empty((weight.shape[0],) if p.need_db and bias is not None else (0,))
@@ -128,7 +144,7 @@ def _(x, weight, bias, target, token_weights, grad_loss, plan):
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, token_weights, _divisor, plan = inputs
+    x, weight, bias, target, token_weights, _divisor, plan, *second = inputs
     p = decode_plan(plan)
     ctx.num_inputs = len(inputs)
     ctx.reduction = p.options.reduction
@@ -138,7 +154,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     if ctx.reduction == "none":
-        ctx.save_for_backward(x, weight, bias, target, token_weights)
+        ctx.save_for_backward(x, weight, bias, target, token_weights, *second)
         ctx.plan = plan
     else:
         ctx.save_for_backward(*output[1:4])
@@ -150,14 +166,14 @@ def _lce_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # no gradient reached the loss (set_materialize_grads(False))
         return (None,) * ctx.num_inputs
     if ctx.reduction == "none":
-        x, weight, bias, target, token_weights = ctx.saved_tensors
+        x, weight, bias, target, token_weights, *second = ctx.saved_tensors
         dx, dw, db = torch.ops.dft_kernels.lce_backward_none(x, weight, bias, target, token_weights, grad_loss,
-                                                             ctx.plan)
+                                                             ctx.plan, *second)
         grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
     else:
         stashes = (t if wanted else None for t, wanted in zip(ctx.saved_tensors, ctx.need))
         grads = chunked.scale_stashes(ctx, stashes, grad_loss, ctx.dtypes)
-    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; nothing else
+    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; never the second head
 
 
 torch.library.register_autograd("dft_kernels::lce_forward", _lce_backward, setup_context=_lce_setup_context)
@@ -257,7 +273,7 @@ _T5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _logprob_outputs_fake(rows: Tensor, plan: str) -> _T5:
-    params = decode_logprob_plan(plan).params
+    params = decode_plan(plan).params
     n, wide = rows.shape[0], chunked.wide_dtype(rows.dtype)
     new = lambda shape, dtype=wide: rows.new_empty(shape, dtype=dtype)  # noqa: E731
     return (new((n,)), new((n if params.with_entropy else 0,)), new((n, 3)), new((n if params.with_stats else 0,)),
@@ -267,7 +283,7 @@ def _logprob_outputs_fake(rows: Tensor, plan: str) -> _T5:
 @_autocast_off
 def _linear_logprobs_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                   temperature: Optional[Tensor], plan: str) -> _T5:
-    return chunked.logprobs_linear_forward(x, weight, bias, target, temperature, decode_logprob_plan(plan),
+    return chunked.logprobs_linear_forward(x, weight, bias, target, temperature, decode_plan(plan),
                                            compact=True)
 
 
@@ -285,7 +301,7 @@ def _linear_logprobs_backward_impl(x: Tensor, weight: Tensor, bias: Optional[Ten
                                    temperature: Optional[Tensor], row_stats: Tensor, grad_logp: Optional[Tensor],
                                    grad_entropy: Optional[Tensor], plan: str) -> _T3:
     dx, dw, db = chunked.logprobs_linear_backward(x, weight, bias, target, temperature, row_stats, grad_logp,
-                                                  grad_entropy, decode_logprob_plan(plan), compact=True)
+                                                  grad_entropy, decode_plan(plan), compact=True)
     return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
 
 
@@ -295,16 +311,12 @@ linear_logprobs_backward = torch.library.custom_op("dft_kernels::linear_logprobs
 
 @linear_logprobs_backward.register_fake
 def _(x, weight, bias, target, temperature, row_stats, grad_logp, grad_entropy, plan):
-    p = decode_logprob_plan(plan)
-    dx = x.new_empty(x.shape if p.need_dx else (0,))
-    dw = weight.new_empty(weight.shape if p.need_dw else (0,))
-    db = weight.new_empty((weight.shape[0],) if p.need_db and bias is not None else (0,))
-    return dx, dw, db
+    return _grads_fake(x, weight, bias, decode_plan(plan))
 
 
 def _linear_logprobs_setup_context(ctx, inputs, output):
     x, weight, bias, target, temperature, plan = inputs
-    p = decode_logprob_plan(plan)
+    p = decode_plan(plan)
     ctx.num_inputs, ctx.plan = len(inputs), plan
     ctx.need = (p.need_dx, p.need_dw, p.need_db and bias is not None)
     ctx.mark_non_differentiable(*output[2:])
@@ -329,7 +341,7 @@ torch.library.register_autograd("dft_kernels::linear_logprobs_forward", _linear_
 
 @_autocast_off
 def _logprobs_forward_impl(logits: Tensor, target: Tensor, temperature: Optional[Tensor], plan: str) -> _T5:
-    return chunked.logprobs_logits_forward(logits, target, temperature, decode_logprob_plan(plan))
+    return chunked.logprobs_logits_forward(logits, target, temperature, decode_plan(plan))
 
 
 logprobs_forward = torch.library.custom_op("dft_kernels::logprobs_forward", mutates_args=())(_logprobs_forward_impl)
@@ -344,7 +356,7 @@ def _(logits, target, temperature, plan):
 def _logprobs_backward_impl(logits: Tensor, target: Tensor, temperature: Optional[Tensor], row_stats: Tensor,
                             grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], plan: str) -> Tensor:
     return chunked.logprobs_logits_backward(logits, target, temperature, row_stats, grad_logp, grad_entropy,
-                                            decode_logprob_plan(plan))
+                                            decode_plan(plan))
 
 
 logprobs_backward = torch.library.custom_op("dft_kernels::logprobs_backward", mutates_args=())(
@@ -359,7 +371,7 @@ def _(logits, target, temperature, row_stats, grad_logp, grad_entropy, plan):
 def _logprobs_setup_context(ctx, inputs, output):
     logits, target, temperature, plan = inputs
     ctx.num_inputs, ctx.plan = len(inputs), plan
-    ctx.need_grad = decode_logprob_plan(plan).need_dx
+    ctx.need_grad = decode_plan(plan).need_dx
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, target, temperature, output[2])
@@ -382,113 +394,4 @@ IMPLEMENTATIONS.update({
     "dft_kernels::linear_logprobs_backward": _linear_logprobs_backward_impl,
     "dft_kernels::logprobs_forward": _logprobs_forward_impl,
     "dft_kernels::logprobs_backward": _logprobs_backward_impl,
-})
-
-
-# ---------------------------------------------------------------- two heads (docs/objectives.md, Anchored objectives)
-#
-#   lce_pair_forward(x, weight, bias?, ref_x, ref_weight, ref_bias?, target, token_weights?, divisor?, plan)
-#       -> (loss, dx, dw, db, nll_sum, prob_sum, correct_sum, entropy_sum)
-#   lce_pair_backward_none(x, weight, bias?, ref_x, ref_weight, ref_bias?, target, token_weights?, grad_loss, plan)
-#       -> (dx, dw, db)
-#
-# The loss of the trained head (x, weight, bias) with a second, frozen head (ref_x, ref_weight, ref_bias) read
-# beside it, chunk by chunk: the anchored objective (``plan``: an anchored LossPlan's encoding) or
-# distillation (a DistillPlan's).  As lce_forward / lce_backward_none; the second head gets no gradient.
-
-
-def _pair_stats_fake(device, plan: str, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    p = decode_pair_plan(plan)
-    f32 = chunked.wide_dtype(dtype)
-    with_stats, with_entropy = p.params.with_stats, p.params.with_stats and p.params.needs_entropy
-    shape, ent_shape = (() if with_stats else (0,)), (() if with_entropy else (0,))
-    return (torch.empty(shape, dtype=f32, device=device), torch.empty(shape, dtype=f32, device=device),
-            torch.empty(shape, dtype=f32, device=device), torch.empty(ent_shape, dtype=f32, device=device))
-
-
-@_autocast_off
-def _lce_pair_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], ref_x: Tensor, ref_weight: Tensor,
-                           ref_bias: Optional[Tensor], target: Tensor, token_weights: Optional[Tensor],
-                           divisor: Optional[Tensor], plan: str) -> _T8:
-    p = decode_pair_plan(plan)
-    loss, dx, dw, db, stats = chunked.linear_forward(x, weight, bias, target, token_weights, divisor, p,
-                                                     compact=True, ref=(ref_x, ref_weight, ref_bias))
-    stash_x, stash_w = chunked.stash_dtype(x.dtype), chunked.stash_dtype(p.accum_dtype)
-    return (loss, _or_empty(dx, x, stash_x), _or_empty(dw, weight, stash_w), _or_empty(db, weight, stash_w),
-            *stats)
-
-
-lce_pair_forward = torch.library.custom_op("dft_kernels::lce_pair_forward", mutates_args=())(_lce_pair_forward_impl)
-
-
-@lce_pair_forward.register_fake
-def _(x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights, divisor, plan):
-    p = decode_pair_plan(plan)
-    grads = p.options.reduction != "none"
-    dx = x.new_empty(x.shape if grads and p.need_dx else (0,), dtype=chunked.stash_dtype(x.dtype))
-    stash_w = chunked.stash_dtype(p.accum_dtype)
-    dw = weight.new_empty(weight.shape if grads and p.need_dw else (0,), dtype=stash_w)
-    has_db = grads and p.need_db and bias is not None
-    db = weight.new_empty((weight.shape[0],) if has_db else (0,), dtype=stash_w)
-    loss = x.new_empty((x.shape[0],) if p.options.reduction == "none" else (), dtype=chunked.wide_dtype(x.dtype))
-    return (loss, dx, dw, db, *_pair_stats_fake(x.device, plan, x.dtype))
-
-
-@_autocast_off
-def _lce_pair_backward_none_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], ref_x: Tensor,
-                                 ref_weight: Tensor, ref_bias: Optional[Tensor], target: Tensor,
-                                 token_weights: Optional[Tensor], grad_loss: Tensor, plan: str) -> _T3:
-    dx, dw, db = chunked.linear_backward_none(x, weight, bias, target, token_weights, grad_loss,
-                                              decode_pair_plan(plan), compact=True, ref=(ref_x, ref_weight, ref_bias))
-    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight)
-
-
-lce_pair_backward_none = torch.library.custom_op("dft_kernels::lce_pair_backward_none", mutates_args=())(
-    _lce_pair_backward_none_impl)
-
-
-@lce_pair_backward_none.register_fake
-def _(x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights, grad_loss, plan):
-    p = decode_pair_plan(plan)
-    dx = x.new_empty(x.shape if p.need_dx else (0,))
-    dw = weight.new_empty(weight.shape if p.need_dw else (0,))
-    db = weight.new_empty((weight.shape[0],) if p.need_db and bias is not None else (0,))
-    return dx, dw, db
-
-
-def _lce_pair_setup_context(ctx, inputs, output):
-    x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights, _divisor, plan = inputs
-    p = decode_pair_plan(plan)
-    ctx.num_inputs = len(inputs)
-    ctx.reduction = p.options.reduction
-    ctx.need = (p.need_dx, p.need_dw, p.need_db and bias is not None)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-    if ctx.reduction == "none":
-        ctx.save_for_backward(x, weight, bias, ref_x, ref_weight, ref_bias, target, token_weights)
-        ctx.plan = plan
-    else:
-        ctx.save_for_backward(*output[1:4])
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-
-
-def _lce_pair_backward(ctx, grad_loss, *_unused):
-    need_dx, need_dw, need_db = ctx.need
-    if grad_loss is None:
-        return (None,) * ctx.num_inputs
-    if ctx.reduction == "none":
-        dx, dw, db = torch.ops.dft_kernels.lce_pair_backward_none(*ctx.saved_tensors, grad_loss, ctx.plan)
-        grads = (_or_none(dx, need_dx), _or_none(dw, need_dw), _or_none(db, need_db))
-    else:
-        stashes = (t if wanted else None for t, wanted in zip(ctx.saved_tensors, ctx.need))
-        grads = chunked.scale_stashes(ctx, stashes, grad_loss, ctx.dtypes)
-    return (*grads, *(None,) * (ctx.num_inputs - len(grads)))  # x, weight, bias; never the second head
-
-
-torch.library.register_autograd("dft_kernels::lce_pair_forward", _lce_pair_backward,
-                                setup_context=_lce_pair_setup_context)
-
-IMPLEMENTATIONS.update({
-    "dft_kernels::lce_pair_forward": _lce_pair_forward_impl,
-    "dft_kernels::lce_pair_backward_none": _lce_pair_backward_none_impl,
 })

@@ -29,7 +29,7 @@ import math
 import sys
 import textwrap
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -37,7 +37,7 @@ from . import backends
 from .backends import BACKEND_NAMES
 from .objectives import OBJECTIVES, Objective, ObjectiveLike, get_objective
 
-__all__ = ["LossOptions", "LossParams", "LossPlan", "OPTION_NAMES", "LINEAR_ONLY_OPTIONS", "REDUCTIONS",
+__all__ = ["LossOptions", "LossParams", "ChunkPlan", "LossPlan", "OPTION_NAMES", "LINEAR_ONLY_OPTIONS", "REDUCTIONS",
            "decode_plan", "document_options", "make_loss_params", "plan_linear", "plan_logits", "is_dtensor",
            "default_chunk_size", "CHUNK_BYTES", "MM_OUT_DTYPE"]
 
@@ -371,9 +371,10 @@ _FACTORABLE_DTYPES = (torch.float32, torch.bfloat16)  # float16's gradient is re
 
 
 @dataclass(frozen=True)
-class LossPlan:
+class ChunkPlan:
     """What one call runs, resolved once at the entry point from the options and the call's
-    tensors, and passed down unchanged (to the custom ops as :meth:`encode`'s string).
+    tensors, and passed down unchanged (to the custom ops as :meth:`encode`'s string).  One class
+    per option family (:class:`LossPlan`, :class:`LogprobPlan`, :class:`DistillPlan`), the same fields:
 
     ``options``: the checked options; ``steps``: ``(backend, path)`` pairs in the order tried,
     the first serves the call and, with ``backend="auto"`` only, a step that raises (anything
@@ -382,7 +383,8 @@ class LossPlan:
     (:func:`head_dtypes`); ``accum_dtype``: the ``dW``/``db`` accumulators'; ``need_*``: which
     gradients the call computes."""
 
-    options: LossOptions
+    OPTIONS: ClassVar[type]  # the options class of the family
+    options: object
     steps: tuple
     chunk_size: int
     logits_dtype: torch.dtype
@@ -392,8 +394,13 @@ class LossPlan:
     need_dw: bool = False
     need_db: bool = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _PLAN_TYPES[cls.__name__] = cls
+
     @property
-    def params(self) -> LossParams:
+    def params(self):
+        """What the row kernels read: the options' ``row_params``."""
         return self.options.row_params
 
     @property
@@ -406,9 +413,19 @@ class LossPlan:
         single-process path: a ``process_group`` does not cross them."""
         if self.options.process_group is not None:
             raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
-        opts = tuple(_encode_value(getattr(self.options, name)) for name in OPTION_NAMES)
+        opts = tuple(_encode_value(getattr(self.options, f.name)) for f in fields(self.options))
         rest = tuple(_encode_value(getattr(self, f.name)) for f in fields(self) if f.name != "options")
-        return repr((opts, rest))
+        return repr((type(self).__name__, opts, rest))
+
+
+_PLAN_TYPES: dict = {}  # class name -> ChunkPlan subclass (filled by ChunkPlan.__init_subclass__)
+
+
+@dataclass(frozen=True)
+class LossPlan(ChunkPlan):
+    """The plan of a loss call (:class:`LossOptions`; ``params``: :class:`LossParams`)."""
+
+    OPTIONS: ClassVar[type] = LossOptions
 
 
 def _encode_value(value):
@@ -434,13 +451,14 @@ _OBJECTIVE_TAG, _DTYPE_TAG = "objective", "dtype"
 
 
 @functools.lru_cache(maxsize=256)
-def decode_plan(encoded: str) -> LossPlan:
-    """The :class:`LossPlan` that :meth:`LossPlan.encode` wrote (cached: a training loop decodes
+def decode_plan(encoded: str) -> ChunkPlan:
+    """The plan that :meth:`ChunkPlan.encode` wrote, of its class (cached: a training loop decodes
     the same few strings over and over)."""
-    opts, rest = ast.literal_eval(encoded)
-    options = LossOptions(**{name: _decode_value(v) for name, v in zip(OPTION_NAMES, opts, strict=True)})
-    names = [f.name for f in fields(LossPlan) if f.name != "options"]
-    return LossPlan(options, **{name: _decode_value(v) for name, v in zip(names, rest, strict=True)})
+    kind, opts, rest = ast.literal_eval(encoded)
+    plan_type = _PLAN_TYPES[kind]
+    option_names = [f.name for f in fields(plan_type.OPTIONS)]
+    options = plan_type.OPTIONS(**{n: _decode_value(v) for n, v in zip(option_names, opts, strict=True)})
+    return plan_type(options, *(_decode_value(v) for v in rest))
 
 
 def _budget(opts: LossOptions, device: torch.device) -> int:
@@ -711,9 +729,6 @@ class LogprobOptions:
                              self.return_stats)
 
 
-LOGPROB_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LogprobOptions))
-
-
 @dataclass(frozen=True)
 class LogprobParams:
     """What a log-prob row kernel reads (``row_logprobs`` / ``row_logprobs_grad`` of the backend
@@ -729,44 +744,11 @@ class LogprobParams:
 
 
 @dataclass(frozen=True)
-class LogprobPlan:
-    """What one log-prob call runs (as :class:`LossPlan`, for the log-prob family): ``steps`` are
-    ``(backend, "logprobs")`` pairs, the rest is read by the chunk loop's buffers and GEMMs."""
+class LogprobPlan(ChunkPlan):
+    """The plan of a log-prob call (:class:`LogprobOptions`; ``params``: :class:`LogprobParams`):
+    ``steps`` are ``(backend, "logprobs")`` pairs."""
 
-    options: LogprobOptions
-    steps: tuple
-    chunk_size: int
-    logits_dtype: torch.dtype
-    grad_dtype: torch.dtype
-    accum_dtype: torch.dtype
-    need_dx: bool = False
-    need_dw: bool = False
-    need_db: bool = False
-
-    @property
-    def params(self) -> LogprobParams:
-        return self.options.row_params
-
-    @property
-    def path(self) -> str:
-        return self.steps[0][1]
-
-    def encode(self) -> str:
-        """This plan as one string, the log-prob ops' argument (:func:`decode_logprob_plan` inverts it)."""
-        if self.options.process_group is not None:
-            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
-        opts = tuple(_encode_value(getattr(self.options, name)) for name in LOGPROB_OPTION_NAMES)
-        rest = tuple(_encode_value(getattr(self, f.name)) for f in fields(self) if f.name != "options")
-        return repr((opts, rest))
-
-
-@functools.lru_cache(maxsize=256)
-def decode_logprob_plan(encoded: str) -> LogprobPlan:
-    """The :class:`LogprobPlan` that :meth:`LogprobPlan.encode` wrote (cached)."""
-    opts, rest = ast.literal_eval(encoded)
-    options = LogprobOptions(**{name: _decode_value(v) for name, v in zip(LOGPROB_OPTION_NAMES, opts, strict=True)})
-    names = [f.name for f in fields(LogprobPlan) if f.name != "options"]
-    return LogprobPlan(options, **{name: _decode_value(v) for name, v in zip(names, rest, strict=True)})
+    OPTIONS: ClassVar[type] = LogprobOptions
 
 
 def _logprob_steps(backend: str, device: torch.device) -> tuple:
@@ -814,8 +796,8 @@ def _budget_of(device: torch.device) -> int:
     return CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
 
 
-__all__ += ["LogprobOptions", "LogprobParams", "LogprobPlan", "LOGPROB_OPTION_NAMES", "LOGPROBS",
-            "decode_logprob_plan", "plan_logprobs_linear", "plan_logprobs_logits"]
+__all__ += ["LogprobOptions", "LogprobParams", "LogprobPlan", "LOGPROBS",
+            "plan_logprobs_linear", "plan_logprobs_logits"]
 
 
 # ---------------------------------------------------------------- distillation (dft_kernels/distill.py)
@@ -891,48 +873,11 @@ class DistillParams:
 
 
 @dataclass(frozen=True)
-class DistillPlan:
-    """What one distillation call runs (as :class:`LossPlan`): ``steps`` are ``(backend, "distill")``
-    pairs, the rest is read by the chunk loop's buffers and GEMMs."""
+class DistillPlan(ChunkPlan):
+    """The plan of a distillation call (:class:`DistillOptions`; ``params``: :class:`DistillParams`):
+    ``steps`` are ``(backend, "distill")`` pairs."""
 
-    options: DistillOptions
-    steps: tuple
-    chunk_size: int
-    logits_dtype: torch.dtype
-    grad_dtype: torch.dtype
-    accum_dtype: torch.dtype
-    need_dx: bool = False
-    need_dw: bool = False
-    need_db: bool = False
-
-    @property
-    def params(self) -> DistillParams:
-        return self.options.row_params
-
-    @property
-    def path(self) -> str:
-        return self.steps[0][1]
-
-    def encode(self) -> str:
-        """This plan as one string, the two-head ops' argument (:func:`decode_pair_plan` inverts it)."""
-        if self.options.process_group is not None:
-            raise TypeError("process_group: the vocab-parallel path does not run through the custom ops")
-        opts = tuple(_encode_value(getattr(self.options, name)) for name in DISTILL_OPTION_NAMES)
-        rest = tuple(_encode_value(getattr(self, f.name)) for f in fields(self) if f.name != "options")
-        return repr((DISTILL, opts, rest))
-
-
-@functools.lru_cache(maxsize=256)
-def decode_pair_plan(encoded: str):
-    """The plan of a two-head op: a :class:`DistillPlan` (:meth:`DistillPlan.encode`) or an anchored
-    :class:`LossPlan` (:meth:`LossPlan.encode`), cached."""
-    value = ast.literal_eval(encoded)
-    if len(value) == 3 and value[0] == DISTILL:
-        _, opts, rest = value
-        options = DistillOptions(**{n: _decode_value(v) for n, v in zip(DISTILL_OPTION_NAMES, opts, strict=True)})
-        names = [f.name for f in fields(DistillPlan) if f.name != "options"]
-        return DistillPlan(options, **{n: _decode_value(v) for n, v in zip(names, rest, strict=True)})
-    return decode_plan(encoded)
+    OPTIONS: ClassVar[type] = DistillOptions
 
 
 def plan_distill(opts: DistillOptions, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -944,4 +889,4 @@ def plan_distill(opts: DistillOptions, x: torch.Tensor, weight: torch.Tensor, bi
 
 
 __all__ += ["ANCHOR", "DISTILL", "KL_DIRECTIONS", "DistillOptions", "DistillParams", "DistillPlan",
-            "DISTILL_OPTION_NAMES", "decode_pair_plan", "plan_distill"]
+            "DISTILL_OPTION_NAMES", "plan_distill"]

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import dft_kernels as dk
-from dft_kernels.options import LogprobOptions, LogprobParams, decode_logprob_plan, plan_logprobs_linear
+from dft_kernels.options import LogprobOptions, LogprobParams, decode_plan, plan_logprobs_linear
 from helpers import TOL, leaf, make_inputs, rel_err
 
 EPS = 1e-6  # the +1e-6 of the low-precision bound (quack's style)
@@ -539,7 +539,7 @@ def test_plan_round_trip_and_steps():
     opts = LogprobOptions(temperature=0.6, softcap=12.5, ignore_index=7, shift=True, return_entropy=True,
                           return_stats=True, backend="torch", chunk_size=3, validate=False)
     plan = plan_logprobs_linear(opts, x, w, None, True, True, True)
-    assert decode_logprob_plan(plan.encode()) == plan
+    assert decode_plan(plan.encode()) == plan
     assert plan.steps == (("torch", "logprobs"),) and not plan.need_db  # no bias, no bias gradient
     assert plan.params == LogprobParams(7, 12.5, 0.6, True, True)
     assert plan_logprobs_linear(LogprobOptions(), x, w, None, True, True, False).steps == (("torch", "logprobs"),)
