@@ -1,5 +1,6 @@
 """Two checkouts of the package side by side on CPU: DFT fwd+bwd (torch backend, float32, each
-checkout's default options) at N 4096, H 512, V 32000, with torch's own ``F.linear_cross_entropy``
+checkout's default options) at N 4096, H 512, V 32000; the after side also with the CPU chunk budget
+before (256 MiB), to tell the budget's share from the rest; torch's own ``F.linear_cross_entropy``
 (plain CE, no DFT weight) as a control.
 
 Each variant runs in its own child process (two versions of one package cannot share a process);
@@ -45,7 +46,8 @@ if kind == "torch":
 else:
     import dft_kernels as dk
     assert dk.__file__.startswith(sys.argv[1]), dk.__file__
-    loss = lambda: dk.linear_cross_entropy(x, w, t, objective="dft", backend="torch")
+    budget = {"chunk_bytes": int(kind.split(":")[1])} if ":" in kind else {}
+    loss = lambda: dk.linear_cross_entropy(x, w, t, objective="dft", backend="torch", **budget)
 def step():
     x.grad = w.grad = None
     loss().backward()
@@ -70,7 +72,8 @@ def main(before: str, rounds: int = 3) -> None:
     before_root = pathlib.Path(before).resolve()
     if not (before_root / "dft_kernels" / "__init__.py").is_file():
         raise SystemExit(f"BEFORE_CHECKOUT: no dft_kernels package under {before_root}")
-    variants = {f"before ({before_root.name})": (before_root, "ours"), "after (this checkout)": (HERE, "ours")}
+    variants = {f"before ({before_root.name})": (before_root, "ours"), "after (this checkout)": (HERE, "ours"),
+                "after, chunk_bytes 256 MiB (the budget before)": (HERE, f"ours:{1 << 28}")}
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
         variants["torch F.linear_cross_entropy (CE)"] = (HERE, "torch")
     times = {name: [] for name in variants}
