@@ -587,15 +587,21 @@ def _plan_pair(opts, path: str, plan_type, x: torch.Tensor, weight: torch.Tensor
                          f"got {x.dtype}")
     logits_dt, grad_dt = head_dtypes(x.dtype, logits_dtype, x.device)
     steps = _pair_steps(path, opts.backend, x.device, _encode_value(opts.objective) if path == ANCHOR else None)
-    row_bytes = 2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
-    if steps[0][0] == "torch":  # its whole-row working tensors, chunk-sized, count against the budget too
-        row_bytes += _TORCH_PAIR_WORK_ROWS * torch.promote_types(x.dtype, torch.float32).itemsize
+    row_bytes = (2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
+                 + _torch_work_bytes(steps, x.dtype, _TORCH_PAIR_WORK_ROWS))
     chunk = chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, budget)
     accum = weight.dtype if accum_dtype is None else torch.promote_types(accum_dtype, weight.dtype)
     return plan_type(opts, steps, chunk, logits_dt, grad_dt, accum, need_dx, need_dw, need_db)
 
 
 _pair_steps._dynamo_marked_constant = True  # as _steps: resolved at trace time, a constant
+
+
+def _torch_work_bytes(steps: tuple, dtype: torch.dtype, work_rows: int) -> int:
+    """Bytes per logit of the torch backend's ``work_rows`` whole-row working tensors (float32, float64
+    for float64), when it serves the call (else 0): they are chunk-sized, so they count against the
+    chunk budget like the buffers."""
+    return work_rows * torch.promote_types(dtype, torch.float32).itemsize if steps[0][0] == "torch" else 0
 # float32 rows per token that the torch backend's two-head row functions hold at their peak beyond the
 # chunk buffers (both heads' log-softmax rows, the probabilities and the gradient being formed)
 _TORCH_PAIR_WORK_ROWS = 4
@@ -775,21 +781,31 @@ def plan_logprobs_linear(opts: LogprobOptions, x: torch.Tensor, weight: torch.Te
     loss's precision policy (float32 chunk logits, the gradient in the dtype the GEMMs read, a float32
     ``dW`` accumulator)."""
     logits_dtype, grad_dtype = head_dtypes(x.dtype, None, x.device)
+    steps = _logprob_steps(opts.backend, x.device)
     with_grad = need_dx or need_dw or (need_db and bias is not None)  # else no gradient buffer (scoring rollouts)
-    row_bytes = logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype and with_grad else 0)
+    row_bytes = (logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype and with_grad else 0)
+                 + _torch_work_bytes(steps, x.dtype, _TORCH_LOGPROB_WORK_ROWS))
     chunk = opts.chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, _budget_of(x.device))
-    return LogprobPlan(opts, _logprob_steps(opts.backend, x.device), chunk, logits_dtype, grad_dtype,
-                       torch.promote_types(torch.float32, weight.dtype), need_dx, need_dw,
-                       need_db and bias is not None)
+    return LogprobPlan(opts, steps, chunk, logits_dtype, grad_dtype, torch.promote_types(torch.float32, weight.dtype),
+                       need_dx, need_dw, need_db and bias is not None)
 
 
 def plan_logprobs_logits(opts: LogprobOptions, logits: torch.Tensor, need_grad: bool) -> LogprobPlan:
     """The plan of :func:`dft_kernels.logprobs` on given ``logits`` ``[N, V]``: the gradient is written
     once, in the logits' dtype."""
-    chunk = opts.chunk_size or default_chunk_size(logits.shape[0], logits.shape[1], max(4, logits.element_size()),
+    steps = _logprob_steps(opts.backend, logits.device)
+    row_bytes = max(4, logits.element_size()) + _torch_work_bytes(steps, logits.dtype, _TORCH_LOGPROB_WORK_ROWS)
+    chunk = opts.chunk_size or default_chunk_size(logits.shape[0], logits.shape[1], row_bytes,
                                                   _budget_of(logits.device))
-    return LogprobPlan(opts, _logprob_steps(opts.backend, logits.device), chunk, logits.dtype, logits.dtype,
-                       torch.promote_types(logits.dtype, torch.float32), need_dx=need_grad)
+    return LogprobPlan(opts, steps, chunk, logits.dtype, logits.dtype, torch.promote_types(logits.dtype, torch.float32),
+                       need_dx=need_grad)
+
+
+# float32 (float64) rows per token that the torch backend's log-prob row functions hold at their peak beyond
+# the chunk buffers (a working copy of the scaled logits, and the probabilities)
+_TORCH_LOGPROB_WORK_ROWS = 2
+
+
 
 
 def _budget_of(device: torch.device) -> int:

@@ -132,6 +132,33 @@ def test_logprobs_make_no_tensor_of_n_times_v_elements(backend, dtype, linear):
         assert fresh == {logits.grad.untyped_storage().data_ptr()}, rec.sizes  # the gradient, once
 
 
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "logits"])
+def test_logprobs_chunk_allocations(backend, linear, softcap):
+    """The log-prob family's chunk loop, forward and backward of both outputs with stats and a
+    per-token temperature: at most one chunk of logits (linear; on given logits the caller's) plus
+    the torch backend's working rows (options._TORCH_LOGPROB_WORK_ROWS, which the plan's chunk
+    budget counts) alive at a time; the triton backend has none."""
+    x, w, b, t = make_inputs(N, H, V)
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    logits = leaf(torch.randn(N, V)) if not linear else None
+    temp = torch.rand(N) + 0.5
+    kw = dict(temperature=temp, softcap=softcap, return_entropy=True, return_stats=True, backend=backend,
+              chunk_size=CHUNK)
+    with FreshTensors(watch_numel=CHUNK * V) as rec:
+        if linear:
+            logp, ent, _stats = dk.linear_logprobs(x, w, t, bias=b, **kw)
+        else:
+            logp, ent, _stats = dk.logprobs(logits, t, **kw)
+        (logp * torch.randn(N) + ent * torch.randn(N)).sum().backward()
+    chunk_sized = [f[1:] for f in rec.fresh if CHUNK * V <= f[0] < N * V]
+    assert chunk_sized or (backend == "triton" and not linear), "the recorder saw no chunk"
+    # linear: the chunk's logits buffer; on given logits: their [N, V] gradient (the chunks are views)
+    buffers = 1
+    work = 0 if backend == "triton" else options._TORCH_LOGPROB_WORK_ROWS
+    assert rec.peak_alive <= buffers + work, chunk_sized
+
+
 def test_logprobs_forward_keeps_three_numbers_per_row():
     """What the log-prob op saves for backward besides its inputs: [N, 3] row statistics."""
     x, w, b, t = make_inputs(N, H, V)

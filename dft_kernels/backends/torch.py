@@ -185,7 +185,7 @@ def row_logprobs(logits: Tensor, target: Tensor, params, temperature: Optional[T
     m = m.squeeze(1)
     t = None
     if params.with_entropy:  # sum_j e_j (m - z_j): -inf logits (no mass) add 0, not 0 * inf
-        t = -(d.mul_(e).masked_fill_(e == 0.0, 0.0)).sum(dim=1)
+        t = -(d.mul_(e).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)).sum(dim=1)
     del d, work
     at_max = e == 1.0
     r_others = e.masked_fill_(at_max, 0.0).sum(dim=1)
@@ -224,15 +224,19 @@ def row_logprobs_grad(logits: Tensor, target: Tensor, params, row_stats: Tensor,
     d = work.sub_(m)  # z - m
     d_y = d.gather(1, safe_target)
     logp = d_y - log1p_r
-    pi = torch.exp(d - log1p_r)
     target_grad = -a * torch.expm1(logp)
-    coef = d
-    if c is None:
-        coef = torch.broadcast_to(a, d.shape)
-    else:
+    if c is not None:
         target_grad = target_grad - c * torch.exp(logp) * (d_y + gap)
-        coef = d.add_(gap).mul_(c).add_(a)  # a + c (log pi + H)
-    grad = torch.where(pi > 0.0, pi.mul_(coef).neg_(), zero)  # -inf logits: 0, not 0 * inf
+    # In place from here: two [n, V] working tensors at the most (options._TORCH_LOGPROB_WORK_ROWS).
+    pi = d.sub(log1p_r).exp_()
+    if c is None:
+        del work, d
+        grad = pi.mul_(a).neg_()
+    else:
+        grad = d.add_(gap).mul_(c).add_(a).mul_(pi).neg_()  # -pi (a + c (log pi + H))
+        del pi
+    # -inf logits (pi = 0): their gradient is 0, not 0 * inf; the only nan of a valid row but a nan logit's
+    grad.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     grad.scatter_(1, safe_target, target_grad)
     row_factor = torch.where(valid, torch.ones((), dtype=dtype, device=logits.device), zero)
     if temperature is not None:
@@ -243,7 +247,7 @@ def row_logprobs_grad(logits: Tensor, target: Tensor, params, row_stats: Tensor,
     grad.mul_(row_factor.unsqueeze(1))
     if params.softcap is not None:
         grad.mul_(logits.to(dtype, copy=True).div_(params.softcap).cosh_().square_().reciprocal_())
-    grad = torch.where(valid.unsqueeze(1), grad, zero)  # invalid rows: 0 even where their entries were not finite
+    grad.masked_fill_(valid.logical_not().unsqueeze(1), 0.0)  # invalid rows: 0 even where entries were not finite
     dest.copy_(grad)
 
 
