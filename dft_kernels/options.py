@@ -602,6 +602,8 @@ def _torch_work_bytes(steps: tuple, dtype: torch.dtype, work_rows: int) -> int:
     for float64), when it serves the call (else 0): they are chunk-sized, so they count against the
     chunk budget like the buffers."""
     return work_rows * torch.promote_types(dtype, torch.float32).itemsize if steps[0][0] == "torch" else 0
+
+
 # float32 rows per token that the torch backend's two-head row functions hold at their peak beyond the
 # chunk buffers (both heads' log-softmax rows, the probabilities and the gradient being formed)
 _TORCH_PAIR_WORK_ROWS = 4
@@ -806,14 +808,12 @@ def plan_logprobs_logits(opts: LogprobOptions, logits: torch.Tensor, need_grad: 
 _TORCH_LOGPROB_WORK_ROWS = 2
 
 
-
-
 def _budget_of(device: torch.device) -> int:
     return CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
 
 
-__all__ += ["LogprobOptions", "LogprobParams", "LogprobPlan", "LOGPROBS",
-            "plan_logprobs_linear", "plan_logprobs_logits"]
+__all__ += ["LogprobOptions", "LogprobParams", "LogprobPlan", "LOGPROBS", "plan_logprobs_linear",
+            "plan_logprobs_logits"]
 
 
 # ---------------------------------------------------------------- distillation (dft_kernels/distill.py)
