@@ -588,7 +588,7 @@ def _plan_pair(opts, path: str, plan_type, x: torch.Tensor, weight: torch.Tensor
     logits_dt, grad_dt = head_dtypes(x.dtype, logits_dtype, x.device)
     steps = _pair_steps(path, opts.backend, x.device, _encode_value(opts.objective) if path == ANCHOR else None)
     row_bytes = (2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
-                 + _torch_work_bytes(steps, x.dtype, _TORCH_PAIR_WORK_ROWS))
+                 + _torch_work_bytes(steps[0][0] == "torch", x.dtype, _TORCH_PAIR_WORK_ROWS))
     chunk = chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, budget)
     accum = weight.dtype if accum_dtype is None else torch.promote_types(accum_dtype, weight.dtype)
     return plan_type(opts, steps, chunk, logits_dt, grad_dt, accum, need_dx, need_dw, need_db)
@@ -597,11 +597,11 @@ def _plan_pair(opts, path: str, plan_type, x: torch.Tensor, weight: torch.Tensor
 _pair_steps._dynamo_marked_constant = True  # as _steps: resolved at trace time, a constant
 
 
-def _torch_work_bytes(steps: tuple, dtype: torch.dtype, work_rows: int) -> int:
-    """Bytes per logit of the torch backend's ``work_rows`` whole-row working tensors (float32, float64
-    for float64), when it serves the call (else 0): they are chunk-sized, so they count against the
-    chunk budget like the buffers."""
-    return work_rows * torch.promote_types(dtype, torch.float32).itemsize if steps[0][0] == "torch" else 0
+def _torch_work_bytes(in_torch: bool, dtype: torch.dtype, work_rows: int) -> int:
+    """Bytes per logit of ``work_rows`` whole-row working tensors (float32, float64 for float64) of row
+    math done in torch ops (``in_torch``: the torch backend serves the call, or the vocab-parallel
+    kernels, else 0): they are chunk-sized, so they count against the chunk budget like the buffers."""
+    return work_rows * torch.promote_types(dtype, torch.float32).itemsize if in_torch else 0
 
 
 # float32 rows per token that the torch backend's two-head row functions hold at their peak beyond the
@@ -620,15 +620,19 @@ def plan_logits(opts: LossOptions, logits: torch.Tensor, need_grad: bool) -> Los
                     need_dx=need_grad)
 
 
+def _refuse_top_k_entropy(opts: LossOptions) -> None:
+    """A vocab-parallel call cannot weight by the entropy of a row's top-k logits (``EAFT(top_k=...)``)."""
+    if opts.objective.entropy_top_k is not None:
+        raise ValueError(f"objective: {opts.objective!r} has no vocab-parallel path: the entropy of a row's top-k "
+                         "logits needs a top-k over every rank's slice (top_k=None, the exact entropy, has one)")
+
 
 def plan_vocab_parallel(opts: LossOptions, rows: torch.Tensor, max_local_size: int, weight_dtype: torch.dtype,
                         need_dx: bool, need_dw: bool = False, need_db: bool = False) -> LossPlan:
     """The plan of a vocab-parallel call on ``rows`` (``x`` ``[N, H]``, or this rank's ``[N, V_r]``
     logits): the vocab-parallel row kernel over this rank's slice (the chunk loop is given it), and
     the default chunk from the largest slice, so that every rank loops over the same chunks."""
-    if opts.objective.entropy_top_k is not None:
-        raise ValueError(f"objective: {opts.objective!r} has no vocab-parallel path: the entropy of a row's top-k "
-                         "logits needs a top-k over every rank's slice (top_k=None, the exact entropy, has one)")
+    _refuse_top_k_entropy(opts)
     logits_dtype, grad_dtype = head_dtypes(rows.dtype, None, rows.device)
     chunk = opts.chunk_size or default_chunk_size(rows.shape[0], max_local_size, max(4, rows.element_size()),
                                                   _budget(opts, rows.device))
@@ -643,12 +647,11 @@ def plan_vocab_parallel_pair(opts, path: str, plan_type, rows: torch.Tensor, max
     ``"distill"`` with a :class:`DistillPlan`) on ``x`` ``[N, H]``: the two-head row kernel over this
     rank's slices (:mod:`dft_kernels.vocab_parallel.pair_kernel`), chunk buffers for two logits rows per
     token plus its torch working rows, the default chunk from the largest slice."""
-    if path == ANCHOR and opts.objective.entropy_top_k is not None:
-        raise ValueError(f"objective: {opts.objective!r} has no vocab-parallel path: the entropy of a row's top-k "
-                         "logits needs a top-k over every rank's slice (top_k=None, the exact entropy, has one)")
+    if path == ANCHOR:
+        _refuse_top_k_entropy(opts)
     logits_dt, grad_dt = head_dtypes(rows.dtype, None, rows.device)
     row_bytes = (2 * logits_dt.itemsize + (grad_dt.itemsize if grad_dt != logits_dt else 0)
-                 + _TORCH_PAIR_WORK_ROWS * torch.promote_types(rows.dtype, torch.float32).itemsize)
+                 + _torch_work_bytes(True, rows.dtype, _TORCH_PAIR_WORK_ROWS))
     budget = _budget(opts, rows.device) if path == ANCHOR else _budget_of(rows.device)
     chunk = opts.chunk_size or default_chunk_size(rows.shape[0], max_local_size, row_bytes, budget)
     accum_dtype = opts.accum_dtype if path == ANCHOR else torch.float32
@@ -786,7 +789,7 @@ def plan_logprobs_linear(opts: LogprobOptions, x: torch.Tensor, weight: torch.Te
     steps = _logprob_steps(opts.backend, x.device)
     with_grad = need_dx or need_dw or (need_db and bias is not None)  # else no gradient buffer (scoring rollouts)
     row_bytes = (logits_dtype.itemsize + (grad_dtype.itemsize if grad_dtype != logits_dtype and with_grad else 0)
-                 + _torch_work_bytes(steps, x.dtype, _TORCH_LOGPROB_WORK_ROWS))
+                 + _torch_work_bytes(steps[0][0] == "torch", x.dtype, _TORCH_LOGPROB_WORK_ROWS))
     chunk = opts.chunk_size or default_chunk_size(x.shape[0], weight.shape[0], row_bytes, _budget_of(x.device))
     return LogprobPlan(opts, steps, chunk, logits_dtype, grad_dtype, torch.promote_types(torch.float32, weight.dtype),
                        need_dx, need_dw, need_db and bias is not None)
@@ -796,7 +799,8 @@ def plan_logprobs_logits(opts: LogprobOptions, logits: torch.Tensor, need_grad: 
     """The plan of :func:`dft_kernels.logprobs` on given ``logits`` ``[N, V]``: the gradient is written
     once, in the logits' dtype."""
     steps = _logprob_steps(opts.backend, logits.device)
-    row_bytes = max(4, logits.element_size()) + _torch_work_bytes(steps, logits.dtype, _TORCH_LOGPROB_WORK_ROWS)
+    row_bytes = max(4, logits.element_size()) + _torch_work_bytes(steps[0][0] == "torch", logits.dtype,
+                                                                     _TORCH_LOGPROB_WORK_ROWS)
     chunk = opts.chunk_size or default_chunk_size(logits.shape[0], logits.shape[1], row_bytes,
                                                   _budget_of(logits.device))
     return LogprobPlan(opts, steps, chunk, logits.dtype, logits.dtype, torch.promote_types(logits.dtype, torch.float32),
